@@ -1,0 +1,5 @@
+"""bpfdumpfs: BPF iterator dumpers as files, and the Python API behind them."""
+from .dumpers import Dumper, DumperInfo, Params, StateDir, Stream
+from .errors import DumperError
+
+__all__ = ["Dumper", "DumperError", "DumperInfo", "Params", "StateDir", "Stream"]

@@ -1,0 +1,510 @@
+"""The dumper model, and bpfdumpfs's Python API.
+
+A Dumper is an iter bpf_link: a factory of seq_files. Each `open()` makes a new
+kernel seq_file (a Stream) whose reads run the program. An anonymous Dumper
+(`Dumper.load`) lives as long as its link fd: it is released when closed or
+garbage-collected, so nothing outlives the program unless it is pinned.
+
+A pinned dumper is a link pinned at STATE_DIR/TARGET/NAME in a bpffs. The state
+directory is the single source of truth: the FUSE tree, the CLI and other tools
+(`bpftool iter pin`) all see and change the same pins, and a pin survives any
+crash of the process that made it.
+
+    >>> from bpfdumpfs import Dumper, StateDir
+    >>> with Dumper.load("tasks.bpf.o") as d, d.open() as s:
+    ...     header = s.readline()
+"""
+from __future__ import annotations
+
+import errno
+import grp
+import io
+import os
+import pwd
+import re
+import stat
+import uuid
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import kernel, targets
+from .errors import DumperError
+
+DEFAULT_STATE_DIR = "/sys/fs/bpf/bpfdumpfs"
+BPF_FS_MAGIC = 0xCAFE4A11
+NAME_MAX = 64  # bpffs takes longer names; users read these in `ls`, keep them short
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+# Pins are made under a temporary name and renamed into place, so nobody sees a
+# half-made dumper; the prefix is not a valid dumper name, so it never shows.
+_TMP_PREFIX = "-new-"
+
+E2BIG_HINT = ("one object's output is larger than the kernel's seq_file buffer (32 KiB); "
+              "make the program print less per object")
+EOPNOTSUPP_HINT = ("this target can fill only one buffer per seq_file (the cgroup iterator); "
+                   "narrow the dump, e.g. with --order self or children")
+
+
+def check_name(name: str) -> str:
+    """A dumper name: a non-empty file name without '/', '.' or a leading '-'."""
+    if not name:
+        raise DumperError(errno.EINVAL, "dumper name is empty", "give a name such as 'mytasks'")
+    if len(name) > NAME_MAX:
+        raise DumperError(errno.ENAMETOOLONG, f"dumper name {name[:20]}... is {len(name)} "
+                          f"characters", f"use at most {NAME_MAX}")
+    if not _NAME_RE.match(name):
+        raise DumperError(errno.EINVAL, f"dumper name {name!r} is not allowed",
+                          "use letters, digits, '_' and '-' (not first); no '/' or '.'")
+    return name
+
+
+# -- seq_file streams ----------------------------------------------------------
+
+class Stream(io.RawIOBase):
+    """One kernel seq_file: a read-once, unseekable stream of a dumper's output.
+
+    EAGAIN (a program returned 1) is retried here and never reaches the reader;
+    E2BIG and EOPNOTSUPP become DumperError naming the dumper and the cause.
+    """
+
+    def __init__(self, fd: int, label: str) -> None:
+        super().__init__()
+        self.fd = fd
+        self.label = label
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def readinto(self, buf) -> int:
+        """One kernel read into BUF (at most the seq_file buffer's worth)."""
+        while True:
+            try:
+                return os.readv(self.fd, [buf])
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                continue  # the program skipped objects (returned 1): run it on
+            except OSError as e:
+                raise self._error(e.errno) from None
+
+    def fill(self, size: int) -> bytearray:
+        """Up to SIZE bytes from as many kernel reads as it takes; short only at EOF."""
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = self.readinto(view[got:])
+            if n == 0:
+                break
+            got += n
+        view.release()
+        del buf[got:]
+        return buf
+
+    def _error(self, err: int) -> DumperError:
+        hint = {errno.E2BIG: E2BIG_HINT, errno.EOPNOTSUPP: EOPNOTSUPP_HINT}.get(err, "")
+        return DumperError(err, f"reading dumper {self.label}", hint)
+
+    def close(self) -> None:
+        if not self.closed and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
+
+
+# -- parameters ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Params:
+    """A dumper's iter_info parameters as a user names them."""
+    map: str | None = None        # map id, or the bpffs path of a pinned map
+    cgroup: str | None = None     # cgroup directory path or cgroup id
+    order: str | None = None      # pre | post | self | ancestors | children
+    tid: int | None = None
+    pid: int | None = None
+
+    def given(self) -> list[str]:
+        return [k for k, v in asdict(self).items() if v is not None]
+
+
+_GROUP_OF = {"map": "map", "cgroup": "cgroup", "order": "cgroup", "tid": "task", "pid": "task"}
+
+
+def _open_map(spec: str) -> int:
+    if spec.isdigit():
+        return kernel.map_get_fd_by_id(int(spec))
+    return kernel.obj_get(spec)
+
+
+def _cgroup(spec: str) -> tuple[int | None, int | None]:
+    """(cgroup_fd, cgroup_id) for a directory path or a numeric cgroup id."""
+    if spec.isdigit():
+        return None, int(spec)
+    try:
+        return os.open(spec, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), None
+    except OSError as e:
+        raise DumperError(e.errno, f"opening cgroup {spec}",
+                          "give a cgroup directory such as /sys/fs/cgroup/system.slice, "
+                          "or a cgroup id") from None
+
+
+def iter_params(target: targets.Target, params: Params) -> tuple[kernel.IterParams | None,
+                                                                  list[int]]:
+    """Check PARAMS against what TARGET takes; the kernel form and fds to close after."""
+    for key in params.given():
+        if target.param(_GROUP_OF[key]) is None:
+            accepted = ", ".join(p.help for p in target.params) or "no parameters"
+            raise DumperError(errno.EINVAL, f"target {target.name} does not take --{key}",
+                              f"it takes {accepted}")
+    for p in target.params:
+        if p.required and not any(_GROUP_OF[k] == p.name for k in params.given()):
+            raise DumperError(errno.EINVAL, f"target {target.name} needs a {p.name} parameter",
+                              f"add {p.help}")
+    if params.tid is not None and params.pid is not None:
+        raise DumperError(errno.EINVAL, "--tid and --pid both given", "give one of them")
+    if params.map is not None:
+        fd = _open_map(params.map)
+        return kernel.IterParams(map_fd=fd), [fd]
+    if target.param("cgroup"):
+        if params.order not in kernel.CGROUP_ORDERS:
+            raise DumperError(errno.EINVAL, f"cgroup order {params.order!r} is unknown",
+                              "use --order " + "|".join(kernel.CGROUP_ORDERS))
+        fd, cid = _cgroup(params.cgroup) if params.cgroup else (None, None)
+        return (kernel.IterParams(cgroup_fd=fd, cgroup_id=cid,
+                                  cgroup_order=kernel.CGROUP_ORDERS[params.order]),
+                [fd] if fd is not None else [])
+    if params.tid is not None or params.pid is not None:
+        return kernel.IterParams(tid=params.tid, pid=params.pid), []
+    return None, []
+
+
+# -- dumpers -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DumperInfo:
+    """What `bpfdumpfs info` shows: the link, its program and its parameters."""
+    target: str
+    link_id: int
+    prog_id: int
+    prog_name: str
+    prog_tag: str
+    map_id: int | None = None
+    cgroup_id: int | None = None
+    cgroup_order: str | None = None
+    tid: int | None = None
+    pid: int | None = None
+    name: str | None = None
+    path: str | None = None
+    mode: str | None = None
+    owner: str | None = None
+    group: str | None = None
+
+    def params(self) -> dict[str, int | str]:
+        keys = ("map_id", "cgroup_id", "cgroup_order", "tid", "pid")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+def _order_name(order: int) -> str | None:
+    return next((k for k, v in kernel.CGROUP_ORDERS.items() if v == order), None)
+
+
+def _choose_program(obj: str, prog: str | None) -> kernel.ProgSpec:
+    specs = kernel.object_programs(obj)
+    iters = [s for s in specs if s.iter_target]
+    if prog is not None:
+        match = [s for s in specs if s.name == prog]
+        if not match:
+            raise DumperError(errno.ENOENT, f"{obj} has no program {prog!r}",
+                              "its iter programs: " + (", ".join(s.name for s in iters) or "none"))
+        if not match[0].iter_target:
+            raise DumperError(errno.EINVAL, f"program {prog!r} of {obj} is not an iterator "
+                              f"(section {match[0].section!r})", 'use SEC("iter/TARGET")')
+        return match[0]
+    if not iters:
+        raise DumperError(errno.EINVAL, f"{obj} has no iterator program",
+                          'a dumper needs a program in SEC("iter/TARGET")')
+    if len(iters) > 1:
+        raise DumperError(errno.EINVAL, f"{obj} has {len(iters)} iterator programs",
+                          "choose one with --prog " + "|".join(s.name for s in iters))
+    return iters[0]
+
+
+def _target(name: str) -> targets.Target:
+    known = targets.running_kernel()
+    if name not in known:
+        raise DumperError(errno.ENOENT, f"iterator target {name!r} is not in this kernel",
+                          "see `bpfdumpfs targets` for the ones it has")
+    return known[name]
+
+
+class Dumper:
+    """An iter bpf_link held by this process: open() it for fresh seq_files."""
+
+    def __init__(self, link_fd: int, label: str = "") -> None:
+        self._fd = link_fd
+        self._finalizer = weakref.finalize(self, os.close, link_fd)
+        self.label = label or f"link fd {link_fd}"
+
+    # construction ----------------------------------------------------------
+    @classmethod
+    def load(cls, obj: str | os.PathLike, prog: str | None = None,
+             params: Params = Params()) -> Dumper:
+        """Load PROG of the BPF object OBJ and make an anonymous dumper of it."""
+        obj = str(obj)
+        spec = _choose_program(obj, prog)
+        target = _target(spec.iter_target)
+        info, fds = iter_params(target, params)
+        try:
+            loaded = kernel.load_program(obj, spec.name)
+            try:
+                link = kernel.link_create_iter(
+                    loaded.fd, info, f"creating a {target.name} dumper of {spec.name!r}")
+            finally:
+                os.close(loaded.fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return cls(link, f"{target.name}:{spec.name}")
+
+    @classmethod
+    def from_link_id(cls, link_id: int) -> Dumper:
+        return cls._adopt(kernel.link_get_fd_by_id(link_id), f"link id {link_id}")
+
+    @classmethod
+    def from_pin(cls, path: str | os.PathLike) -> Dumper:
+        return cls._adopt(kernel.obj_get(str(path)), str(path))
+
+    @classmethod
+    def _adopt(cls, fd: int, label: str) -> Dumper:
+        d = cls(fd, label)
+        if not d.link_info().is_iter:
+            d.close()
+            raise DumperError(errno.EINVAL, f"{label} is not an iterator link",
+                              "give a link made from a SEC(\"iter/...\") program")
+        return d
+
+    # use --------------------------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        if not self._finalizer.alive:
+            raise DumperError(errno.EBADF, f"dumper {self.label} is closed")
+        return self._fd
+
+    def open_fd(self) -> int:
+        """A new seq_file fd (the caller closes it)."""
+        return kernel.iter_create(self.fd, f"opening dumper {self.label}")
+
+    def open(self, text: bool = False) -> io.BufferedReader | io.TextIOWrapper:
+        """A new, independent stream of the dumper's output (iterates lines)."""
+        raw = Stream(self.open_fd(), self.label)
+        buffered = io.BufferedReader(raw, buffer_size=64 * 1024)
+        return io.TextIOWrapper(buffered, errors="replace") if text else buffered
+
+    def read(self) -> bytes:
+        """The whole output of one new seq_file (for small dumps)."""
+        with self.open() as s:
+            return s.read()
+
+    def link_info(self) -> kernel.LinkInfo:
+        return kernel.link_info(self.fd)
+
+    def info(self) -> DumperInfo:
+        li = self.link_info()
+        prog_fd = kernel.prog_get_fd_by_id(li.prog_id)
+        try:
+            pi = kernel.prog_info(prog_fd)
+        finally:
+            os.close(prog_fd)
+        return DumperInfo(
+            target=li.target_name, link_id=li.id, prog_id=li.prog_id,
+            prog_name=pi.name, prog_tag=pi.tag,
+            map_id=li.map_id or None,
+            cgroup_id=li.cgroup_id if li.target_name == "cgroup" else None,
+            cgroup_order=_order_name(li.cgroup_order) if li.target_name == "cgroup" else None,
+            tid=li.tid or None, pid=li.pid or None)
+
+    def replace_program(self, obj: str | os.PathLike, prog: str | None = None) -> None:
+        """Swap the link's program atomically (LINK_UPDATE): open streams keep the old one."""
+        spec = _choose_program(str(obj), prog)
+        current = self.link_info().target_name
+        if spec.iter_target != current:
+            raise DumperError(errno.EINVAL, f"program {spec.name!r} is for target "
+                              f"{spec.iter_target}, dumper {self.label} is {current}",
+                              "replace it with a program of the same target")
+        loaded = kernel.load_program(str(obj), spec.name)
+        try:
+            kernel.link_update(self.fd, loaded.fd, f"replacing the program of {self.label}")
+        finally:
+            os.close(loaded.fd)
+
+    def pin(self, state: StateDir, name: str, **kwargs) -> Path:
+        """Pin under STATE as TARGET/NAME; see StateDir.pin."""
+        return state.pin(self, name, **kwargs)
+
+    def close(self) -> None:
+        """Release the link fd; an unpinned link dies with its last fd."""
+        self._finalizer()
+
+    def __enter__(self) -> Dumper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Dumper {self.label}{' closed' if not self._finalizer.alive else ''}>"
+
+
+# -- the state directory -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """A pin in the state directory, as the tree lists it."""
+    target: str
+    name: str
+    path: str
+
+
+def _uid(owner: str | int | None) -> int:
+    if owner is None or isinstance(owner, int) or str(owner).isdigit():
+        return -1 if owner is None else int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise DumperError(errno.EINVAL, f"user {owner!r} does not exist",
+                          "give an existing user name or a numeric uid") from None
+
+
+def _gid(group: str | int | None) -> int:
+    if group is None or isinstance(group, int) or str(group).isdigit():
+        return -1 if group is None else int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise DumperError(errno.EINVAL, f"group {group!r} does not exist",
+                          "give an existing group name or a numeric gid") from None
+
+
+class StateDir:
+    """STATE/TARGET/NAME pins of iter links in a bpffs."""
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_STATE_DIR) -> None:
+        self.path = Path(path)
+
+    def check(self) -> StateDir:
+        """Raise unless the state directory exists on a bpffs."""
+        try:
+            magic = kernel.fs_magic(str(self.path))
+        except DumperError as e:
+            raise DumperError(e.errno, f"state dir {self.path} is not usable",
+                              f"create it on a bpffs: mount -t bpf bpf {self.path}") from None
+        if magic != BPF_FS_MAGIC:
+            raise DumperError(errno.EINVAL, f"state dir {self.path} is not on a bpffs",
+                              f"mount one there (mount -t bpf bpf {self.path}) or choose "
+                              "another --state-dir")
+        return self
+
+    def ensure(self) -> StateDir:
+        """Create the state directory, mounting bpffs at /sys/fs/bpf if nothing is there."""
+        if not self.path.exists():
+            bpf_root = Path("/sys/fs/bpf")
+            if bpf_root in self.path.parents and kernel.fs_magic(str(bpf_root)) != BPF_FS_MAGIC:
+                kernel.mount_bpffs(str(bpf_root))
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DumperError(e.errno, f"creating state dir {self.path}",
+                                  "its parent must be on a bpffs (mount -t bpf bpf DIR)") from None
+        return self.check()
+
+    def pin_path(self, target: str, name: str) -> Path:
+        return self.path / target / name
+
+    # reading ----------------------------------------------------------------
+    def names(self, target: str) -> list[str]:
+        """Valid dumper names pinned under TARGET (not checked to be iter links)."""
+        try:
+            with os.scandir(self.path / target) as it:
+                return sorted(e.name for e in it if _NAME_RE.match(e.name) and
+                              len(e.name) <= NAME_MAX and e.is_file(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def entries(self, target: str | None = None) -> Iterator[Entry]:
+        for t in [target] if target else sorted(targets.running_kernel()):
+            for n in self.names(t):
+                yield Entry(t, n, str(self.pin_path(t, n)))
+
+    def get(self, target: str, name: str) -> Dumper:
+        """The pinned dumper TARGET/NAME, held by this process."""
+        path = self.pin_path(target, name)
+        try:
+            return Dumper.from_pin(path)
+        except DumperError as e:
+            if e.errno == errno.ENOENT:
+                raise DumperError(errno.ENOENT, f"dumper {target}/{name} does not exist",
+                                  "see `bpfdumpfs ls`") from None
+            raise
+
+    def info(self, target: str, name: str) -> DumperInfo:
+        with self.get(target, name) as d:
+            info = d.info()
+        st = os.stat(self.pin_path(target, name))
+        return DumperInfo(**{**asdict(info), "name": name,
+                             "path": str(self.pin_path(target, name)),
+                             "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+                             "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid)})
+
+    # changing ----------------------------------------------------------------
+    def pin(self, dumper: Dumper, name: str, mode: int = 0o400, owner: str | int | None = None,
+            group: str | int | None = None, replace: bool = False) -> Path:
+        """Pin DUMPER as TARGET/NAME with MODE/OWNER/GROUP; returns the pin's path.
+
+        The pin is made under a temporary name, given its mode and owner, then
+        renamed into place: readers never see a half-made dumper, and a replaced
+        one is swapped in one step (readers of the old one finish their read).
+        """
+        check_name(name)
+        uid, gid = _uid(owner), _gid(group)
+        target = dumper.link_info().target_name
+        final = self.pin_path(target, name)
+        if final.exists() and not replace:
+            raise DumperError(errno.EEXIST, f"dumper {target}/{name} exists",
+                              "choose another name, or --replace it")
+        (self.path / target).mkdir(exist_ok=True)
+        tmp = self.path / target / f"{_TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        kernel.obj_pin(dumper.fd, str(tmp))
+        try:
+            os.chmod(tmp, mode)
+            os.chown(tmp, uid, gid)
+            os.rename(tmp, final)
+        except OSError as e:
+            os.unlink(tmp)
+            raise DumperError(e.errno, f"pinning dumper {target}/{name}") from None
+        return final
+
+    def remove(self, target: str, name: str) -> None:
+        """Delete the pin; the link dies once no reader holds a seq_file of it."""
+        try:
+            os.unlink(self.pin_path(target, name))
+        except FileNotFoundError:
+            raise DumperError(errno.ENOENT, f"dumper {target}/{name} does not exist",
+                              "see `bpfdumpfs ls`") from None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -1,0 +1,484 @@
+"""The one place that speaks bpf(2) and libbpf.
+
+cffi in ABI mode: nothing is compiled at install time, so the package installs
+without a C compiler. bpf(2) is reached through libc's syscall(); compiled BPF
+objects (CO-RE relocations, .rodata/.bss, kconfig externs) are loaded by libbpf.
+
+Every function returns plain file descriptors that the caller owns, and every
+failure raises DumperError with the errno and a sentence naming the command and
+its object. Nothing here knows about dumpers, state directories or FUSE.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import cffi
+
+from .errors import DumperError
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    long syscall(long number, ...);
+    struct statfs { long f_type; long _rest[15]; };
+    int statfs(const char *path, struct statfs *buf);
+    int mount(const char *source, const char *target, const char *fstype,
+              unsigned long flags, const void *data);
+    int vsnprintf(char *str, size_t size, const char *format, void *ap);
+
+    struct bpf_obj_attr {            /* OBJ_PIN, OBJ_GET */
+        uint64_t pathname;
+        uint32_t bpf_fd;
+        uint32_t file_flags;
+        int32_t  path_fd;
+    };
+    struct bpf_link_create_attr {    /* LINK_CREATE */
+        uint32_t prog_fd;
+        uint32_t target_fd;
+        uint32_t attach_type;
+        uint32_t flags;
+        uint64_t iter_info;
+        uint32_t iter_info_len;
+    };
+    struct bpf_link_update_attr {    /* LINK_UPDATE */
+        uint32_t link_fd;
+        uint32_t new_prog_fd;
+        uint32_t flags;
+        uint32_t old_prog_fd;
+    };
+    struct bpf_iter_create_attr {    /* ITER_CREATE */
+        uint32_t link_fd;
+        uint32_t flags;
+    };
+    struct bpf_info_attr {           /* OBJ_GET_INFO_BY_FD */
+        uint32_t bpf_fd;
+        uint32_t info_len;
+        uint64_t info;
+    };
+    struct bpf_id_attr {             /* *_GET_NEXT_ID, *_GET_FD_BY_ID */
+        uint32_t id;
+        uint32_t next_id;
+        uint32_t open_flags;
+    };
+    struct bpf_iter_link_info {      /* union bpf_iter_link_info, 16 bytes */
+        uint32_t a;                  /* map_fd | cgroup order | task tid */
+        uint32_t b;                  /* cgroup_fd | task pid */
+        uint32_t c;                  /* task pid_fd | low half of cgroup_id */
+        uint32_t d;                  /* high half of cgroup_id */
+    };
+
+    struct bpf_object;
+    struct bpf_program;
+    struct btf;
+    struct bpf_object_open_opts {
+        size_t sz;
+        const char *object_name;
+        bool relaxed_maps;
+        const char *pin_root_path;
+        uint32_t _unused;
+        const char *kconfig;
+        const char *btf_custom_path;
+        char *kernel_log_buf;
+        size_t kernel_log_size;
+        uint32_t kernel_log_level;
+    };
+    typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *ap);
+    libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
+    struct bpf_object *bpf_object__open_file(const char *path,
+                                             const struct bpf_object_open_opts *opts);
+    int bpf_object__load(struct bpf_object *obj);
+    void bpf_object__close(struct bpf_object *obj);
+    struct bpf_program *bpf_object__next_program(const struct bpf_object *obj,
+                                                 struct bpf_program *prog);
+    const char *bpf_program__name(const struct bpf_program *prog);
+    const char *bpf_program__section_name(const struct bpf_program *prog);
+    int bpf_program__set_autoload(struct bpf_program *prog, bool autoload);
+    int bpf_program__fd(const struct bpf_program *prog);
+    int bpf_program__set_log_buf(struct bpf_program *prog, char *log_buf, size_t log_size);
+    int bpf_program__set_log_level(struct bpf_program *prog, uint32_t log_level);
+    """
+)
+
+_libc = ffi.dlopen(None)
+_libbpf = None  # opened on first use: reading a pinned dumper needs no libbpf
+
+SYS_bpf = 321  # x86-64
+BPF_OBJ_PIN, BPF_OBJ_GET = 6, 7
+BPF_PROG_GET_NEXT_ID, BPF_MAP_GET_NEXT_ID = 11, 12
+BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID = 13, 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE, BPF_LINK_UPDATE = 28, 29
+BPF_LINK_GET_FD_BY_ID, BPF_LINK_GET_NEXT_ID = 30, 31
+BPF_ITER_CREATE = 33
+BPF_TRACE_ITER = 28
+BPF_LINK_TYPE_ITER = 4
+BPF_F_RDONLY = 1 << 3
+
+# enum bpf_cgroup_iter_order, named as bpftool and the CLI name them
+CGROUP_ORDERS = {"self": 1, "pre": 2, "post": 3, "ancestors": 4, "children": 5}
+
+_HINTS = {
+    errno.EPERM: "run as root (loading and pinning need CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
+    errno.EACCES: "check the permissions of the path or run as root",
+}
+
+
+def _bpf(cmd: int, attr, what: str, hint: str = "") -> int:
+    ret = _libc.syscall(ffi.cast("long", SYS_bpf), ffi.cast("int", cmd),
+                        ffi.cast("void *", attr), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
+    if ret < 0:
+        err = ffi.errno
+        raise DumperError(err, what, hint or _HINTS.get(err, ""))
+    return ret
+
+
+# -- bpffs ---------------------------------------------------------------------
+
+def fs_magic(path: str) -> int:
+    """statfs(2) f_type of the filesystem holding PATH."""
+    buf = ffi.new("struct statfs *")
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        raise DumperError(ffi.errno, f"statfs {path}")
+    return buf.f_type & 0xFFFFFFFF
+
+
+def mount_bpffs(path: str) -> None:
+    """mount -t bpf bpf PATH"""
+    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, ffi.NULL) != 0:
+        raise DumperError(ffi.errno, f"mounting a bpffs at {path}")
+
+
+# -- pins --------------------------------------------------------------------
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin a BPF object (here: a link) at PATH in a bpffs."""
+    buf = ffi.new("char[]", os.fsencode(path))
+    attr = ffi.new("struct bpf_obj_attr *", {"pathname": int(ffi.cast("uintptr_t", buf)),
+                                            "bpf_fd": fd})
+    _bpf(BPF_OBJ_PIN, attr, f"pinning at {path}")
+
+
+def obj_get(path: str, flags: int = 0) -> int:
+    """Open the BPF object pinned at PATH; returns a new fd."""
+    buf = ffi.new("char[]", os.fsencode(path))
+    attr = ffi.new("struct bpf_obj_attr *", {"pathname": int(ffi.cast("uintptr_t", buf)),
+                                            "file_flags": flags})
+    return _bpf(BPF_OBJ_GET, attr, f"opening the pin {path}")
+
+
+# -- links and seq_files -----------------------------------------------------
+
+@dataclass(frozen=True)
+class IterParams:
+    """What the kernel calls bpf_iter_link_info; at most one group may be set."""
+    map_fd: int | None = None
+    cgroup_fd: int | None = None
+    cgroup_id: int | None = None
+    cgroup_order: int | None = None
+    tid: int | None = None
+    pid: int | None = None
+    pid_fd: int | None = None
+
+    def pack(self):
+        """The 16-byte union, or None when the link takes no parameters."""
+        info = ffi.new("struct bpf_iter_link_info *")
+        if self.map_fd is not None:
+            info.a = self.map_fd
+        elif self.cgroup_order is not None:
+            info.a = self.cgroup_order
+            info.b = self.cgroup_fd or 0
+            cid = self.cgroup_id or 0
+            info.c, info.d = cid & 0xFFFFFFFF, cid >> 32
+        elif self.tid is not None:
+            info.a = self.tid
+        elif self.pid is not None:
+            info.b = self.pid
+        elif self.pid_fd is not None:
+            info.c = self.pid_fd
+        else:
+            return None
+        return info
+
+
+def link_create_iter(prog_fd: int, params: IterParams | None = None, what: str = "") -> int:
+    """BPF_LINK_CREATE with BPF_TRACE_ITER: an iter link (a dumper); returns its fd."""
+    info = params.pack() if params else None
+    attr = ffi.new("struct bpf_link_create_attr *")
+    attr.prog_fd = prog_fd
+    attr.attach_type = BPF_TRACE_ITER
+    if info is not None:
+        attr.iter_info = int(ffi.cast("uintptr_t", info))
+        attr.iter_info_len = ffi.sizeof(info[0])
+    return _bpf(BPF_LINK_CREATE, attr, what or f"creating an iter link for prog fd {prog_fd}")
+
+
+def iter_create(link_fd: int, what: str = "") -> int:
+    """BPF_ITER_CREATE: a fresh seq_file of the link; reading it runs the program."""
+    attr = ffi.new("struct bpf_iter_create_attr *", {"link_fd": link_fd})
+    return _bpf(BPF_ITER_CREATE, attr, what or f"creating a seq_file of link fd {link_fd}")
+
+
+def link_update(link_fd: int, new_prog_fd: int, what: str = "") -> None:
+    """BPF_LINK_UPDATE: swap the link's program atomically."""
+    attr = ffi.new("struct bpf_link_update_attr *", {"link_fd": link_fd,
+                                                   "new_prog_fd": new_prog_fd})
+    _bpf(BPF_LINK_UPDATE, attr, what or f"replacing the program of link fd {link_fd}")
+
+
+# -- ids ---------------------------------------------------------------------
+
+def _get_fd_by_id(cmd: int, kind: str, obj_id: int, flags: int = 0) -> int:
+    attr = ffi.new("struct bpf_id_attr *", {"id": obj_id, "open_flags": flags})
+    return _bpf(cmd, attr, f"opening {kind} id {obj_id}",
+                f"list the ids with `bpftool {kind} show`")
+
+
+def link_get_fd_by_id(link_id: int) -> int:
+    return _get_fd_by_id(BPF_LINK_GET_FD_BY_ID, "link", link_id)
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    return _get_fd_by_id(BPF_PROG_GET_FD_BY_ID, "prog", prog_id)
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    return _get_fd_by_id(BPF_MAP_GET_FD_BY_ID, "map", map_id)
+
+
+def _ids(cmd: int) -> list[int]:
+    ids, start = [], 0
+    while True:
+        attr = ffi.new("struct bpf_id_attr *", {"id": start})
+        ret = _libc.syscall(ffi.cast("long", SYS_bpf), ffi.cast("int", cmd),
+                            ffi.cast("void *", attr), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
+        if ret < 0:
+            if ffi.errno == errno.ENOENT:
+                return ids
+            raise DumperError(ffi.errno, "listing BPF object ids")
+        start = attr.next_id
+        ids.append(start)
+
+
+def link_ids() -> list[int]:
+    """Every link id in the system (BPF_LINK_GET_NEXT_ID)."""
+    return _ids(BPF_LINK_GET_NEXT_ID)
+
+
+def prog_ids() -> list[int]:
+    """Every program id in the system (BPF_PROG_GET_NEXT_ID)."""
+    return _ids(BPF_PROG_GET_NEXT_ID)
+
+
+# -- info --------------------------------------------------------------------
+
+def _info(fd: int, size: int, what: str) -> bytearray:
+    buf = ffi.new("char[]", size)
+    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": size,
+                                            "info": int(ffi.cast("uintptr_t", buf))})
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
+    return bytearray(ffi.buffer(buf, size))
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    target_name: str = ""
+    map_id: int = 0
+    cgroup_id: int = 0
+    cgroup_order: int = 0
+    tid: int = 0
+    pid: int = 0
+
+    @property
+    def is_iter(self) -> bool:
+        return self.type == BPF_LINK_TYPE_ITER
+
+
+def link_info(fd: int) -> LinkInfo:
+    """OBJ_GET_INFO_BY_FD of a link, with the iter target and its parameters."""
+    what = f"reading the info of link fd {fd}"
+    raw = _info(fd, 48, what)
+    ltype, lid, prog_id = struct.unpack_from("<III", raw, 0)
+    if ltype != BPF_LINK_TYPE_ITER:
+        return LinkInfo(ltype, lid, prog_id)
+    # Ask again with a buffer for the target name: the first answer gave its length.
+    name_len = struct.unpack_from("<I", raw, 24)[0]
+    name = ffi.new("char[]", max(name_len, 1))
+    info = ffi.new("char[]", 48)
+    struct.pack_into("<QI", ffi.buffer(info), 16, int(ffi.cast("uintptr_t", name)), name_len)
+    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": 48,
+                                            "info": int(ffi.cast("uintptr_t", info))})
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
+    raw = bytes(ffi.buffer(info, 48))
+    target = ffi.string(name).decode()
+    map_id, = struct.unpack_from("<I", raw, 28)
+    cgroup_id, order = struct.unpack_from("<QI", raw, 32)
+    tid, pid = struct.unpack_from("<II", raw, 32)
+    if target == "cgroup":
+        return LinkInfo(ltype, lid, prog_id, target, cgroup_id=cgroup_id, cgroup_order=order)
+    if target.startswith("task"):
+        return LinkInfo(ltype, lid, prog_id, target, tid=tid, pid=pid)
+    return LinkInfo(ltype, lid, prog_id, target, map_id=map_id)
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    type: int
+    name: str
+    tag: str
+    created_by_uid: int
+    load_time_ns: int
+
+
+def prog_info(fd: int) -> ProgInfo:
+    raw = _info(fd, 232, f"reading the info of prog fd {fd}")
+    ptype, pid = struct.unpack_from("<II", raw, 0)
+    tag = raw[8:16].hex()
+    load_time, uid = struct.unpack_from("<QI", raw, 40)
+    name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+    return ProgInfo(pid, ptype, name, tag, uid, load_time)
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    type: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    raw = _info(fd, 88, f"reading the info of map fd {fd}")
+    mtype, mid = struct.unpack_from("<II", raw, 0)
+    return MapInfo(mid, mtype, raw[24:40].split(b"\0", 1)[0].decode(errors="replace"))
+
+
+# -- loading objects with libbpf ---------------------------------------------
+
+@dataclass(frozen=True)
+class ProgSpec:
+    """One program of an ELF object as libbpf sees it before loading."""
+    name: str
+    section: str
+
+    @property
+    def iter_target(self) -> str | None:
+        """TARGET of SEC("iter/TARGET") or SEC("iter.s/TARGET"), else None."""
+        kind, _, target = self.section.partition("/")
+        return target if kind in ("iter", "iter.s") and target else None
+
+
+@dataclass
+class LoadedProg:
+    fd: int
+    spec: ProgSpec
+    warnings: list[str] = field(default_factory=list)
+
+
+_load_lock = threading.Lock()  # libbpf's print callback is process-wide
+_messages: list[str] = []
+
+
+def _libbpf_lib():
+    global _libbpf
+    if _libbpf is None:
+        try:
+            _libbpf = ffi.dlopen("libbpf.so.1")
+        except OSError as e:
+            raise DumperError(errno.ENOENT, "loading libbpf.so.1",
+                              "install it: apt-get install libbpf1") from e
+        _libbpf.libbpf_set_print(_print_cb)
+    return _libbpf
+
+
+@ffi.callback("int(int, const char *, void *)")
+def _print_cb(level, fmt, ap):
+    if level == 0:  # LIBBPF_WARN: the lines that explain a failed open or load
+        buf = ffi.new("char[]", 1024)
+        _libc.vsnprintf(buf, 1024, fmt, ap)
+        _messages.append(ffi.string(buf).decode(errors="replace").rstrip())
+    return 0
+
+
+def _open_object(lib, path: str):
+    if not os.path.exists(path):
+        raise DumperError(errno.ENOENT, f"opening BPF object {path}",
+                          "give the path of a compiled .bpf.o or a .bpf.c source")
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise DumperError(errno.ENOEXEC, f"opening BPF object {path}",
+                              "it is not an ELF file; compile it with clang -target bpf")
+    obj = lib.bpf_object__open_file(os.fsencode(path), ffi.NULL)
+    if obj == ffi.NULL:
+        err = ffi.errno or errno.EINVAL
+        raise DumperError(err, f"opening BPF object {path}",
+                          _last_messages() or "is it a BPF ELF object (clang -target bpf)?")
+    return obj
+
+
+def _programs(lib, obj):
+    prog = lib.bpf_object__next_program(obj, ffi.NULL)
+    while prog != ffi.NULL:
+        yield prog, ProgSpec(ffi.string(lib.bpf_program__name(prog)).decode(),
+                             ffi.string(lib.bpf_program__section_name(prog)).decode())
+        prog = lib.bpf_object__next_program(obj, prog)
+
+
+def _last_messages(n: int = 3) -> str:
+    lines = [m for m in _messages if m]
+    return " | ".join(lines[-n:])
+
+
+def object_programs(path: str) -> list[ProgSpec]:
+    """The programs an ELF object holds (opened, not loaded)."""
+    lib = _libbpf_lib()
+    with _load_lock:
+        _messages.clear()
+        obj = _open_object(lib, path)
+        try:
+            return [spec for _, spec in _programs(lib, obj)]
+        finally:
+            lib.bpf_object__close(obj)
+
+
+def load_program(path: str, prog_name: str) -> LoadedProg:
+    """Load one program of an ELF object through libbpf; returns its own fd.
+
+    The object's other programs are not loaded. Its maps live on as long as the
+    program references them, so the object itself is closed before returning.
+    A verifier rejection raises DumperError with the verifier log attached.
+    """
+    lib = _libbpf_lib()
+    log_size = 1 << 20
+    with _load_lock:
+        _messages.clear()
+        obj = _open_object(lib, path)
+        try:
+            chosen = None
+            for prog, spec in _programs(lib, obj):
+                if spec.name == prog_name:
+                    chosen = (prog, spec)
+                else:
+                    lib.bpf_program__set_autoload(prog, False)
+            if chosen is None:
+                raise DumperError(errno.ENOENT, f"finding program {prog_name!r} in {path}")
+            prog, spec = chosen
+            log = ffi.new("char[]", log_size)
+            lib.bpf_program__set_log_buf(prog, log, log_size)
+            if lib.bpf_object__load(obj) != 0:
+                err = ffi.errno or errno.EINVAL
+                vlog = ffi.string(log).decode(errors="replace").strip()
+                hint = "the verifier rejected it; see the log" if vlog else _last_messages()
+                raise DumperError(err, f"loading program {prog_name!r} of {path}",
+                                  hint or _HINTS.get(err, ""), log=vlog)
+            fd = os.dup(lib.bpf_program__fd(prog))
+            os.set_inheritable(fd, False)
+            return LoadedProg(fd, spec, list(_messages))
+        finally:
+            lib.bpf_object__close(obj)
