@@ -212,7 +212,7 @@ def _order_name(order: int) -> str | None:
     return next((k for k, v in kernel.CGROUP_ORDERS.items() if v == order), None)
 
 
-def _choose_program(obj: str, prog: str | None) -> kernel.ProgSpec:
+def choose_program(obj: str, prog: str | None) -> kernel.ProgSpec:
     specs = kernel.object_programs(obj)
     iters = [s for s in specs if s.iter_target]
     if prog is not None:
@@ -255,7 +255,7 @@ class Dumper:
              params: Params = Params()) -> Dumper:
         """Load PROG of the BPF object OBJ and make an anonymous dumper of it."""
         obj = str(obj)
-        spec = _choose_program(obj, prog)
+        spec = choose_program(obj, prog)
         target = _target(spec.iter_target)
         info, fds = iter_params(target, params)
         try:
@@ -329,7 +329,7 @@ class Dumper:
 
     def replace_program(self, obj: str | os.PathLike, prog: str | None = None) -> None:
         """Swap the link's program atomically (LINK_UPDATE): open streams keep the old one."""
-        spec = _choose_program(str(obj), prog)
+        spec = choose_program(str(obj), prog)
         current = self.link_info().target_name
         if spec.iter_target != current:
             raise DumperError(errno.EINVAL, f"program {spec.name!r} is for target "

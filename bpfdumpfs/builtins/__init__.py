@@ -3,6 +3,12 @@
 Each NAME.bpf.o here holds one SEC("iter/TARGET") program and becomes the
 dumper TARGET/NAME; its source is src/NAME.bpf.c (`make -C` this directory
 rebuilds them all). PARAMS lists the iter parameters a built-in needs.
+
+Modes follow what /proc shows to unprivileged users: world-readable where the
+/proc file is (tasks, sockets, routes, cgroups), root-only where /proc hides the
+content from others (open files, mappings, kernel addresses, slab and BPF
+internals). The seq_file is created by the root daemon, so a dump never gets the
+per-reader filtering /proc applies; the mode is the only gate.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 PARAMS: dict[str, Params] = {
     "cgroups": Params(order="pre"),  # the whole hierarchy from the root, parents first
 }
+PUBLIC = {"tasks", "tcp", "tcp6", "udp", "udp6", "unix", "netlink", "ipv6_route", "cgroups"}
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,10 @@ class Builtin:
     name: str
     object: Path
     params: Params
+
+    @property
+    def mode(self) -> int:
+        return 0o444 if self.name in PUBLIC else 0o400
 
 
 def builtins() -> list[Builtin]:

@@ -1,0 +1,169 @@
+"""The daemon: pin the built-ins, mount the tree, serve until SIGINT/SIGTERM.
+
+The state directory (pins in a bpffs) holds every dumper, so the daemon keeps
+nothing that a crash could lose: a restart mounts the same tree again, after
+clearing the dead FUSE mount a killed daemon leaves behind.
+"""
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import targets
+from .builtins import builtins
+from .dumpers import Dumper, DumperError, StateDir, choose_program
+from .ops import Operations
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MOUNTPOINT = "/run/bpfdump"
+
+
+@dataclass
+class MountOptions:
+    mountpoint: str = DEFAULT_MOUNTPOINT
+    state_dir: str = StateDir().path.as_posix()
+    builtins: bool = True
+    debug_fuse: bool = False
+
+
+def pin_builtins(state: StateDir) -> list[str]:
+    """Pin each built-in dumper that is not pinned yet; returns the ones pinned now.
+
+    A built-in that fails to load on this kernel is logged and skipped: the tree
+    still serves everything else.
+    """
+    pinned = []
+    have = set(targets.running_kernel())
+    for b in builtins():
+        try:
+            target = choose_program(str(b.object), None).iter_target
+            if target not in have or state.pin_path(target, b.name).exists():
+                continue
+            with Dumper.load(b.object, params=b.params) as d:
+                d.pin(state, b.name, mode=b.mode)
+            pinned.append(f"{target}/{b.name}")
+        except DumperError as e:
+            log.error("built-in %s not pinned: %s", b.name, e)
+            if e.log:
+                log.error("verifier log of %s:\n%s", b.name, e.log)
+    return pinned
+
+
+def _mounts() -> dict[str, str]:
+    """mount point -> fstype, from /proc/self/mountinfo (octal escapes decoded)."""
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point = left.split()[4].encode().decode("unicode_escape")
+            found[point] = right.split()[0]
+    return found
+
+
+def clear_dead_mount(mountpoint: str) -> None:
+    """Unmount a FUSE mount whose daemon is gone; refuse to mount over a live one."""
+    path = os.path.realpath(mountpoint)
+    fstype = _mounts().get(path, "")
+    if not fstype.startswith("fuse"):
+        return
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("clearing the dead FUSE mount at %s (its daemon is gone)", path)
+        subprocess.run(["fusermount3", "-uz", path], check=False)
+        if path in _mounts():
+            subprocess.run(["umount", "-l", path], check=False)
+        return
+    raise DumperError(errno.EBUSY, f"{path} is already a live FUSE mount ({fstype})",
+                      f"unmount it first (fusermount3 -u {path}) or choose another mount point")
+
+
+async def _serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("%s: unmounting", signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(stop_on_signal)
+        task_status.started()
+        await pyfuse3.main(min_tasks=2, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def run(opts: MountOptions, ready=None) -> None:
+    """Mount and serve in the foreground; READY() is called once the tree is up."""
+    faulthandler.enable()
+    state = StateDir(opts.state_dir).ensure()
+    if opts.builtins:
+        pinned = pin_builtins(state)
+        if pinned:
+            log.info("pinned built-ins: %s", " ".join(pinned))
+    clear_dead_mount(opts.mountpoint)
+    os.makedirs(opts.mountpoint, exist_ok=True)
+    ops = Operations(state, list(targets.running_kernel()))
+    fuse_options = {"fsname=bpfdumpfs", "subtype=bpfdumpfs", "allow_other",
+                    "default_permissions"}
+    if opts.debug_fuse:
+        fuse_options.add("debug")
+    try:
+        pyfuse3.init(ops, opts.mountpoint, fuse_options)
+    except RuntimeError as e:
+        raise DumperError(errno.EIO, f"mounting FUSE at {opts.mountpoint}",
+                          "is /dev/fuse there and is fuse3 installed?") from e
+    try:
+        log.info("serving %s from %s", opts.mountpoint, state.path)
+        if ready:
+            ready()
+        trio.run(_serve)
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", opts.mountpoint)
+
+
+def run_background(opts: MountOptions) -> int:
+    """Fork a daemon and return once its tree is mounted (0) or it failed (1)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode()
+        if msg.startswith("ready"):
+            print(f"bpfdumpfs: mounted {opts.mountpoint} (daemon pid {pid})")
+            return 0
+        sys.stderr.write(msg or "bpfdumpfs: the daemon exited before mounting\n")
+        return 1
+    os.close(r)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+
+    def ready() -> None:
+        os.write(w, b"ready")
+        os.close(w)
+        # from now on logs go wherever stderr was sent by the caller; stdout is closed
+        os.dup2(devnull, 1)
+    code = 0
+    try:
+        run(opts, ready)
+    except DumperError as e:
+        try:
+            os.write(w, f"bpfdumpfs: {e}\n".encode())
+        except OSError:
+            log.error("%s", e)
+        code = 1
+    os._exit(code)

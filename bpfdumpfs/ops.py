@@ -1,0 +1,268 @@
+"""pyfuse3 operations: the state directory shown as a tree of dumper files.
+
+    /                 one directory per iterator target of the running kernel
+    /TARGET/NAME      one regular file per iter link pinned at STATE/TARGET/NAME
+
+Nothing is cached that could go stale: every lookup, getattr and readdir looks at
+the pins themselves, and every open() makes a fresh kernel seq_file. Reads fill
+each FUSE request from as many kernel reads as it takes, in a worker thread, so
+a slow dumper never stalls the event loop or other readers.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import kernel
+from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
+DIR_MODE = stat.S_IFDIR | 0o755
+
+
+@dataclass
+class Handle:
+    """One open() of a dumper: its seq_file and who opened it."""
+    stream: Stream
+    label: str
+    pid: int
+    uid: int
+    busy: int = 0          # reads running in worker threads
+    released: bool = False
+    failed: bool = False   # the kernel said E2BIG/EOPNOTSUPP: logged once, EIO from then on
+
+    def close_if_idle(self) -> None:
+        if self.released and not self.busy:
+            self.stream.close()
+
+
+@dataclass
+class _Dir:
+    """A readdir snapshot taken at opendir, so offsets stay stable while listing."""
+    inode: int
+    entries: list[tuple[bytes, int]]   # (name, inode of a target dir | 0 for a dumper)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, state: StateDir, targets: list[str]) -> None:
+        super().__init__()
+        self.state = state
+        self.targets = sorted(targets)
+        self.target_ino = {t: ROOT + 1 + i for i, t in enumerate(self.targets)}
+        self.ino_target = {i: t for t, i in self.target_ino.items()}
+        # dumper files: inode <-> (target, name), with the kernel's lookup counts
+        self.file_ino: dict[tuple[str, str], int] = {}
+        self.ino_file: dict[int, tuple[str, str]] = {}
+        self.lookups: dict[int, int] = {}
+        self.next_ino = FIRST_FILE_INODE
+        self.handles: dict[int, Handle] = {}
+        self.next_fh = 1
+        self.dirs: dict[int, _Dir] = {}
+        self.pin_check: dict[int, str | None] = {}  # pin st_ino -> why it is hidden, or None
+        self.read_limiter = trio.CapacityLimiter(1024)
+
+    # -- inodes --------------------------------------------------------------
+    def _file_inode(self, target: str, name: str) -> int:
+        key = (target, name)
+        ino = self.file_ino.get(key)
+        if ino is None:
+            ino = self.next_ino
+            self.next_ino += 1
+            self.file_ino[key] = ino
+            self.ino_file[ino] = key
+            self.lookups[ino] = 0
+        return ino
+
+    async def forget(self, inode_list) -> None:
+        for ino, n in inode_list:
+            if ino not in self.lookups:
+                continue
+            self.lookups[ino] -= n
+            if self.lookups[ino] <= 0:
+                del self.lookups[ino]
+                self.file_ino.pop(self.ino_file.pop(ino), None)
+
+    def _pin_stat(self, target: str, name: str) -> os.stat_result:
+        """stat of a pin that is a valid dumper of TARGET; FUSEError(ENOENT) otherwise."""
+        path = self.state.pin_path(target, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if st.st_ino not in self.pin_check:
+            self.pin_check[st.st_ino] = why = self._why_hidden(path, target)
+            if why:
+                log.warning("hiding %s: %s", path, why)
+        if self.pin_check[st.st_ino]:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return st
+
+    @staticmethod
+    def _why_hidden(path, target: str) -> str | None:
+        try:
+            fd = kernel.obj_get(str(path))
+        except DumperError as e:
+            return str(e)
+        try:
+            info = kernel.link_info(fd)
+        except DumperError as e:
+            return str(e)
+        finally:
+            os.close(fd)
+        if not info.is_iter:
+            return "not an iterator link"
+        if info.target_name != target:
+            return (f"its target is {info.target_name}, not {target}; "
+                    f"pin it under {info.target_name}/ instead")
+        return None
+
+    # -- attributes ---------------------------------------------------------------
+    @staticmethod
+    def _dir_attr(ino: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = DIR_MODE
+        a.st_nlink = 2
+        a.st_uid = a.st_gid = 0
+        a.st_blksize = 4096
+        a.entry_timeout = a.attr_timeout = 60  # the targets never change while the kernel runs
+        return a
+
+    @staticmethod
+    def _file_attr(ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
+        a.st_nlink = 1
+        a.st_uid, a.st_gid = st.st_uid, st.st_gid
+        a.st_size = 0  # unknown until read: the output is made at each open
+        a.st_blksize = 4096
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        a.entry_timeout = a.attr_timeout = 0  # pins change under us (CLI, bpftool)
+        return a
+
+    async def getattr(self, inode, ctx=None) -> pyfuse3.EntryAttributes:
+        if inode == ROOT or inode in self.ino_target:
+            return self._dir_attr(inode)
+        key = self.ino_file.get(inode)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._file_attr(inode, self._pin_stat(*key))
+
+    async def lookup(self, parent_inode, name, ctx=None) -> pyfuse3.EntryAttributes:
+        name = os.fsdecode(name)
+        if parent_inode == ROOT:
+            if name not in self.target_ino:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._dir_attr(self.target_ino[name])
+        target = self.ino_target.get(parent_inode)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if len(name) > NAME_MAX or name.startswith("-"):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        st = self._pin_stat(target, name)
+        ino = self._file_inode(target, name)
+        self.lookups[ino] += 1
+        return self._file_attr(ino, st)
+
+    # -- directories --------------------------------------------------------------
+    async def opendir(self, inode, ctx) -> int:
+        if inode == ROOT:
+            entries = [(t.encode(), self.target_ino[t]) for t in self.targets]
+        elif inode in self.ino_target:
+            entries = [(n.encode(), 0) for n in self.state.names(self.ino_target[inode])]
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.dirs[fh] = _Dir(inode, entries)
+        return fh
+
+    async def readdir(self, fh, start_id, token) -> None:
+        d = self.dirs[fh]
+        entries = d.entries
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            if ino:  # a target directory
+                attr = self._dir_attr(ino)
+            else:
+                target = self.ino_target[d.inode]
+                try:
+                    attr = self._file_attr(self._file_inode(target, name.decode()),
+                                           self._pin_stat(target, name.decode()))
+                except pyfuse3.FUSEError:
+                    continue  # removed since opendir, or hidden
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+            if not ino:
+                self.lookups[attr.st_ino] += 1
+
+    async def releasedir(self, fh) -> None:
+        self.dirs.pop(fh, None)
+
+    # -- files ----------------------------------------------------------------------
+    async def open(self, inode, flags, ctx) -> pyfuse3.FileInfo:
+        key = self.ino_file.get(inode)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode in self.ino_target or inode == ROOT
+                                    else errno.ENOENT)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        target, name = key
+        label = f"{target}/{name}"
+        try:
+            with Dumper.from_pin(self.state.pin_path(target, name)) as dumper:
+                fd = kernel.iter_create(dumper.fd, f"opening dumper {label}")
+        except DumperError as e:
+            if e.errno == errno.ENOENT:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            log.error("open %s by pid %d: %s", label, ctx.pid, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = Handle(Stream(fd, label), label, ctx.pid, ctx.uid)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    async def read(self, fh, off, size) -> bytes:
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if h.failed:
+            raise pyfuse3.FUSEError(errno.EIO)
+        h.busy += 1
+        try:
+            return await trio.to_thread.run_sync(h.stream.fill, size, limiter=self.read_limiter)
+        except DumperError as e:
+            h.failed = True
+            log.error("%s (reader pid %d)", e, h.pid)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            h.busy -= 1
+            h.close_if_idle()
+
+    async def release(self, fh) -> None:
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            h.released = True
+            h.close_if_idle()
+
+    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_files = len(self.file_ino) + len(self.targets) + 1
+        s.f_namemax = NAME_MAX
+        return s

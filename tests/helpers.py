@@ -1,0 +1,109 @@
+"""Test helpers: a real bpfdumpfs daemon on a private bpffs, started and ended by pid."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CI = os.environ.get("CI") == "true"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def need(ok: bool, why: str) -> None:
+    """Skip a test whose prerequisite is missing -- but fail it in CI, loudly."""
+    if not ok:
+        (pytest.fail if CI else pytest.skip)(f"needs {why}")
+
+
+def need_kernel() -> None:
+    need(os.geteuid() == 0, "root (bpf(2), bpffs and FUSE mounts)")
+    need(os.path.exists("/dev/fuse"), "/dev/fuse")
+    need(os.path.exists("/sys/kernel/btf/vmlinux"), "kernel BTF (/sys/kernel/btf/vmlinux)")
+
+
+def fstype(path: str | os.PathLike) -> str | None:
+    """fstype of the mount at exactly PATH, if any."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == path:
+                found = right.split()[0]
+    return locals().get("found")
+
+
+def mount_bpffs(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], check=True)
+    return path
+
+
+def unmount(path: Path) -> None:
+    """Unmount PATH if something is mounted there (fusermount3 first, then umount -l)."""
+    if fstype(path) is None:
+        return
+    if (fstype(path) or "").startswith("fuse"):
+        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
+    if fstype(path) is not None:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def bpfdumpfs(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run the bpfdumpfs CLI of this checkout, as a user would."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    p = subprocess.run([sys.executable, "-m", "bpfdumpfs", *args], cwd=ROOT, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"bpfdumpfs {' '.join(args)} failed: {p.stderr}")
+    return p
+
+
+class Daemon:
+    """`bpfdumpfs mount MNT --state-dir STATE` in the foreground, as a child process."""
+
+    def __init__(self, mnt: Path, state: Path, *args: str, log: Path | None = None) -> None:
+        self.mnt, self.state, self.args = mnt, state, args
+        self.log = log or mnt.parent / f"{mnt.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> Daemon:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bpfdumpfs", "mount", str(self.mnt),
+             "--state-dir", str(self.state), *self.args],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while fstype(self.mnt) != "fuse.bpfdumpfs":
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.output()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"daemon did not mount in {timeout}s: {self.output()}")
+            time.sleep(0.02)
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> int | None:
+        """SIGTERM (the clean way); then make sure nothing is left mounted."""
+        code = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                code = self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        unmount(self.mnt)
+        return code
