@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -72,6 +73,7 @@ class Operations(pyfuse3.Operations):
         self.dirs: dict[int, _Dir] = {}
         self.pin_check: dict[int, str | None] = {}  # pin st_ino -> why it is hidden, or None
         self.read_limiter = trio.CapacityLimiter(1024)
+        self.mounted_ns = time.time_ns()
 
     # -- inodes --------------------------------------------------------------
     def _file_inode(self, target: str, name: str) -> int:
@@ -131,14 +133,14 @@ class Operations(pyfuse3.Operations):
         return None
 
     # -- attributes ---------------------------------------------------------------
-    @staticmethod
-    def _dir_attr(ino: int) -> pyfuse3.EntryAttributes:
+    def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.st_mode = DIR_MODE
         a.st_nlink = 2
         a.st_uid = a.st_gid = 0
         a.st_blksize = 4096
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mounted_ns
         a.entry_timeout = a.attr_timeout = 60  # the targets never change while the kernel runs
         return a
 
@@ -259,6 +261,37 @@ class Operations(pyfuse3.Operations):
         if h is not None:
             h.released = True
             h.close_if_idle()
+
+    async def unlink(self, parent_inode, name, ctx) -> None:
+        """rm MNT/TARGET/NAME: delete the pin (root only); open readers finish their read."""
+        target = self.ino_target.get(parent_inode)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if ctx.uid != 0:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        name = os.fsdecode(name)
+        self._pin_stat(target, name)
+        try:
+            self.state.remove(target, name)
+        except DumperError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        log.info("removed dumper %s/%s (uid %d, pid %d)", target, name, ctx.uid, ctx.pid)
+
+    # The tree is a view of the state directory: nothing is created through it.
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def statfs(self, ctx) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()

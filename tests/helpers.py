@@ -71,15 +71,18 @@ class Daemon:
         self.log = log or mnt.parent / f"{mnt.name}.log"
         self.proc: subprocess.Popen | None = None
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bpfdumpfs", "mount", str(self.mnt),
+                "--state-dir", str(self.state), *self.args]
+
     def start(self, timeout: float = 60) -> Daemon:
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bpfdumpfs", "mount", str(self.mnt),
-             "--state-dir", str(self.state), *self.args],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if fstype(self.mnt) is None:  # a dead mount left there is the daemon's to clear
+            self.mnt.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while fstype(self.mnt) != "fuse.bpfdumpfs":
+        while not self.serving():
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}: {self.output()}")
             if time.monotonic() > deadline:
@@ -87,6 +90,16 @@ class Daemon:
                 raise AssertionError(f"daemon did not mount in {timeout}s: {self.output()}")
             time.sleep(0.02)
         return self
+
+    def serving(self) -> bool:
+        """Mounted, and answered by a live daemon (a dead mount gives ENOTCONN)."""
+        if fstype(self.mnt) != "fuse.bpfdumpfs":
+            return False
+        try:
+            os.stat(self.mnt)
+        except OSError:
+            return False
+        return True
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

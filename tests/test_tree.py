@@ -1,0 +1,236 @@
+"""The mounted tree as users see it: listing, attributes, opens, pins from other tools."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bpfdumpfs import targets
+from bpfdumpfs.builtins import builtins
+from helpers import Daemon, fstype, mount_bpffs, unmount
+
+TASKS_OBJ = str(Path(__file__).resolve().parent.parent / "bpfdumpfs/builtins/tasks.bpf.o")
+
+
+def seq_fds(pid: int) -> int:
+    """How many bpf_iter seq_files process PID holds open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf_iter":
+                n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def bpftool_pin(obj: str, path: Path) -> None:
+    path.parent.mkdir(exist_ok=True)
+    subprocess.run(["bpftool", "iter", "pin", obj, str(path)], check=True, capture_output=True)
+
+
+def test_one_directory_per_kernel_target(tree):
+    listed = sorted(os.listdir(tree.mnt))
+    assert listed == sorted(targets.discover())
+    assert len(listed) >= 18 and {"task", "tcp", "ksym", "cgroup"} <= set(listed)
+    for t in listed:
+        st = os.stat(tree.mnt / t)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
+
+
+def test_every_builtin_is_a_file_with_the_pins_attributes(tree):
+    for b in builtins():
+        found = list(tree.mnt.glob(f"*/{b.name}"))
+        assert len(found) == 1, f"{b.name}: {found}"
+        f = found[0]
+        pin = tree.state / f.parent.name / f.name
+        st, pst = os.stat(f), os.stat(pin)
+        assert stat.S_ISREG(st.st_mode) and st.st_size == 0
+        assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(pst.st_mode) == b.mode
+        assert (st.st_uid, st.st_gid) == (pst.st_uid, pst.st_gid) == (0, 0)
+
+
+def test_file_reads_are_fresh_and_nonseekable(tree):
+    f = tree.mnt / "task" / "tasks"
+    with open(f, "rb") as a:
+        with pytest.raises(OSError) as e:
+            os.lseek(a.fileno(), 10, os.SEEK_SET)
+        assert e.value.errno == errno.ESPIPE
+        first = a.read()
+    # A new open is a new seq_file: our own pid is in it, and it is a whole dump.
+    again = f.read_bytes()
+    assert first.splitlines()[0] == again.splitlines()[0]
+    assert f"{os.getpid():>7}".encode() in again
+
+
+def test_concurrent_opens_are_independent(tree):
+    f = tree.mnt / "task" / "tasks"
+    a, b = open(f, "rb", buffering=0), open(f, "rb", buffering=0)
+    try:
+        head_a = a.read(100)
+        whole_b = b.read(1 << 20) + b.read(1 << 20)
+        rest_a = a.read(1 << 20)
+        assert head_a + rest_a and (head_a + rest_a).splitlines()[0] == whole_b.splitlines()[0]
+        assert whole_b.startswith(head_a[:40])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_writing_or_creating_is_refused(tree):
+    with pytest.raises(PermissionError):
+        open(tree.mnt / "task" / "tasks", "wb")
+    with pytest.raises(PermissionError):
+        open(tree.mnt / "task" / "new", "wb")
+    with pytest.raises(PermissionError):
+        os.mkdir(tree.mnt / "task" / "d")
+    with pytest.raises(PermissionError):
+        os.mkdir(tree.mnt / "newtarget")
+
+
+def test_pin_made_by_bpftool_appears_and_goes_at_once(tree):
+    pin = tree.state / "task" / "frombpftool"
+    bpftool_pin(TASKS_OBJ, pin)
+    try:
+        assert "frombpftool" in os.listdir(tree.mnt / "task")
+        assert (tree.mnt / "task" / "frombpftool").read_bytes().startswith(b"    PID")
+        # bpffs pins are 0600 & ~umask, and the tree shows the pin's mode
+        assert stat.S_IMODE(os.stat(tree.mnt / "task" / "frombpftool").st_mode) == \
+            stat.S_IMODE(os.stat(pin).st_mode)
+    finally:
+        pin.unlink()
+    assert "frombpftool" not in os.listdir(tree.mnt / "task")
+    assert not (tree.mnt / "task" / "frombpftool").exists()
+
+
+def test_entries_that_are_not_dumpers_are_hidden_and_logged_once(tree):
+    amap = tree.state / "task" / "notalink"
+    subprocess.run(["bpftool", "map", "create", str(amap), "type", "array", "key", "4",
+                    "value", "4", "entries", "1", "name", "notalink"], check=True)
+    wrong = tree.state / "ksym" / "wrongtarget"   # a task link pinned under ksym/
+    bpftool_pin(TASKS_OBJ, wrong)
+    try:
+        for _ in range(3):
+            assert "notalink" not in os.listdir(tree.mnt / "task")
+            assert "wrongtarget" not in os.listdir(tree.mnt / "ksym")
+            assert not (tree.mnt / "task" / "notalink").exists()
+        log = tree.output()
+        assert log.count(f"hiding {amap}: not an iterator link") == 1
+        assert log.count(f"hiding {wrong}: its target is task, not ksym") == 1
+        assert "tasks" in os.listdir(tree.mnt / "task")  # the rest of the tree is unharmed
+    finally:
+        amap.unlink()
+        wrong.unlink()
+
+
+def test_release_frees_the_kernel_fd_at_once(tree):
+    pid = tree.proc.pid
+    base = seq_fds(pid)
+    f = open(tree.mnt / "task" / "tasks", "rb", buffering=0)
+    f.read(10)
+    assert seq_fds(pid) == base + 1
+    f.close()
+    deadline = time.monotonic() + 2
+    while seq_fds(pid) != base and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seq_fds(pid) == base
+    # head stops reading early and exits: its seq_file goes too
+    out = subprocess.run(f"head -c 100 {tree.mnt}/task/tasks", shell=True,
+                         capture_output=True, check=True)
+    assert len(out.stdout) == 100
+    time.sleep(0.1)
+    assert seq_fds(pid) == base
+
+
+def test_statfs_works_for_df(tree):
+    out = subprocess.run(["df", str(tree.mnt)], capture_output=True, text=True)
+    assert out.returncode == 0 and "bpfdumpfs" in out.stdout
+
+
+# -- the daemon's life ------------------------------------------------------------
+
+@pytest.fixture
+def private(tmp_path):
+    """A fresh state dir and mount point for a daemon of the test's own."""
+    state = mount_bpffs(tmp_path / "state")
+    mnt = tmp_path / "mnt"
+    yield state, mnt
+    unmount(mnt)
+    unmount(state)
+
+
+def test_sigterm_and_sigint_unmount_cleanly(private):
+    state, mnt = private
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        d = Daemon(mnt, state).start()
+        assert (mnt / "task" / "tasks").exists()
+        d.proc.send_signal(sig)
+        assert d.proc.wait(timeout=30) == 0, d.output()
+        assert fstype(mnt) is None
+        assert "unmounted" in d.output()
+
+
+def test_no_builtins_pins_nothing(private):
+    state, mnt = private
+    d = Daemon(mnt, state, "--no-builtins").start()
+    try:
+        assert os.listdir(mnt / "task") == []
+        # a fresh bpffs holds only the kernel's preloaded maps.debug/progs.debug
+        assert {p.name for p in state.iterdir()} <= {"maps.debug", "progs.debug"}
+    finally:
+        d.stop()
+
+
+def test_kill_9_loses_nothing_and_the_dead_mount_is_cleared(private):
+    state, mnt = private
+    d = Daemon(mnt, state).start()
+    before = sorted(str(p.relative_to(mnt)) for p in mnt.glob("*/*"))
+    ino_before = {p: os.stat(state / p).st_ino for p in before}
+    reader = open(mnt / "task" / "tasks", "rb", buffering=0)
+    reader.read(10)
+    d.kill(signal.SIGKILL)
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt)
+    assert e.value.errno == errno.ENOTCONN
+    with pytest.raises(OSError):  # the reader's fd is dead with the mount
+        reader.close()
+    d2 = Daemon(mnt, state).start()
+    try:
+        assert "clearing the dead FUSE mount" in d2.output()
+        after = sorted(str(p.relative_to(mnt)) for p in mnt.glob("*/*"))
+        assert after == before
+        assert {p: os.stat(state / p).st_ino for p in after} == ino_before  # the same pins
+        assert (mnt / "task" / "tasks").read_bytes().startswith(b"    PID")
+    finally:
+        d2.stop()
+
+
+def test_a_live_mount_is_not_mounted_over(private):
+    state, mnt = private
+    d = Daemon(mnt, state).start()
+    try:
+        p = subprocess.run([*d.command(), "--no-builtins"], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 1
+        assert f"{mnt} is already a live FUSE mount" in p.stderr
+        assert "Traceback" not in p.stderr
+        assert (mnt / "task" / "tasks").exists()
+    finally:
+        d.stop()
+
+
+def test_state_dir_that_is_not_bpffs_is_refused(tmp_path):
+    mnt = tmp_path / "mnt"
+    p = subprocess.run([*Daemon(mnt, tmp_path).command()], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip() == (f"bpfdumpfs: state dir {tmp_path} is not on a bpffs: "
+                                f"Invalid argument (EINVAL); mount one there (mount -t bpf bpf "
+                                f"{tmp_path}) or choose another --state-dir")
+    assert fstype(mnt) is None
