@@ -23,7 +23,8 @@ def _state_dir_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_mount(args) -> int:
     opts = mount.MountOptions(mountpoint=args.mountpoint, state_dir=args.state_dir,
-                              builtins=not args.no_builtins, debug_fuse=args.debug_fuse)
+                              builtins=not args.no_builtins, debug_fuse=args.debug_fuse,
+                              log_file=args.log_file)
     if args.background:
         return mount.run_background(opts)
     mount.run(opts)
@@ -88,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                    help="do not pin the built-in dumpers at start")
     m.add_argument("--background", action="store_true",
                    help="fork, return once the tree is mounted, serve in the background")
+    m.add_argument("--log-file", metavar="FILE",
+                   help=f"append logs to FILE (with --background: default "
+                        f"{mount.DEFAULT_BACKGROUND_LOG}; otherwise stderr)")
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.set_defaults(func=cmd_mount)
 
@@ -115,8 +119,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    log_file = getattr(args, "log_file", None)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="bpfdumpfs: %(levelname)s: %(message)s", stream=sys.stderr)
+                        format="%(asctime)s bpfdumpfs: %(levelname)s: %(message)s"
+                        if log_file or getattr(args, "background", False)
+                        else "bpfdumpfs: %(levelname)s: %(message)s",
+                        filename=None if getattr(args, "background", False) else log_file)
     try:
         return args.func(args)
     except DumperError as e:

@@ -26,6 +26,7 @@ from .ops import Operations
 log = logging.getLogger(__name__)
 
 DEFAULT_MOUNTPOINT = "/run/bpfdump"
+DEFAULT_BACKGROUND_LOG = "/var/log/bpfdumpfs.log"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class MountOptions:
     state_dir: str = StateDir().path.as_posix()
     builtins: bool = True
     debug_fuse: bool = False
+    log_file: str | None = None  # --background: DEFAULT_BACKGROUND_LOG
 
 
 def pin_builtins(state: StateDir) -> list[str]:
@@ -135,7 +137,12 @@ def run(opts: MountOptions, ready=None) -> None:
 
 
 def run_background(opts: MountOptions) -> int:
-    """Fork a daemon and return once its tree is mounted (0) or it failed (1)."""
+    """Fork a daemon and return once its tree is mounted (0) or it failed (1).
+
+    The daemon's stdio is detached from the caller's terminal and pipes (so
+    `cmd | ...` and CI runs do not wait for it); it logs to opts.log_file.
+    """
+    log_file = opts.log_file or DEFAULT_BACKGROUND_LOG
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -143,20 +150,21 @@ def run_background(opts: MountOptions) -> int:
         with os.fdopen(r, "rb") as f:
             msg = f.read().decode()
         if msg.startswith("ready"):
-            print(f"bpfdumpfs: mounted {opts.mountpoint} (daemon pid {pid})")
+            print(f"bpfdumpfs: mounted {opts.mountpoint} (daemon pid {pid}, log {log_file})")
             return 0
-        sys.stderr.write(msg or "bpfdumpfs: the daemon exited before mounting\n")
+        sys.stderr.write(msg or f"bpfdumpfs: the daemon exited before mounting; see {log_file}\n")
         return 1
     os.close(r)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.dup2(logfd, 2)
 
     def ready() -> None:
         os.write(w, b"ready")
         os.close(w)
-        # from now on logs go wherever stderr was sent by the caller; stdout is closed
-        os.dup2(devnull, 1)
     code = 0
     try:
         run(opts, ready)

@@ -11,6 +11,7 @@ a slow dumper never stalls the event loop or other readers.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -28,6 +29,31 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
 DIR_MODE = stat.S_IFDIR | 0o755
+
+
+def _guarded(handler):
+    """Let only FUSEError out of a handler: anything else would escape pyfuse3.main()
+    and leave a dead mount ('Transport endpoint is not connected')."""
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            log.error("%s: %s", handler.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _guard_handlers(cls):
+    for name, fn in list(vars(cls).items()):
+        if name in vars(pyfuse3.Operations) and name != "init":
+            setattr(cls, name, _guarded(fn))
+    return cls
 
 
 @dataclass
@@ -53,6 +79,7 @@ class _Dir:
     entries: list[tuple[bytes, int]]   # (name, inode of a target dir | 0 for a dumper)
 
 
+@_guard_handlers
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False

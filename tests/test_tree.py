@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from bpfdumpfs import targets
 from bpfdumpfs.builtins import builtins
-from helpers import Daemon, fstype, mount_bpffs, unmount
+from helpers import ROOT, Daemon, fstype, mount_bpffs, unmount
 
 TASKS_OBJ = str(Path(__file__).resolve().parent.parent / "bpfdumpfs/builtins/tasks.bpf.o")
 
@@ -234,3 +235,27 @@ def test_state_dir_that_is_not_bpffs_is_refused(tmp_path):
                                 f"Invalid argument (EINVAL); mount one there (mount -t bpf bpf "
                                 f"{tmp_path}) or choose another --state-dir")
     assert fstype(mnt) is None
+
+
+def test_defaults_mount_bpffs_and_run_bpfdump_in_the_background(tmp_path):
+    """The README's first command, in a private mount namespace so the host is untouched:
+    no bpffs at /sys/fs/bpf, default state dir and mount point, --background."""
+    log = tmp_path / "daemon.log"
+    script = f"""
+set -e
+umount -l /sys/fs/bpf 2>/dev/null || true
+{sys.executable} -m bpfdumpfs mount --background --log-file {log}
+stat -f -c %T /sys/fs/bpf
+sed -n 1p /run/bpfdump/task/tasks
+ls /sys/fs/bpf/bpfdumpfs/task
+fusermount3 -u /run/bpfdump
+"""
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr + log.read_text()
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("bpfdumpfs: mounted /run/bpfdump (daemon pid ")
+    assert lines[1] == "bpf_fs"
+    assert lines[2].split() == ["PID", "TGID", "PPID", "S", "UID", "COMM"]
+    assert lines[3] == "tasks"
+    assert "serving /run/bpfdump from /sys/fs/bpf/bpfdumpfs" in log.read_text()
