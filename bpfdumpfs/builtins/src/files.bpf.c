@@ -1,0 +1,135 @@
+/* task_file/files: every open file descriptor of every process.
+ *
+ * Format: one header line, then one line per (process, fd):
+ *     PID      FD KIND   PATH
+ *   "%7d %7u %-6s " PATH "\n"
+ * PID  = tgid (global); only thread-group leaders are printed, so a file
+ *        table shared by the threads of a process appears once.
+ * KIND = file dir lnk chr blk fifo pipe socket anon (from f_inode->i_mode;
+ *        "pipe" is a pipefs FIFO, "anon" an anon_inode or pidfs file).
+ * PATH = bpf_d_path(&file->f_path): the same text as readlink /proc/PID/fd/FD
+ *        ("/etc/passwd", "pipe:[123]", "socket:[456]", "anon_inode:[eventfd]",
+ *        "/tmp/x (deleted)"). If d_path fails, the dentry name, or "-".
+ *        A newline inside a path is printed as '?' to keep one line per fd
+ *        (readlink shows it raw).
+ */
+#include "common.h"
+
+#define S_IFMT   00170000
+#define S_IFSOCK 0140000
+#define S_IFLNK  0120000
+#define S_IFREG  0100000
+#define S_IFBLK  0060000
+#define S_IFDIR  0040000
+#define S_IFCHR  0020000
+#define S_IFIFO  0010000
+
+#define ANON_INODE_FS_MAGIC 0x09041934
+#define PIPEFS_MAGIC        0x50495045
+#define PID_FS_MAGIC        0x50494446
+
+#define PATH_BUF 4096	/* PATH_MAX */
+#define SMALL_BUF 256	/* on-stack fallback when the per-CPU buffer is busy */
+
+/* Per-CPU scratch buffer. Iterator programs run with migration disabled but
+ * may be preempted, so a second reader on the same CPU can run this program
+ * while the first is in the middle of using the buffer: "busy" is a try-lock
+ * built from atomic adds only (the owner is whoever sees the count at 1). */
+struct scratch {
+	__u32 busy;
+	char buf[PATH_BUF];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch_map SEC(".maps");
+
+static __always_inline const char *kind_of(struct inode *inode)
+{
+	unsigned int mode = BPF_CORE_READ(inode, i_mode);
+	unsigned long magic = BPF_CORE_READ(inode, i_sb, s_magic);
+
+	if (magic == ANON_INODE_FS_MAGIC || magic == PID_FS_MAGIC)
+		return "anon";
+	switch (mode & S_IFMT) {
+	case S_IFREG:  return "file";
+	case S_IFDIR:  return "dir";
+	case S_IFLNK:  return "lnk";
+	case S_IFCHR:  return "chr";
+	case S_IFBLK:  return "blk";
+	case S_IFSOCK: return "socket";
+	case S_IFIFO:  return magic == PIPEFS_MAGIC ? "pipe" : "fifo";
+	}
+	return "anon";	/* no file type: an anonymous inode */
+}
+
+/* Writes buf[0..n-1) (n counts the NUL, as bpf_d_path returns it) and a
+ * newline. The path goes through bpf_seq_write, not "%s": bpf_seq_printf
+ * truncates string arguments to 512 bytes in all. A newline inside the path
+ * becomes '?' so the dump stays one line per fd. */
+static __always_inline void put_path(struct seq_file *seq, char *buf, long n, long cap)
+{
+	if (n > 1 && n <= cap) {
+		for (long i = 0; i < n - 1 && i < cap; i++)
+			if (buf[i] == '\n')
+				buf[i] = '?';
+		bpf_seq_write(seq, buf, n - 1);
+	} else {
+		bpf_seq_write(seq, "-", 1);
+	}
+	bpf_seq_write(seq, "\n", 1);
+}
+
+SEC("iter/task_file")
+int dump_files(struct bpf_iter__task_file *ctx)
+{
+	struct seq_file *seq = ctx->meta->seq;
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	char small[SMALL_BUF];
+	struct scratch *s;
+	const char *kind;
+	__u32 zero = 0;
+	__u32 fd = ctx->fd;
+	int pid;
+	long n;
+
+	if (!task || !file)
+		return 0;	/* the end-of-iteration call (same seq_num as the last object) */
+	/* the header goes with the first object, before the thread filter below */
+	if (ctx->meta->seq_num == 0)
+		BPF_SEQ_PRINTF(seq, "    PID      FD KIND   PATH\n");
+	pid = BPF_CORE_READ(task, tgid);
+	if (BPF_CORE_READ(task, pid) != pid)
+		return 0;
+
+	kind = kind_of(BPF_CORE_READ(file, f_inode));
+
+	BPF_SEQ_PRINTF(seq, "%7d %7u %-6s ", pid, fd, kind);
+
+	s = bpf_map_lookup_elem(&scratch_map, &zero);
+	if (s) {
+		__sync_fetch_and_add(&s->busy, 1);
+		if (s->busy == 1) {
+			n = bpf_d_path((struct path *)&file->f_path, s->buf, sizeof(s->buf));
+			if (n > 0)
+				put_path(seq, s->buf, n, PATH_BUF);
+			__sync_fetch_and_add(&s->busy, -1);
+			if (n > 0)
+				return 0;
+		} else {
+			__sync_fetch_and_add(&s->busy, -1);
+		}
+	}
+
+	/* the per-CPU buffer is in use (or d_path failed): try on the stack */
+	n = bpf_d_path((struct path *)&file->f_path, small, sizeof(small));
+	if (n <= 0)	/* too long for it, or not allowed: the dentry name */
+		n = bpf_probe_read_kernel_str(small, sizeof(small),
+					      BPF_CORE_READ(file, f_path.dentry, d_name.name));
+	put_path(seq, small, n, SMALL_BUF);
+	return 0;
+}

@@ -1,0 +1,172 @@
+/* task_vma/vmas: /proc/PID/maps of every process, prefixed with the PID.
+ *
+ * Format: no header; one line per mapping, processes in pid order:
+ *   PID start-end perms offset major:minor inode[ path]
+ *   "%d %08lx-%08lx %c%c%c%c %08llx %02x:%02x %lu" [" " path] "\n"
+ * Columns 2-7 are those of /proc/PID/maps (single-space separated, no padding
+ * before the path). PID is the global tgid; only thread-group leaders are
+ * printed. The path is:
+ *  - file mappings: bpf_d_path of the file ("/usr/lib/x.so", "/x (deleted)");
+ *    a newline in a path is printed as '?' (/proc prints "\012"); if d_path
+ *    fails, the file name, or "-";
+ *  - special mappings ([vdso], [vvar], ...): the vm_special_mapping name;
+ *  - [heap], [stack] and [anon:NAME]/[anon_shmem:NAME] as in fs/proc/task_mmu.c;
+ *  - otherwise nothing (the line ends after the inode).
+ * Not shown (unlike /proc/PID/maps): the [vsyscall] gate area, which is not a
+ * VMA of the process, and kernel threads (no mm).
+ * Differs from /proc: for files mmapped through overlayfs (a "backing file"),
+ * /proc shows the overlay path, dev and inode (file_user_path/file_user_inode);
+ * here they are those of the underlying layer's file, because bpf_d_path only
+ * accepts the trusted vm_file->f_path.
+ */
+#include "common.h"
+
+#define VM_READ     0x1
+#define VM_WRITE    0x2
+#define VM_EXEC     0x4
+#define VM_MAYSHARE 0x80
+#define PAGE_SHIFT  12		/* x86 */
+#define MINORBITS   20
+
+#define PATH_BUF  4096
+#define SMALL_BUF 200
+
+/* Present only with CONFIG_ANON_VMA_NAME. */
+struct vm_area_struct___named {
+	struct anon_vma_name *anon_name;
+} __attribute__((preserve_access_index));
+
+/* Per-CPU scratch buffer with an atomic-add try-lock (see files.bpf.c). */
+struct scratch {
+	__u32 busy;
+	char buf[PATH_BUF];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch_map SEC(".maps");
+
+/* Writes " " + buf[0..n-1) + "\n" (n counts the NUL). Through bpf_seq_write,
+ * as bpf_seq_printf truncates string arguments to 512 bytes in all; a newline
+ * in the path becomes '?' (/proc/PID/maps shows "\012"). */
+static __always_inline void put_path(struct seq_file *seq, char *buf, long n, long cap)
+{
+	bpf_seq_write(seq, " ", 1);
+	if (n > 1 && n <= cap) {
+		for (long i = 0; i < n - 1 && i < cap; i++)
+			if (buf[i] == '\n')
+				buf[i] = '?';
+		bpf_seq_write(seq, buf, n - 1);
+	} else {
+		bpf_seq_write(seq, "-", 1);
+	}
+	bpf_seq_write(seq, "\n", 1);
+}
+
+#define VMA_FMT "%d %08lx-%08lx %c%c%c%c %08llx %02x:%02x %lu"
+#define VMA_ARGS pid, start, end, \
+	flags & VM_READ ? 'r' : '-', flags & VM_WRITE ? 'w' : '-', \
+	flags & VM_EXEC ? 'x' : '-', flags & VM_MAYSHARE ? 's' : 'p', \
+	pgoff, dev >> MINORBITS, dev & ((1U << MINORBITS) - 1), ino
+
+SEC("iter/task_vma")
+int dump_vmas(struct bpf_iter__task_vma *ctx)
+{
+	struct seq_file *seq = ctx->meta->seq;
+	struct task_struct *task = ctx->task;
+	struct vm_area_struct *vma = ctx->vma;
+	struct anon_vma_name *anon_name = NULL;
+	unsigned long start, end, flags, ino = 0;
+	unsigned long long pgoff = 0;
+	unsigned int dev = 0;
+	struct file *file;
+	struct path *path = NULL;
+	struct mm_struct *mm;
+	char small[SMALL_BUF];
+	struct scratch *s;
+	__u32 zero = 0;
+	long n;
+	int pid;
+
+	if (!task || !vma)
+		return 0;
+	pid = BPF_CORE_READ(task, tgid);
+	if (BPF_CORE_READ(task, pid) != pid)
+		return 0;
+
+	start = BPF_CORE_READ(vma, vm_start);
+	end = BPF_CORE_READ(vma, vm_end);
+	flags = BPF_CORE_READ(vma, vm_flags);
+	mm = BPF_CORE_READ(vma, vm_mm);
+	if (bpf_core_field_exists(((struct vm_area_struct___named *)vma)->anon_name))
+		anon_name = BPF_CORE_READ((struct vm_area_struct___named *)vma, anon_name);
+
+	file = vma->vm_file;	/* a BTF pointer: bpf_d_path needs it */
+	if (file) {
+		struct inode *inode;
+
+		path = (struct path *)&file->f_path;
+		inode = BPF_CORE_READ(file, f_inode);
+		dev = BPF_CORE_READ(inode, i_sb, s_dev);
+		ino = BPF_CORE_READ(inode, i_ino);
+		pgoff = (unsigned long long)BPF_CORE_READ(vma, vm_pgoff) << PAGE_SHIFT;
+
+		if (anon_name) {
+			BPF_SEQ_PRINTF(seq, VMA_FMT " [anon_shmem:%s]\n", VMA_ARGS, anon_name->name);
+			return 0;
+		}
+
+		BPF_SEQ_PRINTF(seq, VMA_FMT, VMA_ARGS);
+		s = bpf_map_lookup_elem(&scratch_map, &zero);
+		if (s) {
+			__sync_fetch_and_add(&s->busy, 1);
+			if (s->busy == 1) {
+				n = bpf_d_path(path, s->buf, sizeof(s->buf));
+				if (n > 0)
+					put_path(seq, s->buf, n, PATH_BUF);
+				__sync_fetch_and_add(&s->busy, -1);
+				if (n > 0)
+					return 0;
+			} else {
+				__sync_fetch_and_add(&s->busy, -1);
+			}
+		}
+		/* the per-CPU buffer is in use (or d_path failed): on the stack */
+		n = bpf_d_path(path, small, sizeof(small));
+		if (n <= 0)	/* too long for it: the file name */
+			n = bpf_probe_read_kernel_str(small, sizeof(small),
+						      BPF_CORE_READ(file, f_path.dentry, d_name.name));
+		put_path(seq, small, n, SMALL_BUF);
+		return 0;
+	}
+
+	/* Special mappings ([vdso], [vvar], [uprobes], ...): the only vm_ops with
+	 * a ->name are special_mapping_vmops, whose private data is the
+	 * struct vm_special_mapping. */
+	if (BPF_CORE_READ(vma, vm_ops, name)) {
+		struct vm_special_mapping *sm = BPF_CORE_READ(vma, vm_private_data);
+		const char *name = BPF_CORE_READ(sm, name);
+
+		if (name) {
+			BPF_SEQ_PRINTF(seq, VMA_FMT " %s\n", VMA_ARGS, name);
+			return 0;
+		}
+	}
+	if (mm && start < BPF_CORE_READ(mm, brk) && end > BPF_CORE_READ(mm, start_brk)) {
+		BPF_SEQ_PRINTF(seq, VMA_FMT " [heap]\n", VMA_ARGS);
+		return 0;
+	}
+	if (mm && start <= BPF_CORE_READ(mm, start_stack) && end >= BPF_CORE_READ(mm, start_stack)) {
+		BPF_SEQ_PRINTF(seq, VMA_FMT " [stack]\n", VMA_ARGS);
+		return 0;
+	}
+	if (anon_name) {
+		BPF_SEQ_PRINTF(seq, VMA_FMT " [anon:%s]\n", VMA_ARGS, anon_name->name);
+		return 0;
+	}
+	BPF_SEQ_PRINTF(seq, VMA_FMT "\n", VMA_ARGS);
+	return 0;
+}
