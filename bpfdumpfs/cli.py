@@ -1,18 +1,22 @@
-"""The `bpfdumpfs` command."""
+"""The `bpfdumpfs` command: mount the tree, manage dumpers, run one anonymously."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import asdict
 
-from . import mount, targets
-from .dumpers import DEFAULT_STATE_DIR, DumperError, StateDir
+from . import config, mount, targets
+from .dumpers import DEFAULT_STATE_DIR, VIEWS, Dumper, DumperError, Params, Spec, StateDir
 
 log = logging.getLogger("bpfdumpfs")
 
+
+# -- shared arguments -------------------------------------------------------------
 
 def _state_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR",
@@ -21,25 +25,97 @@ def _state_dir_arg(p: argparse.ArgumentParser) -> None:
                         "(env BPFDUMPFS_STATE_DIR; default %(default)s)")
 
 
+def _program_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("object", metavar="OBJECT",
+                   help="compiled BPF object (.bpf.o) or source (.bpf.c, compiled with clang)")
+    p.add_argument("--prog", metavar="PROG", help="the iter program to use, if OBJECT has several")
+    g = p.add_argument_group("target parameters (see `bpfdumpfs targets`)")
+    g.add_argument("--map", metavar="ID|PINNED_PATH", help="map of bpf_map_elem, "
+                   "bpf_sk_storage_map and sockmap dumpers")
+    g.add_argument("--cgroup", metavar="PATH|ID", help="cgroup to start from (default: root)")
+    g.add_argument("--order", choices=["pre", "post", "self", "ancestors", "children"],
+                   help="cgroup walk order (required for cgroup dumpers)")
+    g.add_argument("--tid", type=int, metavar="N", help="only this thread (task targets)")
+    g.add_argument("--pid", type=int, metavar="N", help="only this process (task targets)")
+    p.add_argument("--view", choices=VIEWS, default="reader",
+                   help="whose namespaces a read sees: the reader's (default) or the daemon's")
+
+
+def _access_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", type=_mode, metavar="MODE",
+                   help="file mode in octal (default 0400: root only; kept on --replace)")
+    p.add_argument("--owner", metavar="USER", help="owner (default root; kept on --replace)")
+    p.add_argument("--group", metavar="GROUP", help="group (default root; kept on --replace)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a dumper of that name (same target and parameters: the "
+                        "program is swapped atomically, the link stays)")
+
+
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0440") from None
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode")
+    return mode
+
+
+def _params(args) -> Params:
+    return Params(map=args.map, cgroup=args.cgroup, order=args.order, tid=args.tid, pid=args.pid)
+
+
+def _split(dumper: str) -> tuple[str, str]:
+    target, sep, name = dumper.partition("/")
+    if not sep or not target or not name:
+        raise DumperError(errno.EINVAL, f"{dumper!r} does not name a dumper",
+                          "write TARGET/NAME, e.g. task/tasks (see `bpfdumpfs ls`)")
+    return target, name
+
+
+def _shown_path(state: StateDir, target: str, name: str) -> str:
+    """Where users find the dumper: its file in a mounted tree, else its pin."""
+    for mnt in mount.mounts_of(state.path):
+        return os.path.join(mnt, target, name)
+    return str(state.pin_path(target, name))
+
+
+# -- commands ---------------------------------------------------------------------------
+
 def cmd_mount(args) -> int:
     opts = mount.MountOptions(mountpoint=args.mountpoint, state_dir=args.state_dir,
-                              builtins=not args.no_builtins, debug_fuse=args.debug_fuse,
-                              log_file=args.log_file)
+                              config_dir=args.config_dir, builtins=not args.no_builtins,
+                              debug_fuse=args.debug_fuse, log_file=args.log_file)
     if args.background:
         return mount.run_background(opts)
     mount.run(opts)
     return 0
 
 
-def cmd_targets(args) -> int:
-    found = targets.running_kernel()
-    if args.json:
-        print(json.dumps([{"name": t.name, "params": [asdict(p) for p in t.params]}
-                          for t in found.values()], indent=2))
-        return 0
-    for t in found.values():
-        params = "; ".join(("" if p.required else "optional ") + p.help for p in t.params)
-        print(f"{t.name:20} {params or '-'}")
+def cmd_add(args) -> int:
+    state = StateDir(args.state_dir).check()
+    spec = Spec(args.name, args.object, args.prog, _params(args), args.mode, args.owner,
+                args.group, args.view)
+    path, done = state.add(spec, replace=args.replace, origin="cli", object=args.object)
+    target = path.parent.name
+    if done != "added":
+        print(f"bpfdumpfs: {done} {target}/{args.name}", file=sys.stderr)
+    print(_shown_path(state, target, args.name))
+    return 0
+
+
+def cmd_pin(args) -> int:
+    state = StateDir(args.state_dir).check()
+    path = state.adopt(args.name, args.link, args.mode, args.owner, args.group, args.replace,
+                       args.view)
+    print(_shown_path(state, path.parent.name, args.name))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    state = StateDir(args.state_dir).check()
+    for d in args.dumpers:
+        state.remove(*_split(d))
     return 0
 
 
@@ -56,14 +132,13 @@ def cmd_ls(args) -> int:
         return 0
     for r in rows:
         params = " ".join(f"{k}={v}" for k, v in r.params().items())
-        print(f"{r.target}/{r.name:24} link {r.link_id:<5} prog {r.prog_id:<5} "
-              f"{r.prog_name:16} {r.mode} {r.owner}:{r.group} {params}".rstrip())
+        print(f"{r.target + '/' + r.name:32} link {r.link_id:<5} prog {r.prog_id:<5} "
+              f"{r.prog_name:16} {r.mode} {r.owner}:{r.group} {r.view} {params}".rstrip())
     return 0
 
 
 def cmd_info(args) -> int:
-    target, _, name = args.dumper.partition("/")
-    info = StateDir(args.state_dir).check().info(target, name)
+    info = StateDir(args.state_dir).check().info(*_split(args.dumper))
     if args.json:
         print(json.dumps(asdict(info), indent=2))
         return 0
@@ -73,18 +148,59 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_targets(args) -> int:
+    found = targets.running_kernel()
+    if args.json:
+        print(json.dumps([{"name": t.name, "params": [asdict(p) for p in t.params]}
+                          for t in found.values()], indent=2))
+        return 0
+    for t in found.values():
+        params = "; ".join(("" if p.required else "optional ") + p.help for p in t.params)
+        print(f"{t.name:20} {params or '-'}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    config.check_dir(args.config_dir)
+    report = config.apply(args.config_dir, StateDir(args.state_dir).check())
+    for line in report.applied:
+        print(line)
+    for line in report.errors:
+        print(f"bpfdumpfs: {line}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_run(args) -> int:
+    if args.pin:
+        args.name = args.pin
+        return cmd_add(args)
+    # SIGTERM ends the run like Ctrl-C: the link and program die with this process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    out = sys.stdout.buffer
+    with Dumper.load(args.object, args.prog, _params(args)) as d, d.open() as stream:
+        while chunk := stream.raw.fill(64 * 1024):
+            out.write(chunk)
+        out.flush()
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bpfdumpfs",
-                                description="BPF iterator dumpers as a filesystem.")
+    p = argparse.ArgumentParser(
+        prog="bpfdumpfs", description="BPF iterator dumpers as files. Dumpers are iter links "
+        "pinned at STATE_DIR/TARGET/NAME; the mounted tree shows each as MOUNT/TARGET/NAME.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount the dumper tree and serve it (foreground)",
-                       description="Mount the dumper tree at MOUNTPOINT and serve it until "
-                                   "SIGINT or SIGTERM, then unmount.")
+    m = sub.add_parser("mount", help="mount the dumper tree and serve it",
+                       description="Mount the dumper tree at MOUNTPOINT and serve it in the "
+                       "foreground until SIGINT or SIGTERM, then unmount. SIGHUP re-applies "
+                       "the config directory.")
     m.add_argument("mountpoint", nargs="?", default=mount.DEFAULT_MOUNTPOINT,
                    help="where to mount (default %(default)s)")
     _state_dir_arg(m)
+    _config_dir_arg(m)
     m.add_argument("--no-builtins", action="store_true",
                    help="do not pin the built-in dumpers at start")
     m.add_argument("--background", action="store_true",
@@ -95,43 +211,100 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.set_defaults(func=cmd_mount)
 
-    t = sub.add_parser("targets", help="the iterator targets of the running kernel",
-                       description="List this kernel's iterator targets (from its BTF) and "
-                                   "the parameters each takes.")
-    t.add_argument("--json", action="store_true", help="machine-readable output")
-    t.set_defaults(func=cmd_targets)
+    a = sub.add_parser("add", help="load a program and pin it as a dumper",
+                       description="Load OBJECT's iter program, create its link and pin it as "
+                       "TARGET/NAME (TARGET from the program's SEC(\"iter/TARGET\")). Prints "
+                       "the dumper's path in the mounted tree.")
+    a.add_argument("name", metavar="NAME", help="the dumper's file name")
+    _program_args(a)
+    _access_args(a)
+    _state_dir_arg(a)
+    a.set_defaults(func=cmd_add)
 
-    ls = sub.add_parser("ls", help="list the pinned dumpers",
-                        description="List every dumper pinned in the state directory.")
+    pn = sub.add_parser("pin", help="adopt an existing iter link as a dumper",
+                        description="Pin an existing iter link, given by link id or by its "
+                        "bpffs path, as TARGET/NAME.")
+    pn.add_argument("name", metavar="NAME")
+    pn.add_argument("link", metavar="LINK", help="link id (bpftool link show) or pinned path")
+    _access_args(pn)
+    pn.add_argument("--view", choices=VIEWS, default="reader")
+    _state_dir_arg(pn)
+    pn.set_defaults(func=cmd_pin)
+
+    r = sub.add_parser("rm", help="remove dumpers",
+                       description="Delete the pins; a link dies once no reader holds it, and "
+                       "readers mid-read finish their read.")
+    r.add_argument("dumpers", nargs="+", metavar="TARGET/NAME")
+    _state_dir_arg(r)
+    r.set_defaults(func=cmd_rm)
+
+    ls = sub.add_parser("ls", help="list the dumpers",
+                        description="List every dumper in the state directory: target/name, "
+                        "link and prog ids, program name, access, view, parameters.")
     _state_dir_arg(ls)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 
     i = sub.add_parser("info", help="show one dumper",
-                       description="Show a dumper's target, link, program, parameters "
-                                   "and access.")
+                       description="Show a dumper's target, link, program (name, tag), "
+                       "parameters, access, view and origin.")
     i.add_argument("dumper", metavar="TARGET/NAME")
     _state_dir_arg(i)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("targets", help="the iterator targets of the running kernel",
+                       description="List this kernel's iterator targets (from its BTF) and "
+                       "the parameters each takes.")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.set_defaults(func=cmd_targets)
+
+    ap = sub.add_parser("apply", help="apply the config directory without a daemon",
+                        description="Make the state directory match the TOML files of the "
+                        "config directory: add what is missing, replace what changed, remove "
+                        "only what config made and no longer declares.")
+    _config_dir_arg(ap)
+    _state_dir_arg(ap)
+    ap.set_defaults(func=cmd_apply)
+
+    rn = sub.add_parser("run", help="run a dumper once, anonymously, to stdout",
+                        description="Load OBJECT, create its link without pinning it, stream "
+                        "one seq_file to stdout and exit. Nothing is left behind.")
+    _program_args(rn)
+    rn.add_argument("--pin", metavar="NAME", help="pin the dumper as NAME instead (like add)")
+    _access_args(rn)
+    _state_dir_arg(rn)
+    rn.set_defaults(func=cmd_run)
     return p
+
+
+def _config_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-dir", metavar="DIR",
+                   default=os.environ.get("BPFDUMPFS_CONFIG_DIR", config.DEFAULT_CONFIG_DIR),
+                   help="directory of *.toml dumper declarations (env BPFDUMPFS_CONFIG_DIR; "
+                        "default %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    background = getattr(args, "background", False)
     log_file = getattr(args, "log_file", None)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s bpfdumpfs: %(levelname)s: %(message)s"
-                        if log_file or getattr(args, "background", False)
-                        else "bpfdumpfs: %(levelname)s: %(message)s",
-                        filename=None if getattr(args, "background", False) else log_file)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=("%(asctime)s " if log_file or background else "")
+        + "bpfdumpfs: %(levelname)s: %(message)s",
+        filename=None if background else log_file)
     try:
         return args.func(args)
     except DumperError as e:
         print(f"bpfdumpfs: {e}", file=sys.stderr)
         if e.log:
-            print(f"verifier log:\n{e.log}", file=sys.stderr)
+            print(e.log, file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`bpfdumpfs ls | head`): end quietly, as ls does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
 

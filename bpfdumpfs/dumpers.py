@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import grp
 import io
+import json
 import os
 import pwd
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import kernel, targets
+from .compile import object_file
 from .errors import DumperError
 
 DEFAULT_STATE_DIR = "/sys/fs/bpf/bpfdumpfs"
@@ -202,10 +204,16 @@ class DumperInfo:
     mode: str | None = None
     owner: str | None = None
     group: str | None = None
+    view: str | None = None
+    origin: str | None = None
 
     def params(self) -> dict[str, int | str]:
         keys = ("map_id", "cgroup_id", "cgroup_order", "tid", "pid")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+def _params_of(li: kernel.LinkInfo) -> tuple:
+    return (li.map_id, li.cgroup_id, li.cgroup_order, li.tid, li.pid)
 
 
 def _order_name(order: int) -> str | None:
@@ -253,8 +261,13 @@ class Dumper:
     @classmethod
     def load(cls, obj: str | os.PathLike, prog: str | None = None,
              params: Params = Params()) -> Dumper:
-        """Load PROG of the BPF object OBJ and make an anonymous dumper of it."""
-        obj = str(obj)
+        """Load PROG of OBJ (a BPF object, or a .bpf.c source compiled first) and make
+        an anonymous dumper of it: it lives until closed or garbage-collected."""
+        with object_file(obj) as path:
+            return cls._load(path, prog, params)
+
+    @classmethod
+    def _load(cls, obj: str, prog: str | None, params: Params) -> Dumper:
         spec = choose_program(obj, prog)
         target = _target(spec.iter_target)
         info, fds = iter_params(target, params)
@@ -327,19 +340,19 @@ class Dumper:
             cgroup_order=_order_name(li.cgroup_order) if li.target_name == "cgroup" else None,
             tid=li.tid or None, pid=li.pid or None)
 
-    def replace_program(self, obj: str | os.PathLike, prog: str | None = None) -> None:
-        """Swap the link's program atomically (LINK_UPDATE): open streams keep the old one."""
-        spec = choose_program(str(obj), prog)
-        current = self.link_info().target_name
-        if spec.iter_target != current:
-            raise DumperError(errno.EINVAL, f"program {spec.name!r} is for target "
-                              f"{spec.iter_target}, dumper {self.label} is {current}",
+    def replace_program(self, other: Dumper) -> None:
+        """Give this link the program of OTHER (same target), atomically (LINK_UPDATE):
+        streams opened before keep the old program, later opens run the new one."""
+        mine, theirs = self.link_info(), other.link_info()
+        if mine.target_name != theirs.target_name:
+            raise DumperError(errno.EINVAL, f"dumper {other.label} is for target "
+                              f"{theirs.target_name}, {self.label} is {mine.target_name}",
                               "replace it with a program of the same target")
-        loaded = kernel.load_program(str(obj), spec.name)
+        prog_fd = kernel.prog_get_fd_by_id(theirs.prog_id)
         try:
-            kernel.link_update(self.fd, loaded.fd, f"replacing the program of {self.label}")
+            kernel.link_update(self.fd, prog_fd, f"replacing the program of {self.label}")
         finally:
-            os.close(loaded.fd)
+            os.close(prog_fd)
 
     def pin(self, state: StateDir, name: str, **kwargs) -> Path:
         """Pin under STATE as TARGET/NAME; see StateDir.pin."""
@@ -389,11 +402,102 @@ def _gid(group: str | int | None) -> int:
                           "give an existing group name or a numeric gid") from None
 
 
+VIEWS = ("reader", "daemon")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A dumper as `bpfdumpfs add` and config files declare it."""
+    name: str
+    object: str                       # a BPF object, or a .bpf.c source
+    prog: str | None = None
+    params: Params = Params()
+    mode: int | None = None           # None: 0400 for a new dumper, kept on --replace
+    owner: str | int | None = None    # None: root for a new dumper, kept on --replace
+    group: str | int | None = None
+    view: str = "reader"
+
+    def check(self) -> Spec:
+        """Everything that can be checked without the kernel; raises DumperError."""
+        check_name(self.name)
+        if self.mode is not None and not 0 <= self.mode <= 0o7777:
+            raise DumperError(errno.EINVAL, f"mode {self.mode:o} is not a file mode",
+                              "give an octal mode such as 0440")
+        if self.view not in VIEWS:
+            raise DumperError(errno.EINVAL, f"view {self.view!r} is unknown",
+                              "use --view reader or --view daemon")
+        _uid(self.owner), _gid(self.group)
+        return self
+
+
+class Meta:
+    """What bpfdumpfs records beside each pin that the link itself does not carry
+    (where it came from, its view): a hash map pinned in the state directory, so
+    the record lives and dies with the pins and survives any daemon crash. A
+    record names the link id it describes; a pin replaced by another tool makes
+    its record stale, and stale records are ignored."""
+    PIN = "bpfdumpfs_meta"
+    KEY_SIZE, VALUE_SIZE, MAX_ENTRIES = 128, 2048, 1 << 16
+
+    def __init__(self, state_path: Path) -> None:
+        self.path = state_path / self.PIN
+        self._fd: int | None = None
+
+    def _map(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = kernel.obj_get(str(self.path))
+            except DumperError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                fd = kernel.map_create(kernel.BPF_MAP_TYPE_HASH, self.KEY_SIZE, self.VALUE_SIZE,
+                                       self.MAX_ENTRIES, kernel.BPF_F_NO_PREALLOC, "bpfdumpfs_meta")
+                try:
+                    kernel.obj_pin(fd, str(self.path))
+                    self._fd = fd
+                except DumperError as e:  # another process pinned it first
+                    os.close(fd)
+                    if e.errno != errno.EEXIST:
+                        raise
+                    self._fd = kernel.obj_get(str(self.path))
+        return self._fd
+
+    @classmethod
+    def _key(cls, target: str, name: str) -> bytes:
+        return f"{target}/{name}".encode().ljust(cls.KEY_SIZE, b"\0")
+
+    def get(self, target: str, name: str, link_id: int) -> dict:
+        if not self.path.exists():
+            return {}
+        raw = kernel.map_lookup(self._map(), self._key(target, name), self.VALUE_SIZE)
+        if raw is None:
+            return {}
+        record = json.loads(raw.rstrip(b"\0"))
+        return record if record.get("link_id") == link_id else {}
+
+    def set(self, target: str, name: str, link_id: int, **fields) -> None:
+        value = json.dumps({"link_id": link_id, **fields}).encode()
+        if len(value) > self.VALUE_SIZE:
+            raise DumperError(errno.ENAMETOOLONG, f"metadata of dumper {target}/{name}",
+                              "use a shorter object path")
+        kernel.map_update(self._map(), self._key(target, name), value.ljust(self.VALUE_SIZE, b"\0"))
+
+    def delete(self, target: str, name: str) -> None:
+        if self.path.exists():
+            kernel.map_delete(self._map(), self._key(target, name))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class StateDir:
     """STATE/TARGET/NAME pins of iter links in a bpffs."""
 
     def __init__(self, path: str | os.PathLike = DEFAULT_STATE_DIR) -> None:
         self.path = Path(path)
+        self.meta = Meta(self.path)
 
     def check(self) -> StateDir:
         """Raise unless the state directory exists on a bpffs."""
@@ -454,10 +558,13 @@ class StateDir:
         with self.get(target, name) as d:
             info = d.info()
         st = os.stat(self.pin_path(target, name))
+        meta = self.meta.get(target, name, info.link_id)
         return DumperInfo(**{**asdict(info), "name": name,
                              "path": str(self.pin_path(target, name)),
                              "mode": f"{stat.S_IMODE(st.st_mode):04o}",
-                             "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid)})
+                             "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid),
+                             "view": meta.get("view", "reader"),
+                             "origin": meta.get("origin", "external")})
 
     # changing ----------------------------------------------------------------
     def pin(self, dumper: Dumper, name: str, mode: int = 0o400, owner: str | int | None = None,
@@ -479,13 +586,93 @@ class StateDir:
         tmp = self.path / target / f"{_TMP_PREFIX}{uuid.uuid4().hex[:12]}"
         kernel.obj_pin(dumper.fd, str(tmp))
         try:
-            os.chmod(tmp, mode)
-            os.chown(tmp, uid, gid)
+            self._set_access(tmp, mode, uid, gid)
             os.rename(tmp, final)
         except OSError as e:
             os.unlink(tmp)
             raise DumperError(e.errno, f"pinning dumper {target}/{name}") from None
         return final
+
+    def add(self, spec: Spec, replace: bool = False, origin: str = "cli",
+            loaded: Dumper | None = None, **record) -> tuple[Path, str]:
+        """Load SPEC (or take LOADED, its already loaded dumper) and pin it; returns
+        (pin path, what was done: added | replaced | updated).
+
+        Nothing changes unless every check passes. With REPLACE, a dumper of the
+        same target and parameters gets the new program through LINK_UPDATE (the
+        link and its id stay; open streams keep the old program); otherwise the
+        new link is pinned over the old one in one rename.
+        """
+        spec.check()
+        new = loaded or Dumper.load(spec.object, spec.prog, spec.params)
+        try:
+            li = new.link_info()
+            path = self.pin_path(li.target_name, spec.name)
+            mode = 0o400 if spec.mode is None else spec.mode
+            if not path.exists():
+                self.pin(new, spec.name, mode, spec.owner, spec.group)
+                done, link_id = "added", li.id
+            elif not replace:
+                raise DumperError(errno.EEXIST, f"dumper {li.target_name}/{spec.name} exists",
+                                  "choose another name, or --replace it")
+            else:
+                with self.get(li.target_name, spec.name) as old:
+                    oi = old.link_info()
+                    if _params_of(oi) == _params_of(li):
+                        old.replace_program(new)
+                        self._set_access(path, spec.mode, spec.owner, spec.group)
+                        done, link_id = "updated", oi.id
+                    else:
+                        st = os.stat(path)
+                        self.pin(new, spec.name,
+                                 stat.S_IMODE(st.st_mode) if spec.mode is None else spec.mode,
+                                 st.st_uid if spec.owner is None else spec.owner,
+                                 st.st_gid if spec.group is None else spec.group, replace=True)
+                        done, link_id = "replaced", li.id
+            self.meta.set(li.target_name, spec.name, link_id, origin=origin, view=spec.view,
+                          **record)
+        finally:
+            if loaded is None:
+                new.close()
+        return path, done
+
+    def adopt(self, name: str, link: str, mode: int | None = None, owner: str | int | None = None,
+              group: str | int | None = None, replace: bool = False,
+              view: str = "reader") -> Path:
+        """Pin an existing iter link, given by id or by its bpffs path, as TARGET/NAME."""
+        Spec(name, "", mode=mode, owner=owner, group=group, view=view).check()
+        with (Dumper.from_link_id(int(link)) if link.isdigit() else Dumper.from_pin(link)) as d:
+            path = self.pin(d, name, 0o400 if mode is None else mode, owner, group, replace)
+            li = d.link_info()
+            self.meta.set(li.target_name, name, li.id, origin="pin", view=view)
+        return path
+
+    def set_view(self, target: str, name: str, view: str) -> None:
+        with self.get(target, name) as d:
+            link_id = d.link_info().id
+        record = self.meta.get(target, name, link_id)
+        record.pop("link_id", None)
+        self.meta.set(target, name, link_id, **{**record, "view": view})
+
+    @staticmethod
+    def _set_access(path: Path, mode: int | None, owner, group) -> None:
+        """chmod/chown a pin; None leaves that attribute as it is."""
+        if mode is not None:
+            os.chmod(path, mode)
+        os.chown(path, _uid(owner), _gid(group))
+
+    def rename(self, target: str, old: str, new: str) -> None:
+        """Rename a pin (and its record) within its target directory."""
+        check_name(new)
+        src = self.pin_path(target, old)
+        with self.get(target, old) as d:
+            link_id = d.link_info().id
+        record = self.meta.get(target, old, link_id)
+        os.rename(src, self.pin_path(target, new))
+        if record:
+            record.pop("link_id")
+            self.meta.set(target, new, link_id, **record)
+            self.meta.delete(target, old)
 
     def remove(self, target: str, name: str) -> None:
         """Delete the pin; the link dies once no reader holds a seq_file of it."""
@@ -494,6 +681,7 @@ class StateDir:
         except FileNotFoundError:
             raise DumperError(errno.ENOENT, f"dumper {target}/{name} does not exist",
                               "see `bpfdumpfs ls`") from None
+        self.meta.delete(target, name)
 
 
 def _user_name(uid: int) -> str:

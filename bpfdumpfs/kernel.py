@@ -64,6 +64,22 @@ ffi.cdef(
         uint32_t next_id;
         uint32_t open_flags;
     };
+    struct bpf_map_create_attr {     /* MAP_CREATE */
+        uint32_t map_type;
+        uint32_t key_size;
+        uint32_t value_size;
+        uint32_t max_entries;
+        uint32_t map_flags;
+        uint32_t inner_map_fd;
+        uint32_t numa_node;
+        char     map_name[16];
+    };
+    struct bpf_map_elem_attr {       /* MAP_*_ELEM, MAP_GET_NEXT_KEY */
+        uint32_t map_fd;
+        uint64_t key;
+        uint64_t value;              /* or next_key */
+        uint64_t flags;
+    };
     struct bpf_iter_link_info {      /* union bpf_iter_link_info, 16 bytes */
         uint32_t a;                  /* map_fd | cgroup order | task tid */
         uint32_t b;                  /* cgroup_fd | task pid */
@@ -107,6 +123,10 @@ _libc = ffi.dlopen(None)
 _libbpf = None  # opened on first use: reading a pinned dumper needs no libbpf
 
 SYS_bpf = 321  # x86-64
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM = 0, 1, 2
+BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 3, 4
+BPF_MAP_TYPE_HASH = 1
+BPF_F_NO_PREALLOC = 1
 BPF_OBJ_PIN, BPF_OBJ_GET = 6, 7
 BPF_PROG_GET_NEXT_ID, BPF_MAP_GET_NEXT_ID = 11, 12
 BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID = 13, 14
@@ -227,6 +247,71 @@ def link_update(link_fd: int, new_prog_fd: int, what: str = "") -> None:
     attr = ffi.new("struct bpf_link_update_attr *", {"link_fd": link_fd,
                                                    "new_prog_fd": new_prog_fd})
     _bpf(BPF_LINK_UPDATE, attr, what or f"replacing the program of link fd {link_fd}")
+
+
+# -- maps (bpfdumpfs keeps its own metadata in one) -------------------------------
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, name: str = "") -> int:
+    attr = ffi.new("struct bpf_map_create_attr *", {
+        "map_type": map_type, "key_size": key_size, "value_size": value_size,
+        "max_entries": max_entries, "map_flags": flags, "map_name": name.encode()[:15]})
+    return _bpf(BPF_MAP_CREATE, attr, f"creating map {name!r}")
+
+
+def _elem_attr(fd: int, key: bytes, value, flags: int = 0):
+    kbuf = ffi.from_buffer(key)
+    attr = ffi.new("struct bpf_map_elem_attr *", {
+        "map_fd": fd, "key": int(ffi.cast("uintptr_t", kbuf)),
+        "value": int(ffi.cast("uintptr_t", value)) if value is not None else 0,
+        "flags": flags})
+    return attr, kbuf
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    vbuf = ffi.from_buffer(value)
+    attr, _k = _elem_attr(fd, key, vbuf)
+    _bpf(BPF_MAP_UPDATE_ELEM, attr, f"updating an element of map fd {fd}")
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    vbuf = ffi.new("char[]", value_size)
+    attr, _k = _elem_attr(fd, key, vbuf)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr, f"looking up an element of map fd {fd}")
+    except DumperError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return bytes(ffi.buffer(vbuf, value_size))
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    attr, _k = _elem_attr(fd, key, None)
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, attr, f"deleting an element of map fd {fd}")
+    except DumperError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    keys, prev = [], None
+    while True:
+        nbuf = ffi.new("char[]", key_size)
+        attr, _k = _elem_attr(fd, prev if prev is not None else b"", nbuf)
+        if prev is None:
+            attr.key = 0
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY, attr, f"listing the keys of map fd {fd}")
+        except DumperError as e:
+            if e.errno == errno.ENOENT:
+                return keys
+            raise
+        prev = bytes(ffi.buffer(nbuf, key_size))
+        keys.append(prev)
 
 
 # -- ids ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ import errno
 import faulthandler
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import targets
+from . import config, targets
 from .builtins import builtins
 from .dumpers import Dumper, DumperError, StateDir, choose_program
 from .ops import Operations
@@ -33,6 +34,7 @@ DEFAULT_BACKGROUND_LOG = "/var/log/bpfdumpfs.log"
 class MountOptions:
     mountpoint: str = DEFAULT_MOUNTPOINT
     state_dir: str = StateDir().path.as_posix()
+    config_dir: str = config.DEFAULT_CONFIG_DIR
     builtins: bool = True
     debug_fuse: bool = False
     log_file: str | None = None  # --background: DEFAULT_BACKGROUND_LOG
@@ -61,15 +63,37 @@ def pin_builtins(state: StateDir) -> list[str]:
     return pinned
 
 
-def _mounts() -> dict[str, str]:
-    """mount point -> fstype, from /proc/self/mountinfo (octal escapes decoded)."""
-    found = {}
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, fstype, source) of every mount, from /proc/self/mountinfo."""
+    found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            point = left.split()[4].encode().decode("unicode_escape")
-            found[point] = right.split()[0]
+            fstype, source = right.split()[:2]
+            found.append((_unescape(left.split()[4]), fstype, _unescape(source)))
     return found
+
+
+def _mounts() -> dict[str, str]:
+    """mount point -> fstype."""
+    return {point: fstype for point, fstype, _ in _mountinfo()}
+
+
+def fsname(state: StateDir) -> str:
+    """The FUSE fsname, which names the state dir so the CLI can find the tree."""
+    path = os.path.realpath(state.path)
+    return f"bpfdumpfs:{path}" if re.fullmatch(r"[^\s,\\]+", path) else "bpfdumpfs"
+
+
+def mounts_of(state_dir) -> list[str]:
+    """Mount points of bpfdumpfs trees serving STATE_DIR."""
+    want = fsname(StateDir(state_dir))
+    return [p for p, fstype, source in _mountinfo()
+            if fstype == "fuse.bpfdumpfs" and source == want]
 
 
 def clear_dead_mount(mountpoint: str) -> None:
@@ -92,16 +116,33 @@ def clear_dead_mount(mountpoint: str) -> None:
                       f"unmount it first (fusermount3 -u {path}) or choose another mount point")
 
 
-async def _serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+def apply_config(opts: MountOptions, state: StateDir) -> None:
+    """Apply the config directory; errors are logged, never fatal to the daemon."""
+    try:
+        report = config.apply(opts.config_dir, state)
+    except DumperError as e:
+        log.error("config %s not applied: %s", opts.config_dir, e)
+        return
+    for line in report.applied:
+        log.info("config: %s", line)
+    for line in report.errors:
+        log.error("config: %s", line)
+
+
+async def _serve(opts: MountOptions, state: StateDir) -> None:
     async with trio.open_nursery() as nursery:
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                           signal.SIGHUP) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: applying %s", opts.config_dir)
+                        await trio.to_thread.run_sync(apply_config, opts, state)
+                        continue
                     log.info("%s: unmounting", signal.Signals(signum).name)
                     pyfuse3.terminate()
                     return
-        nursery.start_soon(stop_on_signal)
-        task_status.started()
+        nursery.start_soon(on_signals)
         await pyfuse3.main(min_tasks=2, max_tasks=64)
         nursery.cancel_scope.cancel()
 
@@ -114,10 +155,11 @@ def run(opts: MountOptions, ready=None) -> None:
         pinned = pin_builtins(state)
         if pinned:
             log.info("pinned built-ins: %s", " ".join(pinned))
+    apply_config(opts, state)
     clear_dead_mount(opts.mountpoint)
     os.makedirs(opts.mountpoint, exist_ok=True)
     ops = Operations(state, list(targets.running_kernel()))
-    fuse_options = {"fsname=bpfdumpfs", "subtype=bpfdumpfs", "allow_other",
+    fuse_options = {f"fsname={fsname(state)}", "subtype=bpfdumpfs", "allow_other",
                     "default_permissions"}
     if opts.debug_fuse:
         fuse_options.add("debug")
@@ -130,7 +172,7 @@ def run(opts: MountOptions, ready=None) -> None:
         log.info("serving %s from %s", opts.mountpoint, state.path)
         if ready:
             ready()
-        trio.run(_serve)
+        trio.run(_serve, opts, state)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", opts.mountpoint)

@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from . import kernel
-from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream
+from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,85 @@ class Operations(pyfuse3.Operations):
         except DumperError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         log.info("removed dumper %s/%s (uid %d, pid %d)", target, name, ctx.uid, ctx.pid)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags,
+                     ctx) -> None:
+        """mv within a target directory (root only): renames the pin."""
+        target = self.ino_target.get(parent_inode_old)
+        if target is None or parent_inode_new != parent_inode_old:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # a link's target is fixed
+        if ctx.uid != 0:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        try:
+            check_name(new)
+        except DumperError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        self._pin_stat(target, old)
+        if flags & pyfuse3.RENAME_NOREPLACE and self.state.pin_path(target, new).exists():
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        self.state.rename(target, old, new)
+        log.info("renamed dumper %s/%s to %s (uid %d)", target, old, new, ctx.uid)
+        ino = self.file_ino.pop((target, old), None)
+        if ino is not None:
+            self.file_ino.pop((target, new), None)
+            self.file_ino[(target, new)] = ino
+            self.ino_file[ino] = (target, new)
+
+    async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+        """chmod, chown and touch of a dumper change its pin (root only)."""
+        key = self.ino_file.get(inode)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if ctx.uid != 0:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        path = self.state.pin_path(*key)
+        self._pin_stat(*key)
+        if fields.update_mode:
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            os.chown(path, attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.stat(path)
+            os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                               attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+        log.info("changed %s/%s (uid %d)", *key, ctx.uid)
+        return self._file_attr(inode, self._pin_stat(*key))
+
+    # -- extended attributes: what `bpfdumpfs info` shows, for getfattr -d ---------------
+    def _xattrs(self, inode) -> dict[bytes, bytes]:
+        key = self.ino_file.get(inode)
+        if key is None:
+            return {}
+        self._pin_stat(*key)
+        try:
+            info = self.state.info(*key)
+        except DumperError as e:
+            raise pyfuse3.FUSEError(errno.ENOENT if e.errno == errno.ENOENT else errno.EIO)
+        fields = {"target": info.target, "link_id": info.link_id, "prog_id": info.prog_id,
+                  "prog_name": info.prog_name, "prog_tag": info.prog_tag, "view": info.view,
+                  **info.params()}
+        return {f"user.bpfdump.{k}".encode(): str(v).encode() for k, v in fields.items()}
+
+    async def listxattr(self, inode, ctx) -> list[bytes]:
+        return list(self._xattrs(inode))
+
+    async def getxattr(self, inode, name, ctx) -> bytes:
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def setxattr(self, inode, name, value, ctx) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def removexattr(self, inode, name, ctx) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     # The tree is a view of the state directory: nothing is created through it.
     async def create(self, parent_inode, name, mode, flags, ctx):

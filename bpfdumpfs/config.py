@@ -1,0 +1,216 @@
+"""Declarative dumpers: a directory of TOML files, applied idempotently.
+
+    # /etc/bpfdumpfs/dumpers.d/web.toml
+    [dumpers.webtcp]
+    source = "webtcp.bpf.c"     # or object = "/path/x.bpf.o"; relative to this file
+    prog = "dump_tcp"           # when the object has several iter programs
+    mode = "0440"
+    group = "adm"
+    view = "reader"             # or "daemon"
+    # parameters, as `bpfdumpfs add` takes them: map, cgroup, order, tid, pid
+
+`apply` adds what is missing, replaces what changed (the entry or its object),
+and removes only dumpers it created from a file that no longer declares them.
+A file with any error -- syntax, an unknown key, an object that does not load --
+is reported with its path, line and reason, and nothing from it is applied; the
+dumpers it made earlier are left as they are.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .compile import is_source
+from .dumpers import Dumper, DumperError, Params, Spec, StateDir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_DIR = "/etc/bpfdumpfs/dumpers.d"
+_KEYS = {"object", "source", "prog", "map", "cgroup", "order", "tid", "pid", "mode", "owner",
+         "group", "view"}
+_TYPES = {"object": str, "source": str, "prog": str, "map": (str, int), "cgroup": (str, int),
+          "order": str, "tid": int, "pid": int, "mode": str, "owner": (str, int),
+          "group": (str, int), "view": str}
+
+
+@dataclass
+class Entry:
+    spec: Spec
+    line: int
+    digest: str = ""
+
+
+@dataclass
+class Report:
+    applied: list[str] = field(default_factory=list)   # "added task/x", "replaced ...", ...
+    errors: list[str] = field(default_factory=list)    # "FILE:LINE: reason"
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _line_of(text: str, name: str, key: str | None = None) -> int:
+    """Line of [dumpers.NAME] (or of KEY inside it) in TEXT; 1 when not found."""
+    lines = text.splitlines()
+    header = re.compile(rf"^\s*\[\s*dumpers\s*\.\s*[\"']?{re.escape(name)}[\"']?\s*\]")
+    start = next((i for i, ln in enumerate(lines) if header.match(ln)), None)
+    if start is None:
+        return 1
+    if key:
+        for i in range(start + 1, len(lines)):
+            if lines[i].lstrip().startswith("["):
+                break
+            if re.match(rf"^\s*{re.escape(key)}\s*=", lines[i]):
+                return i + 1
+    return start + 1
+
+
+class ConfigError(Exception):
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(reason)
+        self.line = line
+
+
+def parse(path: Path) -> list[Entry]:
+    """The dumpers FILE declares, checked as far as possible without the kernel."""
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ConfigError(int(m.group(1)) if m else 1, f"TOML syntax: {e}") from None
+    unknown = set(data) - {"dumpers"}
+    if unknown:
+        raise ConfigError(1, f"unknown table(s) {sorted(unknown)}: declare dumpers as "
+                             "[dumpers.NAME]")
+    entries = []
+    for name, table in data.get("dumpers", {}).items():
+        line = _line_of(text, name)
+        if not isinstance(table, dict):
+            raise ConfigError(line, f"dumpers.{name} must be a table")
+        for key, value in table.items():
+            if key not in _KEYS:
+                raise ConfigError(_line_of(text, name, key),
+                                  f"unknown key {key!r}; known: {', '.join(sorted(_KEYS))}")
+            if not isinstance(value, _TYPES[key]):
+                raise ConfigError(_line_of(text, name, key), f"{key} has the wrong type")
+        if ("object" in table) == ("source" in table):
+            raise ConfigError(line, f"dumper {name!r} needs exactly one of object or source")
+        obj = Path(table.get("object") or table["source"])
+        obj = obj if obj.is_absolute() else path.parent / obj
+        if "source" in table and not is_source(obj):
+            raise ConfigError(_line_of(text, name, "source"), "source must be a .c file")
+        try:
+            mode = int(table.get("mode", "0400"), 8)
+        except ValueError:
+            raise ConfigError(_line_of(text, name, "mode"),
+                              f"mode {table['mode']!r} is not octal (e.g. \"0440\")") from None
+        spec = Spec(name=name, object=str(obj), prog=table.get("prog"),
+                    params=Params(map=_str(table.get("map")), cgroup=_str(table.get("cgroup")),
+                                  order=table.get("order"), tid=table.get("tid"),
+                                  pid=table.get("pid")),
+                    mode=mode, owner=table.get("owner"), group=table.get("group"),
+                    view=table.get("view", "reader"))
+        try:
+            spec.check()
+        except DumperError as e:
+            raise ConfigError(line, str(e)) from None
+        entries.append(Entry(spec, line))
+    return entries
+
+
+def _str(v) -> str | None:
+    return None if v is None else str(v)
+
+
+def _digest(spec: Spec) -> str:
+    """What decides whether an applied entry changed: the entry and its object's bytes."""
+    h = hashlib.sha256(json.dumps([spec.name, spec.object, spec.prog, vars(spec.params),
+                                   spec.mode, spec.owner, spec.group, spec.view],
+                                  default=str).encode())
+    try:
+        h.update(Path(spec.object).read_bytes())
+    except OSError:
+        pass  # a missing object is reported when it is loaded
+    return h.hexdigest()[:32]
+
+
+def apply(config_dir: str | os.PathLike, state: StateDir) -> Report:
+    """Make the state directory match the config directory (see the module doc)."""
+    report = Report()
+    config_dir = Path(config_dir)
+    files = sorted(config_dir.glob("*.toml")) if config_dir.is_dir() else []
+    declared: set[tuple[str, str]] = set()   # (origin file, name) of every valid entry
+    invalid: set[str] = set()                # files whose earlier dumpers are left alone
+    for path in files:
+        try:
+            entries = parse(path)
+            _apply_file(path, entries, state, report)
+        except ConfigError as e:
+            report.errors.append(f"{path}:{e.line}: {e}")
+            invalid.add(str(path))
+            continue
+        declared |= {(str(path), e.spec.name) for e in entries}
+    for e in state.entries():
+        with state.get(e.target, e.name) as d:
+            meta = state.meta.get(e.target, e.name, d.link_info().id)
+        origin = meta.get("config_file")
+        if meta.get("origin") != "config" or not origin:
+            continue
+        if (origin, e.name) in declared or origin in invalid:
+            continue
+        state.remove(e.target, e.name)
+        report.applied.append(f"removed {e.target}/{e.name}")
+    return report
+
+
+def _apply_file(path: Path, entries: list[Entry], state: StateDir, report: Report) -> None:
+    """Load every entry of one file first; pin them only if all load."""
+    loaded: list[tuple[Entry, Dumper]] = []
+    try:
+        for entry in entries:
+            entry.digest = _digest(entry.spec)
+            try:
+                d = Dumper.load(entry.spec.object, entry.spec.prog, entry.spec.params)
+            except DumperError as e:
+                raise ConfigError(entry.line, str(e)) from None
+            loaded.append((entry, d))
+            target = d.link_info().target_name
+            pin = state.pin_path(target, entry.spec.name)
+            if pin.exists():
+                with state.get(target, entry.spec.name) as old:
+                    meta = state.meta.get(target, entry.spec.name, old.link_info().id)
+                if meta.get("origin") != "config" or meta.get("config_file") != str(path):
+                    raise ConfigError(entry.line, f"dumper {target}/{entry.spec.name} exists "
+                                      "and was not made from this file; remove it "
+                                      "(bpfdumpfs rm) or rename the entry")
+        for entry, d in loaded:
+            target = d.link_info().target_name
+            pin = state.pin_path(target, entry.spec.name)
+            if pin.exists():
+                with state.get(target, entry.spec.name) as old:
+                    meta = state.meta.get(target, entry.spec.name, old.link_info().id)
+                if meta.get("config_digest") == entry.digest:
+                    continue
+            _, done = state.add(entry.spec, replace=True, origin="config", loaded=d,
+                                config_file=str(path), config_digest=entry.digest)
+            report.applied.append(f"{done} {target}/{entry.spec.name}")
+    finally:
+        for _, d in loaded:
+            d.close()
+
+
+def check_dir(config_dir: str | os.PathLike) -> None:
+    """Raise DumperError if CONFIG_DIR exists but is not a readable directory."""
+    p = Path(config_dir)
+    if p.exists() and not p.is_dir():
+        raise DumperError(errno.ENOTDIR, f"config dir {p} is not a directory",
+                          "give a directory of *.toml files with --config-dir")
