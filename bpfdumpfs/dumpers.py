@@ -172,9 +172,9 @@ def iter_params(target: targets.Target, params: Params) -> tuple[kernel.IterPara
         fd = _open_map(params.map)
         return kernel.IterParams(map_fd=fd), [fd]
     if target.param("cgroup"):
-        if params.order not in kernel.CGROUP_ORDERS:
-            raise DumperError(errno.EINVAL, f"cgroup order {params.order!r} is unknown",
-                              "use --order " + "|".join(kernel.CGROUP_ORDERS))
+        if params.order not in target.cgroup_orders:
+            raise DumperError(errno.EINVAL, f"cgroup order {params.order!r} is not one this "
+                              "kernel has", "use --order " + "|".join(target.cgroup_orders))
         fd, cid = _cgroup(params.cgroup) if params.cgroup else (None, None)
         return (kernel.IterParams(cgroup_fd=fd, cgroup_id=cid,
                                   cgroup_order=kernel.CGROUP_ORDERS[params.order]),

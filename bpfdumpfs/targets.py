@@ -40,20 +40,30 @@ class Param:
 class Target:
     name: str
     params: tuple[Param, ...] = ()
+    cgroup_orders: tuple[str, ...] = ()   # for the cgroup target: the orders this kernel has
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
 
 _MAP = Param("map", True, "--map ID|PINNED_PATH: the map whose elements are dumped")
-_CGROUP = Param("cgroup", True, "--order pre|post|self|ancestors|children, "
-                                "optional --cgroup PATH|ID (default: the root cgroup)")
+# enum bpf_cgroup_iter_order enumerators, by the names the CLI uses
+ORDER_ENUMS = {"self": "BPF_CGROUP_ITER_SELF_ONLY", "pre": "BPF_CGROUP_ITER_DESCENDANTS_PRE",
+               "post": "BPF_CGROUP_ITER_DESCENDANTS_POST",
+               "ancestors": "BPF_CGROUP_ITER_ANCESTORS_UP",
+               "children": "BPF_CGROUP_ITER_CHILDREN"}
+
+
+def _cgroup_param(orders) -> Param:
+    return Param("cgroup", True, f"--order {'|'.join(orders)}, optional --cgroup PATH|ID "
+                                 "(default: the root cgroup)")
+
+
 _TASK = Param("task", False, "--tid N or --pid N: only that thread or process (default: all)")
 PARAMS: dict[str, tuple[Param, ...]] = {
     "bpf_map_elem": (_MAP,),
     "bpf_sk_storage_map": (_MAP,),
     "sockmap": (_MAP,),
-    "cgroup": (_CGROUP,),
     "task": (_TASK,),
     "task_file": (_TASK,),
     "task_vma": (_TASK,),
@@ -97,6 +107,18 @@ class _Btf:
             tid = self.type(tid)[3]
         return tid
 
+    def enum_members(self, name: str) -> dict[str, int]:
+        """Enumerators of the ENUM called NAME (empty if the kernel has none)."""
+        tid = self.names_of_kind(6, {name}).get(name)
+        if tid is None:
+            return {}
+        off, vlen = self.offsets[tid] + 12, self.type(tid)[2]
+        members = {}
+        for i in range(vlen):
+            name_off, value = struct.unpack_from("<Ii", self.types, off + 8 * i)
+            members[self.name(name_off)] = value
+        return members
+
     def names_of_kind(self, kind: int, candidates: set[str]) -> dict[str, int]:
         found = {}
         for tid in range(1, len(self.offsets)):
@@ -130,6 +152,8 @@ def discover(btf_path: str = VMLINUX_BTF) -> dict[str, Target]:
     names = {m.decode() for m in re.findall(rb"\0bpf_iter__?([a-z0-9_]+)(?=\0)", btf.strings)}
     funcs = btf.names_of_kind(BTF_KIND_FUNC, {f"bpf_iter_{n}" for n in names})
     ctxs = btf.names_of_kind(BTF_KIND_STRUCT, {f"bpf_iter__{n}" for n in names})
+    enum = btf.enum_members("bpf_cgroup_iter_order")
+    orders = {o: enum[e] for o, e in ORDER_ENUMS.items() if e in enum}
     targets = {}
     for fname, fid in funcs.items():
         name = fname[len("bpf_iter_"):]
@@ -137,7 +161,10 @@ def discover(btf_path: str = VMLINUX_BTF) -> dict[str, Target]:
             continue
         proto = btf.type(fid)[3]
         if btf.type(proto)[2] >= 1 and _is_meta_ptr(btf, btf.first_param(proto)):
-            targets[name] = Target(name, PARAMS.get(name, ()))
+            if name == "cgroup":
+                targets[name] = Target(name, (_cgroup_param(orders),), tuple(orders))
+            else:
+                targets[name] = Target(name, PARAMS.get(name, ()))
     return dict(sorted(targets.items()))
 
 

@@ -35,6 +35,15 @@ class Builtin:
         return 0o444 if self.name in PUBLIC else 0o400
 
 
+def object_path(name: str) -> Path:
+    """The shipped object of built-in NAME (e.g. "tasks"), for Dumper.load."""
+    path = HERE / f"{name}.bpf.o"
+    if not path.exists():
+        raise FileNotFoundError(f"no built-in dumper {name!r}; built-ins: "
+                                + ", ".join(b.name for b in builtins()))
+    return path
+
+
 def builtins() -> list[Builtin]:
     return [Builtin(p.name.removesuffix(".bpf.o"), p, PARAMS.get(p.name.removesuffix(".bpf.o"),
                                                                  Params()))

@@ -1,0 +1,135 @@
+"""`bpfdumpfs run`: an anonymous dumper streamed to stdout, nothing left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bpfdumpfs import kernel
+from helpers import ROOT, bpfdumpfs, need_kernel
+
+# A uniquely named program, so the ids it leaves (or not) can be told from others'.
+SOURCE = r"""
+#include "common.h"
+SEC("iter/ksym")
+int dump_run_probe(struct bpf_iter__ksym *ctx)
+{
+	struct kallsym_iter *it = ctx->ksym;
+	if (!it)
+		return 0;
+	BPF_SEQ_PRINTF(ctx->meta->seq, "%016llx %s\n", it->value, it->name);
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probe_obj(tmp_path_factory):
+    need_kernel()
+    d = tmp_path_factory.mktemp("run")
+    src = d / "probe.bpf.c"
+    src.write_text(SOURCE)
+    obj = d / "probe.bpf.o"
+    subprocess.run([sys.executable, "-c", "import sys\nfrom bpfdumpfs.compile import "
+                    "compile_source\nprint(compile_source(sys.argv[1], sys.argv[2]))",
+                    str(src), str(d)], check=True, cwd=ROOT, capture_output=True)
+    return obj
+
+
+def ours() -> set[tuple[str, int]]:
+    """Links and programs of dump_run_probe that exist now."""
+    found = set()
+    for pid in kernel.prog_ids():
+        try:
+            fd = kernel.prog_get_fd_by_id(pid)
+        except OSError:
+            continue
+        try:
+            if kernel.prog_info(fd).name == "dump_run_probe":
+                found.add(("prog", pid))
+        finally:
+            os.close(fd)
+    for lid in kernel.link_ids():
+        try:
+            fd = kernel.link_get_fd_by_id(lid)
+        except OSError:
+            continue
+        try:
+            if ("prog", kernel.link_info(fd).prog_id) in found:
+                found.add(("link", lid))
+        finally:
+            os.close(fd)
+    return found
+
+
+def test_run_streams_to_stdout_and_leaves_nothing(probe_obj):
+    before = ours()
+    p = bpfdumpfs("run", str(probe_obj), text=False)
+    assert p.returncode == 0 and p.stderr == b""
+    lines = p.stdout.splitlines()
+    kallsyms = open("/proc/kallsyms", "rb").read().count(b"\n")
+    assert abs(len(lines) - kallsyms) < kallsyms // 100, "about one line per kernel symbol"
+    assert all(len(ln.split()) == 2 and len(ln.split()[0]) == 16 for ln in lines[:100])
+    assert ours() == before
+
+
+def test_run_compiles_a_source(probe_obj):
+    p = bpfdumpfs("run", str(probe_obj.with_suffix("").with_suffix(".bpf.c")), text=False)
+    assert p.returncode == 0 and p.stdout.count(b"\n") > 10000
+
+
+def test_run_into_head_ends_quietly(probe_obj):
+    before = ours()
+    p = subprocess.run(f"{sys.executable} -m bpfdumpfs run {probe_obj} | head -n 3; "
+                       "echo status=${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                       capture_output=True, text=True, cwd=ROOT)
+    out = p.stdout.splitlines()
+    assert len(out) == 4 and out[3] == "status=0"
+    assert p.stderr == ""
+    assert ours() == before
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_run_killed_mid_stream_leaves_nothing(probe_obj, sig, code):
+    before = ours()
+    # Nobody reads the pipe, so the run blocks in write() with its link and prog alive.
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "bpfdumpfs", "run", str(probe_obj)], cwd=ROOT,
+                         stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    deadline = time.monotonic() + 30
+    while ours() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours() != before, "the run should hold its link while streaming"
+    p.send_signal(sig)
+    assert p.wait(timeout=30) == code
+    os.close(r)
+    assert b"Traceback" not in p.stderr.read()
+    deadline = time.monotonic() + 5
+    while ours() != before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the kernel frees the link and program once the fds are gone
+    assert ours() == before
+
+
+def test_run_pin_pins_it_like_add(probe_obj, state_dir):
+    p = bpfdumpfs("run", str(probe_obj), "--pin", "runpinned", "--mode", "0440",
+                  "--state-dir", str(state_dir))
+    pin = state_dir / "ksym" / "runpinned"
+    try:
+        assert p.stdout.strip().endswith("/ksym/runpinned")
+        assert oct(os.stat(pin).st_mode & 0o7777) == "0o440"
+        assert open(pin, "rb").read(17)[16:17] == b" "
+    finally:
+        pin.unlink()
+
+
+def test_run_bad_input_is_one_line(tmp_path):
+    p = bpfdumpfs("run", str(tmp_path / "missing.bpf.o"), check=False)
+    assert p.returncode == 1
+    assert p.stderr == (f"bpfdumpfs: opening BPF object {tmp_path}/missing.bpf.o: No such file "
+                        "or directory (ENOENT); give the path of a compiled .bpf.o or a .bpf.c "
+                        "source\n")
