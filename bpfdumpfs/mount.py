@@ -129,8 +129,9 @@ def apply_config(opts: MountOptions, state: StateDir) -> None:
         log.error("config: %s", line)
 
 
-async def _serve(opts: MountOptions, state: StateDir) -> None:
+async def _serve(opts: MountOptions, state: StateDir, ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
+        await nursery.start(ops.serve)
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
                                            signal.SIGHUP) as signals:
@@ -172,7 +173,7 @@ def run(opts: MountOptions, ready=None) -> None:
         log.info("serving %s from %s", opts.mountpoint, state.path)
         if ready:
             ready()
-        trio.run(_serve, opts, state)
+        trio.run(_serve, opts, state, ops)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", opts.mountpoint)

@@ -3,10 +3,12 @@
     /                 one directory per iterator target of the running kernel
     /TARGET/NAME      one regular file per iter link pinned at STATE/TARGET/NAME
 
-Nothing is cached that could go stale: every lookup, getattr and readdir looks at
-the pins themselves, and every open() makes a fresh kernel seq_file. Reads fill
-each FUSE request from as many kernel reads as it takes, in a worker thread, so
-a slow dumper never stalls the event loop or other readers.
+Every open() makes a fresh kernel seq_file; output is never cached. The kernel
+may cache names (a lookup per `cat` would cost as much as reading a small dump)
+but never attributes: every stat and every permission check asks, and every
+answer comes from the pin itself, so a chmod, rm or rename of a pin -- by the
+CLI, bpftool or anyone -- shows at once. How reads are served (inline or in
+worker threads, with read-ahead) is reader.py's concern.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ import trio
 
 from . import kernel
 from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name
+from .reader import Pace, Reader
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
 DIR_MODE = stat.S_IFDIR | 0o755
+ENTRY_TIMEOUT = 60.0  # a cached name still leads to a getattr/open that checks the pin
 
 
 def _guarded(handler):
@@ -58,18 +62,12 @@ def _guard_handlers(cls):
 
 @dataclass
 class Handle:
-    """One open() of a dumper: its seq_file and who opened it."""
-    stream: Stream
+    """One open() of a dumper: its reader and who opened it."""
+    reader: Reader
     label: str
     pid: int
     uid: int
-    busy: int = 0          # reads running in worker threads
-    released: bool = False
     failed: bool = False   # the kernel said E2BIG/EOPNOTSUPP: logged once, EIO from then on
-
-    def close_if_idle(self) -> None:
-        if self.released and not self.busy:
-            self.stream.close()
 
 
 @dataclass
@@ -98,9 +96,19 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.dirs: dict[int, _Dir] = {}
-        self.pin_check: dict[int, str | None] = {}  # pin st_ino -> why it is hidden, or None
+        # (target, name) -> (pin st_ino, why it is hidden or None): checked once per pin
+        self.pin_check: dict[tuple[str, str], tuple[int, str | None]] = {}
+        self.paces: dict[int, Pace] = {}  # pin st_ino -> how its reads went
         self.read_limiter = trio.CapacityLimiter(1024)
         self.mounted_ns = time.time_ns()
+        self.nursery: trio.Nursery | None = None  # read-ahead tasks run here (set by serve)
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     # -- inodes --------------------------------------------------------------
     def _file_inode(self, target: str, name: str) -> int:
@@ -132,11 +140,13 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         if not stat.S_ISREG(st.st_mode):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if st.st_ino not in self.pin_check:
-            self.pin_check[st.st_ino] = why = self._why_hidden(path, target)
-            if why:
+        checked = self.pin_check.get((target, name))
+        if checked is None or checked[0] != st.st_ino:
+            why = self._why_hidden(path, target)
+            if why and (checked is None or checked[1] != why):
                 log.warning("hiding %s: %s", path, why)
-        if self.pin_check[st.st_ino]:
+            checked = self.pin_check[(target, name)] = (st.st_ino, why)
+        if checked[1]:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return st
 
@@ -171,8 +181,7 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = 60  # the targets never change while the kernel runs
         return a
 
-    @staticmethod
-    def _file_attr(ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _file_attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.st_mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
@@ -181,7 +190,8 @@ class Operations(pyfuse3.Operations):
         a.st_size = 0  # unknown until read: the output is made at each open
         a.st_blksize = 4096
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        a.entry_timeout = a.attr_timeout = 0  # pins change under us (CLI, bpftool)
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = 0
         return a
 
     async def getattr(self, inode, ctx=None) -> pyfuse3.EntryAttributes:
@@ -253,6 +263,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         target, name = key
         label = f"{target}/{name}"
+        st = self._pin_stat(target, name)
         try:
             with Dumper.from_pin(self.state.pin_path(target, name)) as dumper:
                 fd = kernel.iter_create(dumper.fd, f"opening dumper {label}")
@@ -263,7 +274,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = Handle(Stream(fd, label), label, ctx.pid, ctx.uid)
+        pace = self.paces.setdefault(st.st_ino, Pace())
+        reader = Reader(Stream(fd, label), pace, self.read_limiter, self.nursery)
+        self.handles[fh] = Handle(reader, label, ctx.pid, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
 
     async def read(self, fh, off, size) -> bytes:
@@ -272,22 +285,22 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if h.failed:
             raise pyfuse3.FUSEError(errno.EIO)
-        h.busy += 1
         try:
-            return await trio.to_thread.run_sync(h.stream.fill, size, limiter=self.read_limiter)
+            return await h.reader.read(size)
         except DumperError as e:
             h.failed = True
             log.error("%s (reader pid %d)", e, h.pid)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            h.busy -= 1
-            h.close_if_idle()
+
+    async def flush(self, fh) -> None:
+        # Nothing to flush; ENOSYS tells the kernel never to send FLUSH again,
+        # saving a round trip on every close().
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh) -> None:
         h = self.handles.pop(fh, None)
         if h is not None:
-            h.released = True
-            h.close_if_idle()
+            h.reader.release()
 
     async def unlink(self, parent_inode, name, ctx) -> None:
         """rm MNT/TARGET/NAME: delete the pin (root only); open readers finish their read."""
