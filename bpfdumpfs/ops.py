@@ -24,7 +24,8 @@ import pyfuse3
 import trio
 
 from . import kernel
-from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name
+from .dumpers import NAME_MAX, DumperError, StateDir, Stream, check_name
+from .namespaces import Namespaces
 from .reader import Pace, Reader
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.dirs: dict[int, _Dir] = {}
-        # (target, name) -> (pin st_ino, why it is hidden or None): checked once per pin
-        self.pin_check: dict[tuple[str, str], tuple[int, str | None]] = {}
+        # (target, name) -> (pin st_ino, link id, why it is hidden or None): once per pin
+        self.pin_check: dict[tuple[str, str], tuple[int, int, str | None]] = {}
+        self.namespaces = Namespaces()
         self.paces: dict[int, Pace] = {}  # pin st_ino -> how its reads went
         self.read_limiter = trio.CapacityLimiter(1024)
         self.mounted_ns = time.time_ns()
@@ -105,10 +107,13 @@ class Operations(pyfuse3.Operations):
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.namespaces.close()
 
     # -- inodes --------------------------------------------------------------
     def _file_inode(self, target: str, name: str) -> int:
@@ -142,32 +147,33 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         checked = self.pin_check.get((target, name))
         if checked is None or checked[0] != st.st_ino:
-            why = self._why_hidden(path, target)
-            if why and (checked is None or checked[1] != why):
+            link_id, why = self._check_pin(path, target)
+            if why and (checked is None or checked[2] != why):
                 log.warning("hiding %s: %s", path, why)
-            checked = self.pin_check[(target, name)] = (st.st_ino, why)
-        if checked[1]:
+            checked = self.pin_check[(target, name)] = (st.st_ino, link_id, why)
+        if checked[2]:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return st
 
     @staticmethod
-    def _why_hidden(path, target: str) -> str | None:
+    def _check_pin(path, target: str) -> tuple[int, str | None]:
+        """(link id, why the pin is not shown -- None if it is a dumper of TARGET)."""
         try:
             fd = kernel.obj_get(str(path))
         except DumperError as e:
-            return str(e)
+            return 0, str(e)
         try:
             info = kernel.link_info(fd)
         except DumperError as e:
-            return str(e)
+            return 0, str(e)
         finally:
             os.close(fd)
         if not info.is_iter:
-            return "not an iterator link"
+            return info.id, "not an iterator link"
         if info.target_name != target:
-            return (f"its target is {info.target_name}, not {target}; "
-                    f"pin it under {info.target_name}/ instead")
-        return None
+            return info.id, (f"its target is {info.target_name}, not {target}; "
+                             f"pin it under {info.target_name}/ instead")
+        return info.id, None
 
     # -- attributes ---------------------------------------------------------------
     def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -264,12 +270,24 @@ class Operations(pyfuse3.Operations):
         target, name = key
         label = f"{target}/{name}"
         st = self._pin_stat(target, name)
+        link_id = self.pin_check[key][1]
+        view = self.state.meta.get(target, name, link_id).get("view", "reader")
         try:
-            with Dumper.from_pin(self.state.pin_path(target, name)) as dumper:
-                fd = kernel.iter_create(dumper.fd, f"opening dumper {label}")
+            # _pin_stat checked that the pin is an iter link of this target
+            link = kernel.obj_get(str(self.state.pin_path(target, name)))
+            try:
+                if view == "reader":
+                    fd = await self.namespaces.iter_create(link, target, ctx.pid, label)
+                else:
+                    fd = kernel.iter_create(link, f"opening dumper {label}")
+            finally:
+                os.close(link)
         except DumperError as e:
-            if e.errno == errno.ENOENT:
+            if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
+            if e.errno == errno.EACCES:
+                log.warning("open %s by pid %d refused: %s", label, ctx.pid, e)
+                raise pyfuse3.FUSEError(errno.EACCES) from None
             log.error("open %s by pid %d: %s", label, ctx.pid, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         fh = self.next_fh

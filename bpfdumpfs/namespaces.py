@@ -1,0 +1,256 @@
+"""Create a seq_file in the reader's namespaces, not the daemon's.
+
+The kernel scopes what an iterator shows to the task that creates the seq_file:
+network targets to its network namespace, task targets to its pid namespace.
+The daemon creates every seq_file, so without this a reader in a container
+would see the host.
+
+- Network: one thread per network namespace setns()es into it and then does
+  nothing but BPF_ITER_CREATE for readers of that namespace. setns(CLONE_NEWNET)
+  changes only the calling thread, so no other work can ever run there. A thread
+  idle for NET_IDLE seconds ends (it keeps its namespace alive while it lives).
+- Pid: setns(CLONE_NEWPID) does not move the caller, only its future children,
+  so a helper process is forked inside the namespace (`python -m
+  bpfdumpfs.nshelper`); it receives the link fd over a unix socket
+  (SCM_RIGHTS), creates the seq_file and sends the fd back. A helper serves its
+  namespace until the daemon stops or the namespace's init dies (the kernel
+  then kills the helper too).
+"""
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+import cffi
+import trio
+
+from . import kernel
+from .errors import DumperError
+
+log = logging.getLogger(__name__)
+
+NET_TARGETS = frozenset({"tcp", "udp", "unix", "netlink", "ipv6_route"})
+PID_TARGETS = frozenset({"task", "task_file", "task_vma"})
+NET_IDLE = 30.0
+CLONE_NEWNET, CLONE_NEWPID = 0x40000000, 0x20000000
+
+_ffi = cffi.FFI()
+_ffi.cdef("int setns(int fd, int nstype);")
+_libc = _ffi.dlopen(None)
+
+
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        raise OSError(_ffi.errno, os.strerror(_ffi.errno))
+
+
+def kind_of(target: str) -> str | None:
+    """'net' or 'pid' for targets the kernel scopes to a namespace, else None."""
+    return "net" if target in NET_TARGETS else "pid" if target in PID_TARGETS else None
+
+
+def ns_inode(pid: int | str, kind: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+
+
+@dataclass
+class _Job:
+    link_fd: int
+    label: str
+    token: trio.lowlevel.TrioToken
+    done: trio.Event
+    fd: int = -1
+    error: DumperError | None = None
+
+
+class _NetThread:
+    """A thread living in one network namespace, creating seq_files there."""
+
+    def __init__(self, ns_fd: int, ino: int, on_exit) -> None:
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.ino = ino
+        self.ready = threading.Event()
+        self.failed: OSError | None = None
+        self.on_exit = on_exit
+        self.thread = threading.Thread(target=self._run, args=(ns_fd,), daemon=True,
+                                       name=f"netns-{ino}")
+        self.thread.start()
+        self.ready.wait()
+        if self.failed:
+            raise self.failed
+
+    def _run(self, ns_fd: int) -> None:
+        try:
+            setns(ns_fd, CLONE_NEWNET)
+        except OSError as e:
+            self.failed = e
+            self.ready.set()
+            return
+        finally:
+            os.close(ns_fd)
+        self.ready.set()
+        while True:
+            try:
+                job = self.jobs.get(timeout=NET_IDLE)
+            except queue.Empty:
+                job = None
+            if job is None:
+                self.on_exit(self)
+                # a job queued after on_exit still gets an answer, in this namespace
+                while True:
+                    try:
+                        late = self.jobs.get_nowait()
+                    except queue.Empty:
+                        return
+                    if late is not None:
+                        self._do(late)
+            self._do(job)
+
+    def _do(self, job: _Job) -> None:
+        try:
+            job.fd = kernel.iter_create(job.link_fd, f"opening dumper {job.label}")
+        except DumperError as e:
+            job.error = e
+        job.token.run_sync_soon(job.done.set)
+
+
+class _PidHelper:
+    """`python -m bpfdumpfs.nshelper` forked inside one pid namespace."""
+
+    def __init__(self, ns_fd: int, ino: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bpfdumpfs.nshelper", str(ns_fd), str(theirs.fileno())],
+                pass_fds=(ns_fd, theirs.fileno()), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+            os.close(ns_fd)
+        self.ino = ino
+        self.sock = trio.socket.from_stdlib_socket(ours)
+        self.lock = trio.Lock()
+
+    async def iter_create(self, link_fd: int, label: str) -> int:
+        async with self.lock:
+            await self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", [link_fd]))])
+            msg, anc, _flags, _addr = await self.sock.recvmsg(64, socket.CMSG_SPACE(4))
+        if not msg:
+            raise ConnectionError("namespace helper exited")
+        if msg[:1] == b"e":
+            raise DumperError(int(msg[1:]), f"opening dumper {label} in pid namespace "
+                              f"{self.ino}")
+        fds = array.array("i")
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if len(fds) != 1:
+            raise ConnectionError("namespace helper sent no fd")
+        return fds[0]
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Namespaces:
+    """Opens seq_files in a reader's network or pid namespace."""
+
+    def __init__(self) -> None:
+        self.mine = {"net": ns_inode("self", "net"), "pid": ns_inode("self", "pid")}
+        self.net: dict[int, _NetThread] = {}
+        self.pid: dict[int, _PidHelper] = {}
+        self.lock = threading.Lock()  # net threads remove themselves from another thread
+
+    def foreign(self, kind: str, reader_pid: int) -> tuple[int, int] | None:
+        """(ns fd, ns inode) of READER_PID's namespace of KIND if it is not the daemon's.
+
+        Raises DumperError(EACCES) when the reader cannot be seen from the daemon
+        (pid 0 in the request, or already gone): its namespace is unknown, and
+        the daemon's own view must not leak to it."""
+        if reader_pid <= 0:
+            raise DumperError(errno.EACCES, "the reader's pid is not visible to the daemon, "
+                              "so its namespace is unknown",
+                              "share the pid namespace with the daemon (podman --pid "
+                              "container:SIDECAR, Kubernetes shareProcessNamespace), or "
+                              "set the dumper's view to daemon")
+        try:
+            fd = os.open(f"/proc/{reader_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DumperError(errno.EACCES, f"reading the {kind} namespace of reader pid "
+                              f"{reader_pid}", os.strerror(e.errno)) from None
+        ino = os.fstat(fd).st_ino
+        if ino == self.mine[kind]:
+            os.close(fd)
+            return None
+        return fd, ino
+
+    async def iter_create(self, link_fd: int, target: str, reader_pid: int, label: str) -> int:
+        """A seq_file of LINK_FD as READER_PID would create it itself."""
+        kind = kind_of(target)
+        found = self.foreign(kind, reader_pid) if kind else None
+        if found is None:
+            return kernel.iter_create(link_fd, f"opening dumper {label}")
+        ns_fd, ino = found
+        if kind == "net":
+            return await self._in_net(ns_fd, ino, link_fd, label)
+        return await self._in_pid(ns_fd, ino, link_fd, label)
+
+    async def _in_net(self, ns_fd: int, ino: int, link_fd: int, label: str) -> int:
+        with self.lock:
+            t = self.net.get(ino)
+            if t is None:
+                try:
+                    t = self.net[ino] = _NetThread(ns_fd, ino, self._net_gone)
+                except OSError as e:
+                    raise DumperError(e.errno, f"entering network namespace {ino}") from None
+            else:
+                os.close(ns_fd)
+            job = _Job(link_fd, label, trio.lowlevel.current_trio_token(), trio.Event())
+            t.jobs.put(job)
+        await job.done.wait()
+        if job.error:
+            raise job.error
+        return job.fd
+
+    def _net_gone(self, t: _NetThread) -> None:
+        with self.lock:
+            if self.net.get(t.ino) is t:
+                del self.net[t.ino]
+
+    async def _in_pid(self, ns_fd: int, ino: int, link_fd: int, label: str) -> int:
+        helper = self.pid.get(ino)
+        if helper is None:
+            helper = self.pid[ino] = _PidHelper(ns_fd, ino)
+        else:
+            os.close(ns_fd)
+        try:
+            return await helper.iter_create(link_fd, label)
+        except (ConnectionError, OSError) as e:
+            if isinstance(e, DumperError):
+                raise
+            # the namespace (and so the helper) is gone; a later open starts a new one
+            self.pid.pop(ino, None)
+            helper.close()
+            raise DumperError(errno.ESRCH, f"opening dumper {label}: the reader's pid "
+                              "namespace is gone") from None
+
+    def close(self) -> None:
+        with self.lock:
+            for t in list(self.net.values()):
+                t.jobs.put(None)
+        for h in list(self.pid.values()):
+            h.close()
+        self.pid.clear()
