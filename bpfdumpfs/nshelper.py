@@ -19,6 +19,8 @@ from . import kernel
 from .errors import DumperError
 
 CLONE_NEWPID = 0x20000000
+PR_SET_NAME = 15
+COMM = b"bpfdumpfs-ns"  # how the helper shows in the namespace's ps and task dumps
 
 
 def serve(sock: socket.socket) -> None:
@@ -44,8 +46,9 @@ def serve(sock: socket.socket) -> None:
 def main() -> int:
     ns_fd, sock_fd = int(sys.argv[1]), int(sys.argv[2])
     ffi = cffi.FFI()
-    ffi.cdef("int setns(int fd, int nstype);")
-    if ffi.dlopen(None).setns(ns_fd, CLONE_NEWPID) != 0:
+    ffi.cdef("int setns(int fd, int nstype); int prctl(int option, ...);")
+    libc = ffi.dlopen(None)
+    if libc.setns(ns_fd, CLONE_NEWPID) != 0:
         print(f"bpfdumpfs nshelper: setns: {os.strerror(ffi.errno)}", file=sys.stderr)
         return 1
     os.close(ns_fd)
@@ -53,6 +56,7 @@ def main() -> int:
     child = os.fork()
     if child == 0:
         try:
+            libc.prctl(PR_SET_NAME, ffi.new("char[]", COMM))
             serve(sock)
         finally:
             os._exit(0)

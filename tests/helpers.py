@@ -66,13 +66,15 @@ def bpfdumpfs(*args: str, check: bool = True, **kw) -> subprocess.CompletedProce
 class Daemon:
     """`bpfdumpfs mount MNT --state-dir STATE` in the foreground, as a child process."""
 
-    def __init__(self, mnt: Path, state: Path, *args: str, log: Path | None = None) -> None:
+    def __init__(self, mnt: Path, state: Path, *args: str, log: Path | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.mnt, self.state, self.args = mnt, state, args
+        self.prefix = prefix or []  # e.g. unshare ...: how the daemon is started
         self.log = log or mnt.parent / f"{mnt.name}.log"
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "bpfdumpfs", "mount", str(self.mnt),
+        return [*self.prefix, sys.executable, "-m", "bpfdumpfs", "mount", str(self.mnt),
                 "--state-dir", str(self.state), *self.args]
 
     def start(self, timeout: float = 60) -> Daemon:

@@ -1,0 +1,114 @@
+"""Readers see their own namespaces: net targets their network namespace, task
+targets their pid namespace -- not the daemon's."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import Daemon, bpfdumpfs, mount_bpffs, unmount
+
+TCP_OBJ = "bpfdumpfs/builtins/tcp.bpf.o"
+
+
+def port_hex(port: int) -> str:
+    return f":{port:04X} "
+
+
+@pytest.fixture
+def host_listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def in_new_netns(tree, files: list[str]) -> tuple[int, str]:
+    """Listen on a port inside `unshare --net`, read FILES from there; (port, output)."""
+    script = ("import socket, sys\n"
+              "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+              "print(s.getsockname()[1])\n"
+              "for f in sys.argv[1:]:\n"
+              "    sys.stdout.write(open(f).read())\n")
+    p = subprocess.run(["unshare", "--net", "sh", "-c",
+                        'ip link set lo up && exec "$0" "$@"', sys.executable, "-c", script,
+                        *[str(tree.mnt / f) for f in files]],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    port, _, out = p.stdout.partition("\n")
+    return int(port), out
+
+
+def test_net_reader_sees_its_own_namespace(tree, host_listener):
+    ns_port, ns_view = in_new_netns(tree, ["tcp/tcp"])
+    assert ns_view.startswith("  sl  local_address")
+    assert port_hex(ns_port) in ns_view, "the reader's own listener"
+    assert port_hex(host_listener) not in ns_view, "nothing of the host's namespace"
+    assert len(ns_view.splitlines()) == 2, "a new namespace has just that one socket"
+    host_view = (tree.mnt / "tcp" / "tcp").read_text()
+    assert port_hex(host_listener) in host_view
+    assert port_hex(ns_port) not in host_view or ns_port == host_listener
+
+
+def test_view_daemon_shows_the_daemons_namespace(tree, host_listener):
+    bpfdumpfs("add", "hosttcp", TCP_OBJ, "--view", "daemon", "--mode", "0444",
+              "--state-dir", str(tree.state))
+    try:
+        ns_port, out = in_new_netns(tree, ["tcp/hosttcp"])
+        assert port_hex(host_listener) in out
+        assert port_hex(ns_port) not in out or ns_port == host_listener
+    finally:
+        bpfdumpfs("rm", "tcp/hosttcp", "--state-dir", str(tree.state))
+
+
+def nshelpers() -> int:
+    out = subprocess.run(["pgrep", "-fc", "bpfdumpfs.nshelper"], capture_output=True, text=True)
+    return int(out.stdout.strip() or 0)
+
+
+def test_pid_reader_sees_only_its_own_tasks(tree):
+    before = nshelpers()
+    script = f"sleep 30 & cat {tree.mnt}/task/tasks; cat {tree.mnt}/task/tasks >/dev/null; kill $!"
+    p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["PID", "TGID", "PPID", "S", "UID", "COMM"]
+    comms = sorted(ln.split()[5] for ln in lines[1:])
+    # the shell, sleep and cat -- and the helper that created the seq_file in there
+    assert comms == sorted(["sh", "sleep", "cat", "bpfdumpfs-ns"]), comms
+    host = (tree.mnt / "task" / "tasks").read_text()
+    assert len(host.splitlines()) > 20
+    # the namespace is gone with its init, and so is its helper
+    deadline = time.monotonic() + 10
+    while nshelpers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert nshelpers() == before
+
+
+@pytest.fixture
+def daemon_in_own_pidns(tmp_path):
+    """A daemon in a pid namespace of its own: host readers' pids are invisible to it."""
+    state = mount_bpffs(tmp_path / "state")
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"),
+               prefix=["unshare", "--pid", "--fork", "--kill-child"]).start()
+    yield d
+    d.stop()
+    unmount(state)
+
+
+def test_reader_pid_invisible_to_daemon_is_refused(daemon_in_own_pidns):
+    d = daemon_in_own_pidns
+    p = subprocess.run(["cat", str(d.mnt / "tcp" / "tcp")], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.strip().endswith("Permission denied")
+    assert "the reader's pid is not visible to the daemon" in d.output()
+    # targets the kernel does not scope, and view=daemon dumpers, still work
+    assert (d.mnt / "ksym" / "kallsyms").read_bytes()[:16].isalnum()
+    bpfdumpfs("add", "daemontcp", TCP_OBJ, "--view", "daemon", "--mode", "0444",
+              "--state-dir", str(d.state))
+    assert (d.mnt / "tcp" / "daemontcp").read_text().startswith("  sl  local_address")
