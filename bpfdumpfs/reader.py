@@ -5,11 +5,13 @@ cannot be polled, so it is either done inline (blocking the event loop) or in a
 worker thread (about 0.15 ms per hand-off). The choice is made per dumper from
 what its reads took before:
 
-- a dumper whose kernel reads have all been quick is read inline: a small dump
-  costs no thread hand-off at all;
+- a dumper whose kernel reads are quick (a moving average under 0.3 ms, after a
+  few reads in threads to learn it) is read inline: a small dump costs no thread
+  hand-off at all;
 - any other dumper (new, slow or large) is read in worker threads, and once a
   reader streams (asks for full chunks), the next chunk is read ahead while the
   current one travels to the reader, so the kernel's work overlaps FUSE's.
+A quick dumper that turns slow moves back to threads after one slow read.
 
 At most one chunk is read ahead per open file, so memory stays bounded. The
 seq_file is closed at release, or, if a worker is still inside read(), the
@@ -27,25 +29,24 @@ from .dumpers import DumperError, Stream
 
 log = logging.getLogger(__name__)
 
-INLINE_MAX_NS = 300_000   # a read that took longer makes its dumper "threaded"
-TRUST_AFTER = 3           # quick reads seen before a dumper is read inline
+INLINE_MAX_NS = 300_000   # inline only while reads average less than this
+LEARN_READS = 3           # reads done in threads before a dumper may be read inline
 
 
 @dataclass
 class Pace:
-    """What the kernel reads of one dumper took so far."""
-    quick: int = 0        # consecutive quick reads
-    slow: bool = False    # ever slower than INLINE_MAX_NS
+    """What the kernel reads of one dumper took, as a moving average."""
+    reads: int = 0
+    avg_ns: float = 0.0
 
     @property
     def inline(self) -> bool:
-        return not self.slow and self.quick >= TRUST_AFTER
+        return self.reads >= LEARN_READS and self.avg_ns < INLINE_MAX_NS
 
     def record(self, ns: int) -> None:
-        if ns > INLINE_MAX_NS:
-            self.slow = True
-        else:
-            self.quick += 1
+        self.reads += 1
+        # one slow read weighs enough to move the dumper back to threads at once
+        self.avg_ns = ns if ns > INLINE_MAX_NS else 0.8 * self.avg_ns + 0.2 * ns
 
 
 class Reader:

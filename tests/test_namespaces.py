@@ -2,6 +2,8 @@
 targets their pid namespace -- not the daemon's."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -97,6 +99,10 @@ def daemon_in_own_pidns(tmp_path):
     d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"),
                prefix=["unshare", "--pid", "--fork", "--kill-child"]).start()
     yield d
+    # unshare does not pass SIGTERM on: end the daemon itself, the clean way
+    child = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True)
+    for pid in child.stdout.split():
+        os.kill(int(pid), signal.SIGTERM)
     d.stop()
     unmount(state)
 
