@@ -1,0 +1,140 @@
+"""Many readers at once, slow dumpers, and readers that vanish mid-read."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from bpfdumpfs import Dumper, StateDir
+from bpfdumpfs.compile import compile_source
+from helpers import need_kernel
+from test_tree import seq_fds
+
+# Each task costs SPIN empty bpf_loop iterations: a dump of ~100 tasks takes seconds,
+# all of it inside read() calls the daemon cannot interrupt or poll.
+SLOW = r"""
+#include "common.h"
+const volatile __u32 spin = 1 << 22;
+static long nop(__u32 i, void *ctx) { return 0; }
+SEC("iter/task")
+int dump_slow(struct bpf_iter__task *ctx)
+{
+	struct task_struct *t = ctx->task;
+	if (!t)
+		return 0;
+	bpf_loop(spin, nop, NULL, 0);
+	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\n", t->pid);
+	return 0;
+}
+"""
+
+
+# Every tenth symbol of the core kernel (not modules, not BPF programs, which come
+# and go): about half a megabyte that stays the same from one open to the next.
+STABLE = r"""
+#include "common.h"
+SEC("iter/ksym")
+int dump_stable(struct bpf_iter__ksym *ctx)
+{
+	struct kallsym_iter *it = ctx->ksym;
+	if (!it || it->module_name[0] || ctx->meta->seq_num % 10)
+		return 0;
+	BPF_SEQ_PRINTF(ctx->meta->seq, "%llx %c %s\n", it->value, it->type, it->name);
+	return 0;
+}
+"""
+
+
+def pinned(tree, tmp_path_factory, name: str, source: str):
+    need_kernel()
+    d = tmp_path_factory.mktemp(name)
+    (d / f"{name}.bpf.c").write_text(source)
+    obj = compile_source(d / f"{name}.bpf.c", str(d))
+    with Dumper.load(obj) as dumper:
+        path = dumper.pin(StateDir(tree.state), name, mode=0o444)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slow(tree, tmp_path_factory):
+    pin = pinned(tree, tmp_path_factory, "slow", SLOW)
+    yield tree.mnt / "task" / "slow"
+    os.unlink(pin)
+
+
+@pytest.fixture(scope="module")
+def stable(tree, tmp_path_factory):
+    pin = pinned(tree, tmp_path_factory, "stable", STABLE)
+    yield pin, tree.mnt / "ksym" / "stable"
+    os.unlink(pin)
+
+
+def read_all(path, bs=64 * 1024) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, bs):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def test_64_concurrent_readers_get_the_same_bytes(stable):
+    pin, f = stable
+    want = pin.read_bytes()
+    assert len(want) > 300_000
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        got = list(pool.map(lambda i: read_all(f, 4096 if i % 2 else 128 * 1024), range(64)))
+    assert all(g == want for g in got), [len(g) for g in got if g != want]
+
+
+def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
+    t0 = time.monotonic()
+    bg = subprocess.Popen(["cat", str(slow)], stdout=subprocess.PIPE)
+    time.sleep(0.2)  # it is now inside a kernel read that lasts seconds
+    latencies = []
+    while bg.poll() is None and len(latencies) < 50:
+        t = time.monotonic()
+        assert read_all(tree.mnt / "task" / "tasks").startswith(b"    PID")
+        latencies.append(time.monotonic() - t)
+    out, _ = bg.communicate(timeout=120)
+    slow_took = time.monotonic() - t0
+    assert slow_took > 1.0, "the slow dumper should take seconds"
+    assert len(out.splitlines()) > 20
+    assert len(latencies) >= 10
+    assert max(latencies) < 0.5, f"small reads waited behind the slow one: {max(latencies):.2f}s"
+
+
+def test_reader_killed_mid_read_frees_its_seq_file(slow, tree):
+    pid = tree.proc.pid
+    base = seq_fds(pid)
+    reader = subprocess.Popen(["cat", str(slow)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while seq_fds(pid) == base and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seq_fds(pid) == base + 1
+    reader.send_signal(signal.SIGKILL)
+    reader.wait()
+    # The kernel read under way cannot be interrupted; the fd goes as soon as it returns.
+    deadline = time.monotonic() + 30
+    while seq_fds(pid) != base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seq_fds(pid) == base
+
+
+def test_head_on_a_huge_dump_frees_its_seq_file(tree):
+    pid = tree.proc.pid
+    base = seq_fds(pid)
+    for _ in range(20):
+        p = subprocess.run(f"head -c 300000 {tree.mnt}/ksym/kallsyms | wc -c", shell=True,
+                           capture_output=True, text=True)
+        assert p.stdout.strip() == "300000"
+    deadline = time.monotonic() + 5
+    while seq_fds(pid) != base and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seq_fds(pid) == base
