@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import cffi
 import pyfuse3
 import trio
 
@@ -38,6 +39,20 @@ class MountOptions:
     builtins: bool = True
     debug_fuse: bool = False
     log_file: str | None = None  # --background: DEFAULT_BACKGROUND_LOG
+
+
+_ffi = cffi.FFI()
+_ffi.cdef("int mallopt(int param, int value); int malloc_trim(size_t pad);")
+_libc = _ffi.dlopen(None)
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+
+
+def _bound_memory() -> None:
+    """glibc gives each reading thread an arena of its own and raises the mmap
+    threshold as chunk buffers come and go: both keep freed read buffers in the
+    daemon's RSS. Two arenas and a fixed threshold hand them back."""
+    _libc.mallopt(M_ARENA_MAX, 2)
+    _libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
 
 
 def pin_builtins(state: StateDir) -> list[str]:
@@ -151,12 +166,14 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations) -> None:
 def run(opts: MountOptions, ready=None) -> None:
     """Mount and serve in the foreground; READY() is called once the tree is up."""
     faulthandler.enable()
+    _bound_memory()
     state = StateDir(opts.state_dir).ensure()
     if opts.builtins:
         pinned = pin_builtins(state)
         if pinned:
             log.info("pinned built-ins: %s", " ".join(pinned))
     apply_config(opts, state)
+    _libc.malloc_trim(0)  # libbpf's copy of the kernel BTF is freed by now
     clear_dead_mount(opts.mountpoint)
     os.makedirs(opts.mountpoint, exist_ok=True)
     ops = Operations(state, list(targets.running_kernel()))

@@ -4,11 +4,12 @@
     /TARGET/NAME      one regular file per iter link pinned at STATE/TARGET/NAME
 
 Every open() makes a fresh kernel seq_file; output is never cached. The kernel
-may cache names (a lookup per `cat` would cost as much as reading a small dump)
-but never attributes: every stat and every permission check asks, and every
-answer comes from the pin itself, so a chmod, rm or rename of a pin -- by the
-CLI, bpftool or anyone -- shows at once. How reads are served (inline or in
-worker threads, with read-ahead) is reader.py's concern.
+caches names and attributes (a LOOKUP or GETATTR per `cat` costs as much as
+reading a small dump) and the daemon invalidates them as soon as inotify says a
+pin changed -- by the CLI, bpftool or anyone (watch.py) -- so a chmod, rm or
+rename shows within milliseconds. Without a working watch nothing is cached.
+How reads are served (inline or in worker threads, with read-ahead) is
+reader.py's concern.
 """
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ from . import kernel
 from .dumpers import NAME_MAX, DumperError, StateDir, Stream, check_name
 from .namespaces import Namespaces
 from .reader import Pace, Reader
+from .watch import StateWatch
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
 DIR_MODE = stat.S_IFDIR | 0o755
-ENTRY_TIMEOUT = 60.0  # a cached name still leads to a getattr/open that checks the pin
+XATTR_PREFIX = b"user.bpfdump."
+CACHE_TIMEOUT = 60.0  # entries/attributes, while the state dir is watched
 
 
 def _guarded(handler):
@@ -104,16 +107,43 @@ class Operations(pyfuse3.Operations):
         self.read_limiter = trio.CapacityLimiter(1024)
         self.mounted_ns = time.time_ns()
         self.nursery: trio.Nursery | None = None  # read-ahead tasks run here (set by serve)
+        self.cache_timeout = 0.0  # > 0 only while the state dir is watched
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
         try:
+            watch = StateWatch(self.state.path)
+        except OSError as e:
+            log.warning("cannot watch %s (%s): nothing will be cached", self.state.path, e)
+            watch = None
+        try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 task_status.started()
+                if watch is not None:
+                    self.cache_timeout = CACHE_TIMEOUT
+                    await watch.run(self.changed)
+                    self.cache_timeout = 0.0
+                    for target in self.targets:
+                        self.changed(target, None)
                 await trio.sleep_forever()
         finally:
             self.namespaces.close()
+
+    def changed(self, target: str, name: str | None) -> None:
+        """A pin changed: forget what we and the kernel cached of it."""
+        names = [name] if name else [n for t, n in list(self.file_ino) if t == target]
+        for n in names:
+            self.pin_check.pop((target, n), None)
+            if target in self.target_ino:
+                pyfuse3.invalidate_entry_async(self.target_ino[target], n.encode(),
+                                               ignore_enoent=True)
+            ino = self.file_ino.get((target, n))
+            if ino is not None:
+                try:
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
+                except OSError:
+                    pass  # the kernel no longer knows the inode: nothing to invalidate
 
     # -- inodes --------------------------------------------------------------
     def _file_inode(self, target: str, name: str) -> int:
@@ -196,8 +226,7 @@ class Operations(pyfuse3.Operations):
         a.st_size = 0  # unknown until read: the output is made at each open
         a.st_blksize = 4096
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = 0
+        a.entry_timeout = a.attr_timeout = self.cache_timeout
         return a
 
     async def getattr(self, inode, ctx=None) -> pyfuse3.EntryAttributes:
@@ -397,12 +426,14 @@ class Operations(pyfuse3.Operations):
         fields = {"target": info.target, "link_id": info.link_id, "prog_id": info.prog_id,
                   "prog_name": info.prog_name, "prog_tag": info.prog_tag, "view": info.view,
                   **info.params()}
-        return {f"user.bpfdump.{k}".encode(): str(v).encode() for k, v in fields.items()}
+        return {XATTR_PREFIX + k.encode(): str(v).encode() for k, v in fields.items()}
 
     async def listxattr(self, inode, ctx) -> list[bytes]:
         return list(self._xattrs(inode))
 
     async def getxattr(self, inode, name, ctx) -> bytes:
+        if not name.startswith(XATTR_PREFIX):  # ls -l asks for ACLs and labels of every file
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
