@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -131,6 +132,19 @@ def clear_dead_mount(mountpoint: str) -> None:
                       f"unmount it first (fusermount3 -u {path}) or choose another mount point")
 
 
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how the daemon is doing; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    addr = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(message.encode(), addr)
+    except OSError as e:
+        log.warning("sd_notify to %s: %s", path, e)
+
+
 def apply_config(opts: MountOptions, state: StateDir) -> None:
     """Apply the config directory; errors are logged, never fatal to the daemon."""
     try:
@@ -153,9 +167,12 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations) -> None:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: applying %s", opts.config_dir)
+                        sd_notify("RELOADING=1")
                         await trio.to_thread.run_sync(apply_config, opts, state)
+                        sd_notify("READY=1")
                         continue
                     log.info("%s: unmounting", signal.Signals(signum).name)
+                    sd_notify("STOPPING=1")
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signals)
@@ -188,6 +205,8 @@ def run(opts: MountOptions, ready=None) -> None:
                           "is /dev/fuse there and is fuse3 installed?") from e
     try:
         log.info("serving %s from %s", opts.mountpoint, state.path)
+        sd_notify(f"READY=1\nSTATUS=serving {opts.mountpoint} from {state.path}\n"
+                  f"MAINPID={os.getpid()}")
         if ready:
             ready()
         trio.run(_serve, opts, state, ops)

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""bpfdumpfs benchmark: every figure a ratio measured side by side in one run.
+
+    .venv/bin/python bench/bench.py [--quick]
+
+Mounts a private tree (private bpffs, temp mount point) and compares reads
+through it with reads of the same pinned iterators straight from bpffs, and
+bpfdumpfs's per-open overhead with lxcfs's (Debian package lxcfs; installed on
+first use). Run as root, on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bpfdumpfs import Dumper, StateDir  # noqa: E402
+from bpfdumpfs.builtins import object_path  # noqa: E402
+from bpfdumpfs.compile import compile_source  # noqa: E402
+
+# ~1.5 KB: the first 64 tasks, pid and comm.
+SMALL = r"""
+#include "common.h"
+SEC("iter/task")
+int dump_small(struct bpf_iter__task *ctx)
+{
+	struct task_struct *t = ctx->task;
+	if (!t || ctx->meta->seq_num >= 64)
+		return 0;
+	BPF_SEQ_PRINTF(ctx->meta->seq, "%7d %s\n", t->pid, t->comm);
+	return 0;
+}
+"""
+# Seconds per open: every task spins in bpf_loop before its line.
+SLOW = r"""
+#include "common.h"
+static long nop(__u32 i, void *ctx) { return 0; }
+SEC("iter/task")
+int dump_slow(struct bpf_iter__task *ctx)
+{
+	struct task_struct *t = ctx->task;
+	if (!t)
+		return 0;
+	bpf_loop(1 << 21, nop, NULL, 0);
+	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\n", t->pid);
+	return 0;
+}
+"""
+
+
+def read_all(path: str, bs: int = 128 * 1024) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    n = 0
+    try:
+        while chunk := os.read(fd, bs):
+            n += len(chunk)
+    finally:
+        os.close(fd)
+    return n
+
+
+def per_open(path: str, n: int) -> float:
+    """Seconds per open -> read to EOF -> close."""
+    read_all(path)
+    t = time.perf_counter()
+    for _ in range(n):
+        read_all(path)
+    return (time.perf_counter() - t) / n
+
+
+def throughput(path: str) -> float:
+    t = time.perf_counter()
+    n = read_all(path)
+    return n / (time.perf_counter() - t)
+
+
+def concurrent_cats(path: str, k: int) -> float:
+    """Aggregate bytes/s of K `cat PATH` processes started together."""
+    size = read_all(path)
+    t = time.perf_counter()
+    procs = [subprocess.Popen(["cat", path], stdout=subprocess.DEVNULL) for _ in range(k)]
+    for p in procs:
+        p.wait()
+    return size * k / (time.perf_counter() - t)
+
+
+def alternate(fn, a, b, rounds: int) -> tuple[float, float]:
+    """Median of FN(a) and FN(b), run alternately so drift hits both alike."""
+    ra, rb = [], []
+    for _ in range(rounds):
+        ra.append(fn(a))
+        rb.append(fn(b))
+    return statistics.median(ra), statistics.median(rb)
+
+
+def p99(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Mounted:
+    def __init__(self, work: Path) -> None:
+        self.state = work / "state"
+        self.mnt = work / "mnt"
+        self.state.mkdir()
+        self.mnt.mkdir()
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(self.state)], check=True)
+        self.log = open(work / "daemon.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bpfdumpfs", "mount", str(self.mnt), "--state-dir",
+             str(self.state), "--config-dir", str(work / "none")],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not (self.mnt / "ksym" / "kallsyms").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"daemon did not start; see {work / 'daemon.log'}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        subprocess.run(["umount", "-l", str(self.state)], check=False)
+
+
+class Lxcfs:
+    def __init__(self, work: Path) -> None:
+        if not shutil.which("lxcfs"):
+            subprocess.run(["apt-get", "install", "-y", "-qq", "lxcfs"], check=True,
+                           stdout=subprocess.DEVNULL, env={**os.environ,
+                                                           "DEBIAN_FRONTEND": "noninteractive"})
+        self.dir = work / "lxcfs"
+        self.dir.mkdir()
+        self.proc = subprocess.Popen(["lxcfs", str(self.dir)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (self.dir / "proc" / "uptime").exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("lxcfs did not start")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.dir)], check=False)
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    args = ap.parse_args()
+    rounds, opens = (3, 500) if args.quick else (7, 3000)
+    rows: list[tuple[str, str, str, str]] = []
+
+    with tempfile.TemporaryDirectory(prefix="bpfdumpfs-bench-") as tmp:
+        work = Path(tmp)
+        m = Mounted(work)
+        lx = Lxcfs(work)
+        try:
+            state = StateDir(m.state)
+            for name, src in (("small", SMALL), ("slow", SLOW)):
+                (work / f"{name}.bpf.c").write_text(src)
+                with Dumper.load(compile_source(work / f"{name}.bpf.c", str(work))) as d:
+                    d.pin(state, name, mode=0o444)
+            big_pin, big = str(m.state / "ksym/kallsyms"), str(m.mnt / "ksym/kallsyms")
+            small_pin, small = str(m.state / "task/small"), str(m.mnt / "task/small")
+            size_big, size_small = read_all(big_pin), read_all(small_pin)
+
+            # 1. large dump throughput
+            d_bps, m_bps = alternate(throughput, big_pin, big, rounds)
+            rows.append((f"large dump ({size_big / 1e6:.1f} MB kallsyms), MB/s",
+                         f"{d_bps / 1e6:.1f}", f"{m_bps / 1e6:.1f}",
+                         f"{m_bps / d_bps:.2f} (goal >= 0.95)"))
+
+            # 2. small dump: per-open overhead vs lxcfs's
+            for _ in range(5):
+                read_all(small)  # let the daemon learn it is quick
+            d_t, m_t = alternate(lambda p: per_open(p, opens), small_pin, small, rounds)
+            p_t, l_t = alternate(lambda p: per_open(p, opens), "/proc/uptime",
+                                 str(lx.dir / "proc/uptime"), rounds)
+            ours, theirs = (m_t - d_t) * 1e6, (l_t - p_t) * 1e6
+            rows.append((f"small dump ({size_small} B): open-read-close, us", f"{d_t * 1e6:.0f}",
+                         f"{m_t * 1e6:.0f}", f"overhead {ours:.0f} us"))
+            rows.append(("lxcfs proc/uptime vs /proc/uptime, us", f"{p_t * 1e6:.0f}",
+                         f"{l_t * 1e6:.0f}", f"overhead {theirs:.0f} us"))
+            rows.append(("per-open overhead, bpfdumpfs / lxcfs", "", "",
+                         f"{ours / theirs:.2f} (goal < 1)"))
+
+            # 3. 32 concurrent readers of the large dump
+            d_agg, m_agg = alternate(lambda p: concurrent_cats(p, 32), big_pin, big,
+                                     max(2, rounds // 2))
+            rows.append(("32 concurrent readers, aggregate MB/s", f"{d_agg / 1e6:.1f}",
+                         f"{m_agg / 1e6:.1f}", f"{m_agg / d_agg:.2f} (goal >= 0.9)"))
+
+            # 4. fairness: small-dump latency while a slow dumper streams
+            def latencies(n: int) -> list[float]:
+                out = []
+                for _ in range(n):
+                    t = time.perf_counter()
+                    read_all(small)
+                    out.append(time.perf_counter() - t)
+                return out
+            idle = p99(latencies(opens))
+            stop = threading.Event()
+
+            def stream_slow() -> None:
+                while not stop.is_set():
+                    read_all(str(m.mnt / "task/slow"))
+            bg = threading.Thread(target=stream_slow)
+            bg.start()
+            time.sleep(0.3)
+            busy = p99(latencies(opens))
+            stop.set()
+            bg.join()
+            rows.append(("small-dump p99 latency, idle vs slow dumper streaming, us",
+                         f"{idle * 1e6:.0f}", f"{busy * 1e6:.0f}",
+                         f"{busy / idle:.2f} (goal <= 2)"))
+
+            # 5. RSS with 1,000 dumpers and 200 open handles
+            with Dumper.load(object_path("tasks")) as d:
+                for i in range(1000):
+                    d.pin(state, f"t{i:04d}", mode=0o444)
+            base_rss = rss_kib(m.proc.pid)
+            fds = []
+            for i in range(200):
+                fd = os.open(str(m.mnt / f"task/t{i:04d}"), os.O_RDONLY)
+                os.read(fd, 1)
+                fds.append(fd)
+            rss = rss_kib(m.proc.pid)
+            for fd in fds:
+                os.close(fd)
+            rows.append(("daemon RSS, 1,000 dumpers + 200 open handles, MiB",
+                         f"{base_rss / 1024:.1f} (no handles)", f"{rss / 1024:.1f}",
+                         "goal <= 64"))
+
+            # 6. ls -l of a target holding 10,000 dumpers
+            with Dumper.load(object_path("tasks")) as d:
+                for i in range(1000, 10000):
+                    d.pin(state, f"t{i:04d}", mode=0o444)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                subprocess.run(["ls", "-l", str(m.mnt / "task")], stdout=subprocess.DEVNULL,
+                               check=True)
+                times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            subprocess.run(["ls", "-l", str(m.state / "task")], stdout=subprocess.DEVNULL,
+                           check=True)
+            direct_ls = time.perf_counter() - t
+            rows.append(("ls -l of a target with 10,000 dumpers, s (first, median of 3)",
+                         f"{direct_ls:.2f} (bpffs)", f"{times[0]:.2f}, {statistics.median(times):.2f}",
+                         "goal <= 1"))
+        finally:
+            lx.close()
+            m.close()
+
+    w = [max(len(r[i]) for r in rows + [("measure", "direct", "bpfdumpfs", "ratio")])
+         for i in range(4)]
+    head = ("measure", "direct", "bpfdumpfs", "ratio")
+    print(" | ".join(h.ljust(w[i]) for i, h in enumerate(head)))
+    print("-|-".join("-" * x for x in w))
+    for r in rows:
+        print(" | ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
