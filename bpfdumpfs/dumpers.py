@@ -629,8 +629,8 @@ class StateDir:
                                  st.st_uid if spec.owner is None else spec.owner,
                                  st.st_gid if spec.group is None else spec.group, replace=True)
                         done, link_id = "replaced", li.id
-            self.meta.set(li.target_name, spec.name, link_id, origin=origin, view=spec.view,
-                          **record)
+            self._record(li.target_name, spec.name, link_id, origin=origin, view=spec.view,
+                         **record)
         finally:
             if loaded is None:
                 new.close()
@@ -644,7 +644,7 @@ class StateDir:
         with (Dumper.from_link_id(int(link)) if link.isdigit() else Dumper.from_pin(link)) as d:
             path = self.pin(d, name, 0o400 if mode is None else mode, owner, group, replace)
             li = d.link_info()
-            self.meta.set(li.target_name, name, li.id, origin="pin", view=view)
+            self._record(li.target_name, name, li.id, origin="pin", view=view)
         return path
 
     def set_view(self, target: str, name: str, view: str) -> None:
@@ -652,7 +652,13 @@ class StateDir:
             link_id = d.link_info().id
         record = self.meta.get(target, name, link_id)
         record.pop("link_id", None)
-        self.meta.set(target, name, link_id, **{**record, "view": view})
+        self._record(target, name, link_id, **{**record, "view": view})
+
+    def _record(self, target: str, name: str, link_id: int, **fields) -> None:
+        """Write a pin's record, and touch the pin: a mounted tree watches the pins
+        (not the record map), and re-reads a record when its pin changes."""
+        self.meta.set(target, name, link_id, **fields)
+        os.utime(self.pin_path(target, name))
 
     @staticmethod
     def _set_access(path: Path, mode: int | None, owner, group) -> None:
@@ -671,7 +677,7 @@ class StateDir:
         os.rename(src, self.pin_path(target, new))
         if record:
             record.pop("link_id")
-            self.meta.set(target, new, link_id, **record)
+            self._record(target, new, link_id, **record)
             self.meta.delete(target, old)
 
     def remove(self, target: str, name: str) -> None:

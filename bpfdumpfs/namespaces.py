@@ -186,16 +186,15 @@ class Namespaces:
                               "share the pid namespace with the daemon (podman --pid "
                               "container:SIDECAR, Kubernetes shareProcessNamespace), or "
                               "set the dumper's view to daemon")
+        path = f"/proc/{reader_pid}/ns/{kind}"
         try:
-            fd = os.open(f"/proc/{reader_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+            if os.stat(path).st_ino == self.mine[kind]:
+                return None  # the common case, one stat and done
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise DumperError(errno.EACCES, f"reading the {kind} namespace of reader pid "
                               f"{reader_pid}", os.strerror(e.errno)) from None
-        ino = os.fstat(fd).st_ino
-        if ino == self.mine[kind]:
-            os.close(fd)
-            return None
-        return fd, ino
+        return fd, os.fstat(fd).st_ino
 
     async def iter_create(self, link_fd: int, target: str, reader_pid: int, label: str) -> int:
         """A seq_file of LINK_FD as READER_PID would create it itself."""

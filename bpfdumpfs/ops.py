@@ -37,6 +37,7 @@ FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
 DIR_MODE = stat.S_IFDIR | 0o755
 XATTR_PREFIX = b"user.bpfdump."
 CACHE_TIMEOUT = 60.0  # entries/attributes, while the state dir is watched
+LINK_CACHE_MAX = 1024  # link fds kept open for quick opens
 
 
 def _guarded(handler):
@@ -75,6 +76,22 @@ class Handle:
 
 
 @dataclass
+class _Pin:
+    """What the daemon knows of one pin, valid while the pin keeps its inode."""
+    ino: int
+    link_id: int
+    hidden: str | None          # why it is not shown; None for a dumper of its target
+    pace: Pace
+    view: str | None = None     # from the pin's record, looked up at the first open
+    link_fd: int | None = None  # cached only while watched: a removed pin must free its link
+
+    def drop(self) -> None:
+        if self.link_fd is not None:
+            os.close(self.link_fd)
+            self.link_fd = None
+
+
+@dataclass
 class _Dir:
     """A readdir snapshot taken at opendir, so offsets stay stable while listing."""
     inode: int
@@ -100,10 +117,9 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.dirs: dict[int, _Dir] = {}
-        # (target, name) -> (pin st_ino, link id, why it is hidden or None): once per pin
-        self.pin_check: dict[tuple[str, str], tuple[int, int, str | None]] = {}
+        self.pins: dict[tuple[str, str], _Pin] = {}
+        self.cached_links = 0
         self.namespaces = Namespaces()
-        self.paces: dict[int, Pace] = {}  # pin st_ino -> how its reads went
         self.read_limiter = trio.CapacityLimiter(1024)
         self.mounted_ns = time.time_ns()
         self.nursery: trio.Nursery | None = None  # read-ahead tasks run here (set by serve)
@@ -123,7 +139,7 @@ class Operations(pyfuse3.Operations):
                 if watch is not None:
                     self.cache_timeout = CACHE_TIMEOUT
                     await watch.run(self.changed)
-                    self.cache_timeout = 0.0
+                    self.cache_timeout = 0.0   # unwatched: cache nothing from now on
                     for target in self.targets:
                         self.changed(target, None)
                 await trio.sleep_forever()
@@ -132,9 +148,12 @@ class Operations(pyfuse3.Operations):
 
     def changed(self, target: str, name: str | None) -> None:
         """A pin changed: forget what we and the kernel cached of it."""
-        names = [name] if name else [n for t, n in list(self.file_ino) if t == target]
+        names = [name] if name else [n for t, n in {*self.file_ino, *self.pins} if t == target]
         for n in names:
-            self.pin_check.pop((target, n), None)
+            pin = self.pins.pop((target, n), None)
+            if pin is not None and pin.link_fd is not None:
+                pin.drop()
+                self.cached_links -= 1
             if target in self.target_ino:
                 pyfuse3.invalidate_entry_async(self.target_ino[target], n.encode(),
                                                ignore_enoent=True)
@@ -168,6 +187,10 @@ class Operations(pyfuse3.Operations):
 
     def _pin_stat(self, target: str, name: str) -> os.stat_result:
         """stat of a pin that is a valid dumper of TARGET; FUSEError(ENOENT) otherwise."""
+        return self._pin(target, name)[1]
+
+    def _pin(self, target: str, name: str) -> tuple[_Pin, os.stat_result]:
+        """The pin's record and stat, checked once per pin inode; ENOENT if not a dumper."""
         path = self.state.pin_path(target, name)
         try:
             st = os.stat(path)
@@ -175,15 +198,18 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         if not stat.S_ISREG(st.st_mode):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        checked = self.pin_check.get((target, name))
-        if checked is None or checked[0] != st.st_ino:
+        pin = self.pins.get((target, name))
+        if pin is None or pin.ino != st.st_ino:
             link_id, why = self._check_pin(path, target)
-            if why and (checked is None or checked[2] != why):
+            if why and (pin is None or pin.hidden != why):
                 log.warning("hiding %s: %s", path, why)
-            checked = self.pin_check[(target, name)] = (st.st_ino, link_id, why)
-        if checked[2]:
+            if pin is not None and pin.link_fd is not None:
+                pin.drop()
+                self.cached_links -= 1
+            pin = self.pins[(target, name)] = _Pin(st.st_ino, link_id, why, Pace())
+        if pin.hidden:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return st
+        return pin, st
 
     @staticmethod
     def _check_pin(path, target: str) -> tuple[int, str | None]:
@@ -298,14 +324,13 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         target, name = key
         label = f"{target}/{name}"
-        st = self._pin_stat(target, name)
-        link_id = self.pin_check[key][1]
-        view = self.state.meta.get(target, name, link_id).get("view", "reader")
+        pin, _ = self._pin(target, name)
         try:
-            # _pin_stat checked that the pin is an iter link of this target
-            link = kernel.obj_get(str(self.state.pin_path(target, name)))
+            if pin.view is None:
+                pin.view = self.state.meta.get(target, name, pin.link_id).get("view", "reader")
+            link = self._link_fd(pin, target, name)
             try:
-                if view == "reader":
+                if pin.view == "reader":
                     fd = await self.namespaces.iter_create(link, target, ctx.pid, label)
                 else:
                     fd = kernel.iter_create(link, f"opening dumper {label}")
@@ -321,10 +346,22 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         fh = self.next_fh
         self.next_fh += 1
-        pace = self.paces.setdefault(st.st_ino, Pace())
-        reader = Reader(Stream(fd, label), pace, self.read_limiter, self.nursery)
+        reader = Reader(Stream(fd, label), pin.pace, self.read_limiter, self.nursery)
         self.handles[fh] = Handle(reader, label, ctx.pid, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    def _link_fd(self, pin: _Pin, target: str, name: str) -> int:
+        """A new fd of the pin's link, for the caller to close. The link is cached
+        while the state dir is watched (a change event drops it, so a removed pin
+        never keeps its link alive); the caller gets a dup, as the cache may be
+        dropped while it still uses the fd."""
+        if pin.link_fd is None:
+            fd = kernel.obj_get(str(self.state.pin_path(target, name)))
+            if not self.cache_timeout or self.cached_links >= LINK_CACHE_MAX:
+                return fd
+            pin.link_fd = fd
+            self.cached_links += 1
+        return os.dup(pin.link_fd)
 
     async def read(self, fh, off, size) -> bytes:
         h = self.handles.get(fh)
