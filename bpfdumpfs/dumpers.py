@@ -294,7 +294,9 @@ class Dumper:
     @classmethod
     def _adopt(cls, fd: int, label: str) -> Dumper:
         d = cls(fd, label)
-        if not d.link_info().is_iter:
+        # a pin may hold a map or a program too, whose info would be misread as a link's
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf_link" or \
+                not d.link_info().is_iter:
             d.close()
             raise DumperError(errno.EINVAL, f"{label} is not an iterator link",
                               "give a link made from a SEC(\"iter/...\") program")
@@ -310,6 +312,10 @@ class Dumper:
     def open_fd(self) -> int:
         """A new seq_file fd (the caller closes it)."""
         return kernel.iter_create(self.fd, f"opening dumper {self.label}")
+
+    def dup(self) -> Dumper:
+        """Another handle on the same link, closed independently of this one."""
+        return Dumper(os.dup(self.fd), self.label)
 
     def open(self, text: bool = False) -> io.BufferedReader | io.TextIOWrapper:
         """A new, independent stream of the dumper's output (iterates lines)."""

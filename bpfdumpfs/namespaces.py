@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import cffi
 import trio
 
-from . import kernel
-from .errors import DumperError
+from .dumpers import Dumper, DumperError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,7 @@ def ns_inode(pid: int | str, kind: str) -> int:
 
 @dataclass
 class _Job:
-    link_fd: int
-    label: str
+    dumper: Dumper
     token: trio.lowlevel.TrioToken
     done: trio.Event
     fd: int = -1
@@ -116,7 +114,7 @@ class _NetThread:
 
     def _do(self, job: _Job) -> None:
         try:
-            job.fd = kernel.iter_create(job.link_fd, f"opening dumper {job.label}")
+            job.fd = job.dumper.open_fd()
         except DumperError as e:
             job.error = e
         job.token.run_sync_soon(job.done.set)
@@ -138,16 +136,16 @@ class _PidHelper:
         self.sock = trio.socket.from_stdlib_socket(ours)
         self.lock = trio.Lock()
 
-    async def iter_create(self, link_fd: int, label: str) -> int:
+    async def open_fd(self, dumper: Dumper) -> int:
         async with self.lock:
             await self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              array.array("i", [link_fd]))])
+                                              array.array("i", [dumper.fd]))])
             msg, anc, _flags, _addr = await self.sock.recvmsg(64, socket.CMSG_SPACE(4))
         if not msg:
             raise ConnectionError("namespace helper exited")
         if msg[:1] == b"e":
-            raise DumperError(int(msg[1:]), f"opening dumper {label} in pid namespace "
-                              f"{self.ino}")
+            raise DumperError(int(msg[1:]), f"opening dumper {dumper.label} in pid "
+                              f"namespace {self.ino}")
         fds = array.array("i")
         for level, typ, data in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
@@ -196,18 +194,18 @@ class Namespaces:
                               f"{reader_pid}", os.strerror(e.errno)) from None
         return fd, os.fstat(fd).st_ino
 
-    async def iter_create(self, link_fd: int, target: str, reader_pid: int, label: str) -> int:
-        """A seq_file of LINK_FD as READER_PID would create it itself."""
+    async def open_fd(self, dumper: Dumper, target: str, reader_pid: int) -> int:
+        """A seq_file of DUMPER (of TARGET) as READER_PID would create it itself."""
         kind = kind_of(target)
         found = self.foreign(kind, reader_pid) if kind else None
         if found is None:
-            return kernel.iter_create(link_fd, f"opening dumper {label}")
+            return dumper.open_fd()
         ns_fd, ino = found
         if kind == "net":
-            return await self._in_net(ns_fd, ino, link_fd, label)
-        return await self._in_pid(ns_fd, ino, link_fd, label)
+            return await self._in_net(ns_fd, ino, dumper)
+        return await self._in_pid(ns_fd, ino, dumper)
 
-    async def _in_net(self, ns_fd: int, ino: int, link_fd: int, label: str) -> int:
+    async def _in_net(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
         with self.lock:
             t = self.net.get(ino)
             if t is None:
@@ -217,7 +215,7 @@ class Namespaces:
                     raise DumperError(e.errno, f"entering network namespace {ino}") from None
             else:
                 os.close(ns_fd)
-            job = _Job(link_fd, label, trio.lowlevel.current_trio_token(), trio.Event())
+            job = _Job(dumper, trio.lowlevel.current_trio_token(), trio.Event())
             t.jobs.put(job)
         await job.done.wait()
         if job.error:
@@ -229,22 +227,22 @@ class Namespaces:
             if self.net.get(t.ino) is t:
                 del self.net[t.ino]
 
-    async def _in_pid(self, ns_fd: int, ino: int, link_fd: int, label: str) -> int:
+    async def _in_pid(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
         helper = self.pid.get(ino)
         if helper is None:
             helper = self.pid[ino] = _PidHelper(ns_fd, ino)
         else:
             os.close(ns_fd)
         try:
-            return await helper.iter_create(link_fd, label)
+            return await helper.open_fd(dumper)
         except (ConnectionError, OSError) as e:
             if isinstance(e, DumperError):
                 raise
             # the namespace (and so the helper) is gone; a later open starts a new one
             self.pid.pop(ino, None)
             helper.close()
-            raise DumperError(errno.ESRCH, f"opening dumper {label}: the reader's pid "
-                              "namespace is gone") from None
+            raise DumperError(errno.ESRCH, f"opening dumper {dumper.label}: the reader's "
+                              "pid namespace is gone") from None
 
     def close(self) -> None:
         with self.lock:

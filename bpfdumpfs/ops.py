@@ -25,7 +25,7 @@ import pyfuse3
 import trio
 
 from . import kernel
-from .dumpers import NAME_MAX, DumperError, StateDir, Stream, check_name
+from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name
 from .namespaces import Namespaces
 from .reader import Pace, Reader
 from .watch import StateWatch
@@ -82,13 +82,13 @@ class _Pin:
     link_id: int
     hidden: str | None          # why it is not shown; None for a dumper of its target
     pace: Pace
-    view: str | None = None     # from the pin's record, looked up at the first open
-    link_fd: int | None = None  # cached only while watched: a removed pin must free its link
+    view: str | None = None         # from the pin's record, looked up at the first open
+    dumper: Dumper | None = None    # cached only while watched: a removed pin must free its link
 
     def drop(self) -> None:
-        if self.link_fd is not None:
-            os.close(self.link_fd)
-            self.link_fd = None
+        if self.dumper is not None:
+            self.dumper.close()
+            self.dumper = None
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Operations(pyfuse3.Operations):
         names = [name] if name else [n for t, n in {*self.file_ino, *self.pins} if t == target]
         for n in names:
             pin = self.pins.pop((target, n), None)
-            if pin is not None and pin.link_fd is not None:
+            if pin is not None and pin.dumper is not None:
                 pin.drop()
                 self.cached_links -= 1
             if target in self.target_ino:
@@ -203,7 +203,7 @@ class Operations(pyfuse3.Operations):
             link_id, why = self._check_pin(path, target)
             if why and (pin is None or pin.hidden != why):
                 log.warning("hiding %s: %s", path, why)
-            if pin is not None and pin.link_fd is not None:
+            if pin is not None and pin.dumper is not None:
                 pin.drop()
                 self.cached_links -= 1
             pin = self.pins[(target, name)] = _Pin(st.st_ino, link_id, why, Pace())
@@ -215,17 +215,10 @@ class Operations(pyfuse3.Operations):
     def _check_pin(path, target: str) -> tuple[int, str | None]:
         """(link id, why the pin is not shown -- None if it is a dumper of TARGET)."""
         try:
-            fd = kernel.obj_get(str(path))
+            with Dumper.from_pin(path) as d:
+                info = d.link_info()
         except DumperError as e:
-            return 0, str(e)
-        try:
-            info = kernel.link_info(fd)
-        except DumperError as e:
-            return 0, str(e)
-        finally:
-            os.close(fd)
-        if not info.is_iter:
-            return info.id, "not an iterator link"
+            return 0, "not an iterator link" if e.errno == errno.EINVAL else str(e)
         if info.target_name != target:
             return info.id, (f"its target is {info.target_name}, not {target}; "
                              f"pin it under {info.target_name}/ instead")
@@ -328,14 +321,11 @@ class Operations(pyfuse3.Operations):
         try:
             if pin.view is None:
                 pin.view = self.state.meta.get(target, name, pin.link_id).get("view", "reader")
-            link = self._link_fd(pin, target, name)
-            try:
+            with self._dumper(pin, target, name) as dumper:
                 if pin.view == "reader":
-                    fd = await self.namespaces.iter_create(link, target, ctx.pid, label)
+                    fd = await self.namespaces.open_fd(dumper, target, ctx.pid)
                 else:
-                    fd = kernel.iter_create(link, f"opening dumper {label}")
-            finally:
-                os.close(link)
+                    fd = dumper.open_fd()
         except DumperError as e:
             if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
@@ -350,18 +340,18 @@ class Operations(pyfuse3.Operations):
         self.handles[fh] = Handle(reader, label, ctx.pid, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
 
-    def _link_fd(self, pin: _Pin, target: str, name: str) -> int:
-        """A new fd of the pin's link, for the caller to close. The link is cached
-        while the state dir is watched (a change event drops it, so a removed pin
-        never keeps its link alive); the caller gets a dup, as the cache may be
-        dropped while it still uses the fd."""
-        if pin.link_fd is None:
-            fd = kernel.obj_get(str(self.state.pin_path(target, name)))
+    def _dumper(self, pin: _Pin, target: str, name: str) -> Dumper:
+        """The pin's dumper, for the caller to close. It is cached while the state dir
+        is watched (a change event drops it, so a removed pin never keeps its link
+        alive); the caller gets a dup, as the cache may be dropped while it is used."""
+        if pin.dumper is None:
+            d = Dumper(kernel.obj_get(str(self.state.pin_path(target, name))),
+                       f"{target}/{name}")
             if not self.cache_timeout or self.cached_links >= LINK_CACHE_MAX:
-                return fd
-            pin.link_fd = fd
+                return d
+            pin.dumper = d
             self.cached_links += 1
-        return os.dup(pin.link_fd)
+        return pin.dumper.dup()
 
     async def read(self, fh, off, size) -> bytes:
         h = self.handles.get(fh)
