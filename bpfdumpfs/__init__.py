@@ -1,4 +1,6 @@
 """bpfdumpfs: BPF iterator dumpers as files, and the Python API behind them."""
+__version__ = "0.1.0"
+
 from .dumpers import Dumper, DumperInfo, Params, StateDir, Stream
 from .errors import DumperError
 

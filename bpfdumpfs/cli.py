@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -61,6 +62,12 @@ def _mode(text: str) -> int:
     return mode
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def _params(args) -> Params:
     return Params(map=args.map, cgroup=args.cgroup, order=args.order, tid=args.tid, pid=args.pid)
 
@@ -83,9 +90,15 @@ def _shown_path(state: StateDir, target: str, name: str) -> str:
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_mount(args) -> int:
+    limits = mount.load_limits(args.settings or mount.DEFAULT_SETTINGS,
+                               required=args.settings is not None)
+    overrides = {k: v for k, v in (("max_handles", args.max_handles),
+                                   ("max_handles_per_uid", args.max_handles_per_uid),
+                                   ("open_budget", args.open_budget)) if v is not None}
     opts = mount.MountOptions(mountpoint=args.mountpoint, state_dir=args.state_dir,
                               config_dir=args.config_dir, builtins=not args.no_builtins,
-                              debug_fuse=args.debug_fuse, log_file=args.log_file)
+                              debug_fuse=args.debug_fuse, log_file=args.log_file,
+                              limits=dataclasses.replace(limits, **overrides))
     if args.background:
         return mount.run_background(opts)
     mount.run(opts)
@@ -208,6 +221,15 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--log-file", metavar="FILE",
                    help=f"append logs to FILE (with --background: default "
                         f"{mount.DEFAULT_BACKGROUND_LOG}; otherwise stderr)")
+    m.add_argument("--settings", metavar="FILE",
+                   help=f"daemon settings ([limits]; default {mount.DEFAULT_SETTINGS} if it "
+                        "exists)")
+    m.add_argument("--max-handles", type=_count, metavar="N",
+                   help="open dumper files in all, then ENFILE (default 4096; 0: no limit)")
+    m.add_argument("--max-handles-per-uid", type=_count, metavar="N",
+                   help="open dumper files per user, then EMFILE (default 1024; 0: no limit)")
+    m.add_argument("--open-budget", type=float, metavar="SECONDS",
+                   help="seconds one open may read, then ETIME (default 0: no budget)")
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.set_defaults(func=cmd_mount)
 
@@ -257,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
                        description="List this kernel's iterator targets (from its BTF) and "
                        "the parameters each takes.")
     t.add_argument("--json", action="store_true", help="machine-readable output")
+    _state_dir_arg(t)  # accepted like everywhere; targets are the kernel's, not the state's
     t.set_defaults(func=cmd_targets)
 
     ap = sub.add_parser("apply", help="apply the config directory without a daemon",

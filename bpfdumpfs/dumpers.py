@@ -295,7 +295,7 @@ class Dumper:
     def _adopt(cls, fd: int, label: str) -> Dumper:
         d = cls(fd, label)
         # a pin may hold a map or a program too, whose info would be misread as a link's
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf_link" or \
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf-link" or \
                 not d.link_info().is_iter:
             d.close()
             raise DumperError(errno.EINVAL, f"{label} is not an iterator link",

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 
 import cffi
@@ -24,7 +25,8 @@ import trio
 from . import config, targets
 from .builtins import builtins
 from .dumpers import Dumper, DumperError, StateDir, choose_program
-from .ops import Operations
+from .metrics import Metrics
+from .ops import Limits, Operations
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class MountOptions:
     builtins: bool = True
     debug_fuse: bool = False
     log_file: str | None = None  # --background: DEFAULT_BACKGROUND_LOG
+    limits: Limits = Limits()
 
 
 _ffi = cffi.FFI()
@@ -132,6 +135,41 @@ def clear_dead_mount(mountpoint: str) -> None:
                       f"unmount it first (fusermount3 -u {path}) or choose another mount point")
 
 
+DEFAULT_SETTINGS = "/etc/bpfdumpfs/bpfdumpfs.toml"
+_LIMIT_KEYS = {"max_handles": int, "max_handles_per_uid": int, "open_budget": (int, float)}
+
+
+def load_limits(path: str, required: bool = False) -> Limits:
+    """[limits] of the daemon's settings file (absent file: the defaults).
+
+        [limits]
+        max_handles = 4096          # open dumper files in all; 0: no limit
+        max_handles_per_uid = 1024  # of one user
+        open_budget = 30            # seconds one open may read; 0: no budget
+    """
+    try:
+        text = open(path).read()
+    except FileNotFoundError:
+        if required:
+            raise DumperError(errno.ENOENT, f"settings file {path} does not exist",
+                              "create it, or leave out --settings") from None
+        return Limits()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DumperError(errno.EINVAL, f"{path}: TOML syntax: {e}") from None
+    limits = data.pop("limits", {})
+    for key, value in [*[(k, None) for k in data], *limits.items()]:
+        line = next((i + 1 for i, ln in enumerate(text.splitlines())
+                     if ln.strip().startswith(key)), 1)
+        if key not in _LIMIT_KEYS or value is None:
+            raise DumperError(errno.EINVAL, f"{path}:{line}: unknown setting {key!r}",
+                              "known: [limits] " + ", ".join(_LIMIT_KEYS))
+        if not isinstance(value, _LIMIT_KEYS[key]) or isinstance(value, bool) or value < 0:
+            raise DumperError(errno.EINVAL, f"{path}:{line}: {key} must be a number >= 0")
+    return Limits(**limits)
+
+
 def sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) how the daemon is doing; a no-op outside systemd."""
     path = os.environ.get("NOTIFY_SOCKET")
@@ -193,7 +231,8 @@ def run(opts: MountOptions, ready=None) -> None:
     _libc.malloc_trim(0)  # libbpf's copy of the kernel BTF is freed by now
     clear_dead_mount(opts.mountpoint)
     os.makedirs(opts.mountpoint, exist_ok=True)
-    ops = Operations(state, list(targets.running_kernel()))
+    ops = Operations(state, list(targets.running_kernel()),
+                     Metrics(os.path.abspath(opts.mountpoint), str(state.path)), opts.limits)
     fuse_options = {f"fsname={fsname(state)}", "subtype=bpfdumpfs", "allow_other",
                     "default_permissions"}
     if opts.debug_fuse:

@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pyfuse3
@@ -26,6 +27,7 @@ import trio
 
 from . import kernel
 from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name
+from .metrics import Metrics
 from .namespaces import Namespaces
 from .reader import Pace, Reader
 from .watch import StateWatch
@@ -33,6 +35,8 @@ from .watch import StateWatch
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+STATS_INODE = (1 << 16) - 1
+STATS_NAME = ".stats"
 FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
 DIR_MODE = stat.S_IFDIR | 0o755
 XATTR_PREFIX = b"user.bpfdump."
@@ -65,14 +69,37 @@ def _guard_handlers(cls):
     return cls
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What protects the host from its readers; 0 means no limit."""
+    max_handles: int = 4096          # open dumper files in all (ENFILE beyond)
+    max_handles_per_uid: int = 1024  # open dumper files of one user (EMFILE beyond)
+    open_budget: float = 0.0         # seconds one open may keep reading (ETIME after)
+
+
+class _Snapshot:
+    """A small file made once at open (.stats), read like a stream."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def read(self, size: int) -> bytes:
+        out, self.data = self.data[:size], self.data[size:]
+        return out
+
+    def release(self) -> None:
+        self.data = b""
+
+
 @dataclass
 class Handle:
     """One open() of a dumper: its reader and who opened it."""
-    reader: Reader
+    reader: Reader | _Snapshot
     label: str
     pid: int
     uid: int
-    failed: bool = False   # the kernel said E2BIG/EOPNOTSUPP: logged once, EIO from then on
+    opened: float
+    failed: int = 0   # errno the handle failed with: logged once, answered from then on
 
 
 @dataclass
@@ -103,7 +130,8 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, state: StateDir, targets: list[str]) -> None:
+    def __init__(self, state: StateDir, targets: list[str], metrics: Metrics,
+                 limits: Limits = Limits()) -> None:
         super().__init__()
         self.state = state
         self.targets = sorted(targets)
@@ -124,6 +152,9 @@ class Operations(pyfuse3.Operations):
         self.mounted_ns = time.time_ns()
         self.nursery: trio.Nursery | None = None  # read-ahead tasks run here (set by serve)
         self.cache_timeout = 0.0  # > 0 only while the state dir is watched
+        self.metrics = metrics
+        self.limits = limits
+        self.uid_handles: Counter[int] = Counter()
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
@@ -248,9 +279,18 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = self.cache_timeout
         return a
 
+    def _stats_attr(self) -> pyfuse3.EntryAttributes:
+        a = self._dir_attr(STATS_INODE)
+        a.st_mode = stat.S_IFREG | 0o444
+        a.st_nlink = 1
+        a.entry_timeout = a.attr_timeout = 0
+        return a
+
     async def getattr(self, inode, ctx=None) -> pyfuse3.EntryAttributes:
         if inode == ROOT or inode in self.ino_target:
             return self._dir_attr(inode)
+        if inode == STATS_INODE:
+            return self._stats_attr()
         key = self.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -259,6 +299,8 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None) -> pyfuse3.EntryAttributes:
         name = os.fsdecode(name)
         if parent_inode == ROOT:
+            if name == STATS_NAME:
+                return self._stats_attr()
             if name not in self.target_ino:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._dir_attr(self.target_ino[name])
@@ -275,7 +317,8 @@ class Operations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------
     async def opendir(self, inode, ctx) -> int:
         if inode == ROOT:
-            entries = [(t.encode(), self.target_ino[t]) for t in self.targets]
+            entries = [(STATS_NAME.encode(), STATS_INODE)] + \
+                [(t.encode(), self.target_ino[t]) for t in self.targets]
         elif inode in self.ino_target:
             entries = [(n.encode(), 0) for n in self.state.names(self.ino_target[inode])]
         else:
@@ -290,7 +333,9 @@ class Operations(pyfuse3.Operations):
         entries = d.entries
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
-            if ino:  # a target directory
+            if ino == STATS_INODE:
+                attr = self._stats_attr()
+            elif ino:  # a target directory
                 attr = self._dir_attr(ino)
             else:
                 target = self.ino_target[d.inode]
@@ -308,15 +353,38 @@ class Operations(pyfuse3.Operations):
         self.dirs.pop(fh, None)
 
     # -- files ----------------------------------------------------------------------
+    def _new_handle(self, reader, label: str, ctx) -> pyfuse3.FileInfo:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = Handle(reader, label, ctx.pid, ctx.uid, time.monotonic())
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    def _check_limits(self, label: str, ctx) -> None:
+        lim = self.limits
+        if lim.max_handles and len(self.handles) >= lim.max_handles:
+            log.warning("open %s by uid %d pid %d refused: %d files open, the limit "
+                        "(max_handles)", label, ctx.uid, ctx.pid, len(self.handles))
+            self.metrics.error(label, errno.ENFILE)
+            raise pyfuse3.FUSEError(errno.ENFILE)
+        if lim.max_handles_per_uid and self.uid_handles[ctx.uid] >= lim.max_handles_per_uid:
+            log.warning("open %s by uid %d pid %d refused: the user has %d files open, the "
+                        "limit (max_handles_per_uid)", label, ctx.uid, ctx.pid,
+                        self.uid_handles[ctx.uid])
+            self.metrics.error(label, errno.EMFILE)
+            raise pyfuse3.FUSEError(errno.EMFILE)
+
     async def open(self, inode, flags, ctx) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if inode == STATS_INODE:
+            return self._new_handle(_Snapshot(self.metrics.render()), STATS_NAME, ctx)
         key = self.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode in self.ino_target or inode == ROOT
                                     else errno.ENOENT)
-        if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EACCES)
         target, name = key
         label = f"{target}/{name}"
+        self._check_limits(label, ctx)
         pin, _ = self._pin(target, name)
         try:
             if pin.view is None:
@@ -329,16 +397,14 @@ class Operations(pyfuse3.Operations):
         except DumperError as e:
             if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
-            if e.errno == errno.EACCES:
-                log.warning("open %s by pid %d refused: %s", label, ctx.pid, e)
-                raise pyfuse3.FUSEError(errno.EACCES) from None
-            log.error("open %s by pid %d: %s", label, ctx.pid, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        fh = self.next_fh
-        self.next_fh += 1
+            err = errno.EACCES if e.errno == errno.EACCES else errno.EIO
+            log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
+            self.metrics.error(label, err)
+            raise pyfuse3.FUSEError(err) from None
+        self.metrics.opened(label)
+        self.uid_handles[ctx.uid] += 1
         reader = Reader(Stream(fd, label), pin.pace, self.read_limiter, self.nursery)
-        self.handles[fh] = Handle(reader, label, ctx.pid, ctx.uid)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+        return self._new_handle(reader, label, ctx)
 
     def _dumper(self, pin: _Pin, target: str, name: str) -> Dumper:
         """The pin's dumper, for the caller to close. It is cached while the state dir
@@ -358,13 +424,25 @@ class Operations(pyfuse3.Operations):
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if h.failed:
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise pyfuse3.FUSEError(h.failed)
+        budget = self.limits.open_budget
+        t0 = time.monotonic()
+        if budget and t0 - h.opened > budget:
+            return self._fail(h, errno.ETIME, f"reading dumper {h.label} stopped: the open "
+                              f"took more than its time budget of {budget:g} s (open_budget)")
         try:
-            return await h.reader.read(size)
+            data = await h.reader.read(size)
         except DumperError as e:
-            h.failed = True
-            log.error("%s (reader pid %d)", e, h.pid)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            return self._fail(h, errno.EIO, str(e))
+        self.metrics.read(h.label, len(data), time.monotonic() - t0)
+        return data
+
+    def _fail(self, h: Handle, err: int, why: str):
+        """Fail handle H for good with ERR: one log line, EIO/ETIME to every later read."""
+        h.failed = err
+        log.error("%s (reader uid %d pid %d)", why, h.uid, h.pid)
+        self.metrics.error(h.label, err)
+        raise pyfuse3.FUSEError(err)
 
     async def flush(self, fh) -> None:
         # Nothing to flush; ENOSYS tells the kernel never to send FLUSH again,
@@ -375,6 +453,9 @@ class Operations(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is not None:
             h.reader.release()
+            if isinstance(h.reader, Reader):
+                self.metrics.closed(h.label)
+                self.uid_handles[h.uid] -= 1
 
     async def unlink(self, parent_inode, name, ctx) -> None:
         """rm MNT/TARGET/NAME: delete the pin (root only); open readers finish their read."""

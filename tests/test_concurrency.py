@@ -14,6 +14,17 @@ from bpfdumpfs.compile import compile_source
 from helpers import need_kernel
 from test_tree import seq_fds
 
+
+def settled_seq_fds(pid: int) -> int:
+    """seq_fds once earlier tests' releases (sent asynchronously by the kernel) are in."""
+    last = seq_fds(pid)
+    while True:
+        time.sleep(0.1)
+        now = seq_fds(pid)
+        if now == last:
+            return now
+        last = now
+
 # Each task costs SPIN empty bpf_loop iterations: a dump of ~100 tasks takes seconds,
 # all of it inside read() calls the daemon cannot interrupt or poll.
 SLOW = r"""
@@ -112,7 +123,7 @@ def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
 
 def test_reader_killed_mid_read_frees_its_seq_file(slow, tree):
     pid = tree.proc.pid
-    base = seq_fds(pid)
+    base = settled_seq_fds(pid)
     reader = subprocess.Popen(["cat", str(slow)], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 5
     while seq_fds(pid) == base and time.monotonic() < deadline:
@@ -129,7 +140,7 @@ def test_reader_killed_mid_read_frees_its_seq_file(slow, tree):
 
 def test_head_on_a_huge_dump_frees_its_seq_file(tree):
     pid = tree.proc.pid
-    base = seq_fds(pid)
+    base = settled_seq_fds(pid)
     for _ in range(20):
         p = subprocess.run(f"head -c 300000 {tree.mnt}/ksym/kallsyms | wc -c", shell=True,
                            capture_output=True, text=True)

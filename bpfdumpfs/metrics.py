@@ -1,0 +1,95 @@
+"""What the daemon counts, in OpenMetrics text: opens, bytes, errors by errno, open
+handles and read latency, per dumper. Served as MOUNT/.stats; read by
+`bpfdumpfs status` and usable by node_exporter's textfile collector."""
+from __future__ import annotations
+
+import bisect
+import errno as errno_names
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from . import __version__
+
+# read latency buckets, seconds: a FUSE read from 20 us (inline, small) to seconds (slow)
+BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+           0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class _Dumper:
+    opens: int = 0
+    bytes: int = 0
+    handles: int = 0
+    errors: Counter = field(default_factory=Counter)      # errno name -> count
+    latency: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+
+class Metrics:
+    def __init__(self, mountpoint: str, state_dir: str) -> None:
+        self.mountpoint, self.state_dir = mountpoint, state_dir
+        self.started = time.time()
+        self.by_dumper: dict[str, _Dumper] = defaultdict(_Dumper)
+
+    def opened(self, dumper: str) -> None:
+        d = self.by_dumper[dumper]
+        d.opens += 1
+        d.handles += 1
+
+    def closed(self, dumper: str) -> None:
+        self.by_dumper[dumper].handles -= 1
+
+    def read(self, dumper: str, nbytes: int, seconds: float) -> None:
+        d = self.by_dumper[dumper]
+        d.bytes += nbytes
+        d.latency[bisect.bisect_left(BUCKETS, seconds)] += 1
+        d.latency_sum += seconds
+
+    def error(self, dumper: str, err: int) -> None:
+        self.by_dumper[dumper].errors[errno_names.errorcode.get(err, str(err))] += 1
+
+    def render(self) -> bytes:
+        out = [
+            "# TYPE bpfdumpfs_info gauge",
+            "# HELP bpfdumpfs_info The daemon: version, mount point, state dir, pid.",
+            f'bpfdumpfs_info{{version="{__version__}",mountpoint="{_esc(self.mountpoint)}",'
+            f'state_dir="{_esc(self.state_dir)}",pid="{os.getpid()}"}} 1',
+            "# TYPE bpfdumpfs_start_time_seconds gauge",
+            "# UNIT bpfdumpfs_start_time_seconds seconds",
+            f"bpfdumpfs_start_time_seconds {self.started:.3f}",
+        ]
+        rows = sorted(self.by_dumper.items())
+        families = [
+            ("opens", "counter", "opens of the dumper", lambda d: [("", d.opens)]),
+            ("read_bytes", "counter", "bytes read from the dumper",
+             lambda d: [("", d.bytes)]),
+            ("open_handles", "gauge", "open files of the dumper", lambda d: [("", d.handles)]),
+            ("errors", "counter", "failed opens and reads, by errno",
+             lambda d: [(f',errno="{e}"', n) for e, n in sorted(d.errors.items())]),
+        ]
+        for name, kind, text, values in families:
+            metric = f"bpfdumpfs_{name}"
+            out += [f"# TYPE {metric} {kind}", f"# HELP {metric} {text.capitalize()}."]
+            suffix = "_total" if kind == "counter" else ""
+            for dumper, d in rows:
+                for extra, n in values(d):
+                    out.append(f'{metric}{suffix}{{dumper="{_esc(dumper)}"{extra}}} {n}')
+        metric = "bpfdumpfs_read_seconds"
+        out += [f"# TYPE {metric} histogram", f"# UNIT {metric} seconds",
+                f"# HELP {metric} Time to answer one FUSE read."]
+        for dumper, d in rows:
+            label = f'dumper="{_esc(dumper)}"'
+            total = 0
+            for le, n in zip((*BUCKETS, "+Inf"), d.latency):
+                total += n
+                out.append(f'{metric}_bucket{{{label},le="{le}"}} {total}')
+            out.append(f"{metric}_count{{{label}}} {total}")
+            out.append(f"{metric}_sum{{{label}}} {d.latency_sum:.6f}")
+        out.append("# EOF")
+        return ("\n".join(out) + "\n").encode()
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
