@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict
 
 from . import config, mount, targets
@@ -173,6 +174,62 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def _parse_stats(text: str) -> dict:
+    """The few numbers `status` shows, from MOUNT/.stats."""
+    info: dict = {"dumpers_read": set(), "handles": 0, "errors": 0, "opens": 0}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        name, _, value = line.rpartition(" ")
+        metric, _, labels = name.partition("{")
+        fields = dict(kv.split("=", 1) for kv in labels.rstrip("}").split(",") if "=" in kv)
+        fields = {k: v.strip('"') for k, v in fields.items()}
+        if metric == "bpfdumpfs_info":
+            info.update(fields)
+        elif metric == "bpfdumpfs_start_time_seconds":
+            info["since"] = float(value)
+        elif metric == "bpfdumpfs_open_handles":
+            info["handles"] += int(value)
+        elif metric == "bpfdumpfs_errors_total":
+            info["errors"] += int(value)
+        elif metric == "bpfdumpfs_opens_total":
+            info["opens"] += int(value)
+    info.pop("dumpers_read")
+    return info
+
+
+def cmd_status(args) -> int:
+    points = [args.mountpoint] if args.mountpoint else mount.bpfdumpfs_mounts()
+    if not points:
+        raise DumperError(errno.ENOENT, "no bpfdumpfs tree is mounted",
+                          "start one: bpfdumpfs mount (or systemctl start bpfdumpfs)")
+    rows = []
+    for point in points:
+        try:
+            with open(os.path.join(point, ".stats")) as f:
+                info = _parse_stats(f.read())
+        except OSError as e:
+            raise DumperError(e.errno, f"reading {point}/.stats",
+                              "is a bpfdumpfs daemon serving it? (see `mount -t fuse.bpfdumpfs`)"
+                              ) from None
+        info["dumpers"] = sum(len(os.listdir(os.path.join(point, d)))
+                              for d in os.listdir(point) if not d.startswith("."))
+        rows.append(info)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for info in rows:
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(info["since"]))
+        print(f"{info['mountpoint']}: served by pid {info['pid']} since {since} "
+              f"(bpfdumpfs {info['version']})")
+        print(f"  state dir   {info['state_dir']}")
+        print(f"  dumpers     {info['dumpers']}")
+        print(f"  open files  {info['handles']}")
+        print(f"  opens       {info['opens']}")
+        print(f"  errors      {info['errors']}")
+    return 0
+
+
 def cmd_apply(args) -> int:
     config.check_dir(args.config_dir)
     report = config.apply(args.config_dir, StateDir(args.state_dir).check())
@@ -289,6 +346,14 @@ def parser() -> argparse.ArgumentParser:
     _config_dir_arg(ap)
     _state_dir_arg(ap)
     ap.set_defaults(func=cmd_apply)
+
+    st = sub.add_parser("status", help="is the tree served, since when, how busy",
+                        description="Show each mounted tree (or MOUNTPOINT): the daemon's pid, "
+                        "since when it serves, its state dir, dumpers, open files, errors.")
+    st.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    _state_dir_arg(st)
+    st.set_defaults(func=cmd_status)
 
     rn = sub.add_parser("run", help="run a dumper once, anonymously, to stdout",
                         description="Load OBJECT, create its link without pinning it, stream "

@@ -108,6 +108,10 @@ def fsname(state: StateDir) -> str:
     return f"bpfdumpfs:{path}" if re.fullmatch(r"[^\s,\\]+", path) else "bpfdumpfs"
 
 
+def bpfdumpfs_mounts() -> list[str]:
+    return [p for p, fstype, _ in _mountinfo() if fstype == "fuse.bpfdumpfs"]
+
+
 def mounts_of(state_dir) -> list[str]:
     """Mount points of bpfdumpfs trees serving STATE_DIR."""
     want = fsname(StateDir(state_dir))
@@ -166,7 +170,8 @@ def load_limits(path: str, required: bool = False) -> Limits:
             raise DumperError(errno.EINVAL, f"{path}:{line}: unknown setting {key!r}",
                               "known: [limits] " + ", ".join(_LIMIT_KEYS))
         if not isinstance(value, _LIMIT_KEYS[key]) or isinstance(value, bool) or value < 0:
-            raise DumperError(errno.EINVAL, f"{path}:{line}: {key} must be a number >= 0")
+            raise DumperError(errno.EINVAL, f"{path}:{line}: {key} must be a number >= 0",
+                              f"e.g. {key} = 0 (no limit)")
     return Limits(**limits)
 
 

@@ -37,6 +37,15 @@ def fstype(path: str | os.PathLike) -> str | None:
     return locals().get("found")
 
 
+def traversable(path: Path) -> Path:
+    """Let non-root readers reach PATH: pytest's temp dirs are 0700 root."""
+    for p in [path, *path.parents]:
+        if p == Path("/tmp"):
+            break
+        p.chmod(p.stat().st_mode | 0o755)
+    return path
+
+
 def mount_bpffs(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], check=True)

@@ -1,0 +1,136 @@
+"""What operators use: MOUNT/.stats, `bpfdumpfs status`, and the limits."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from helpers import Daemon, bpfdumpfs, mount_bpffs, traversable, unmount
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def daemon(tmp_path, request):
+    state = mount_bpffs(tmp_path / "state")
+    args = getattr(request, "param", ())
+    traversable(tmp_path)
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"), *args).start()
+    yield d
+    d.stop()
+    unmount(state)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{want}}} not in .stats")
+
+
+def test_stats_count_opens_bytes_handles_errors(daemon):
+    stats = daemon.mnt / ".stats"
+    assert oct(os.stat(stats).st_mode & 0o777) == "0o444"
+    data = (daemon.mnt / "task" / "tasks").read_bytes()
+    f = open(daemon.mnt / "ksym" / "kallsyms", "rb")
+    f.read(100)
+    text = stats.read_text()
+    assert text.endswith("# EOF\n")
+    assert metric(text, "bpfdumpfs_opens_total", dumper="task/tasks") == 1
+    assert metric(text, "bpfdumpfs_read_bytes_total", dumper="task/tasks") == len(data)
+    assert metric(text, "bpfdumpfs_open_handles", dumper="task/tasks") == 0
+    assert metric(text, "bpfdumpfs_open_handles", dumper="ksym/kallsyms") == 1
+    count = metric(text, "bpfdumpfs_read_seconds_count", dumper="task/tasks")
+    assert count >= 1
+    assert metric(text, "bpfdumpfs_read_seconds_bucket", dumper="task/tasks", le="+Inf") == count
+    f.close()
+    # every line is OpenMetrics text: comments, or name{labels} value
+    for line in text.splitlines():
+        assert line.startswith("#") or re.fullmatch(r"[a-z_]+(\{.*\})? [0-9.e+-]+", line), line
+
+
+def test_status_shows_where_since_when_and_how_busy(daemon):
+    (daemon.mnt / "task" / "tasks").read_bytes()
+    p = bpfdumpfs("status", str(daemon.mnt))
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith(f"{daemon.mnt}: served by pid {daemon.proc.pid} since ")
+    assert f"state dir   {daemon.state}" in p.stdout
+    assert re.search(r"dumpers     1[0-9]\n", p.stdout)
+    assert "opens       1\n" in p.stdout and "errors      0" in p.stdout
+    p = bpfdumpfs("status", str(daemon.mnt / "nope"), check=False)
+    assert p.returncode == 1 and "reading" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("daemon", [("--max-handles", "3", "--max-handles-per-uid", "2")],
+                         indirect=True)
+def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
+    f = daemon.mnt / "task" / "tasks"
+    held = [open(f, "rb"), open(f, "rb")]
+    nobody = None
+    try:
+        with pytest.raises(OSError) as e:
+            open(f, "rb")
+        assert e.value.errno == errno.EMFILE   # root has its 2
+        # another user may still open one, up to the total of 3 ...
+        nobody = subprocess.Popen([*NOBODY, "sh", "-c", f"exec 3<{f}; echo held; sleep 30"],
+                                  stdout=subprocess.PIPE)
+        assert nobody.stdout.readline() == b"held\n"
+        # ... and then no more
+        p = subprocess.run([*NOBODY, "cat", str(f)], capture_output=True, text=True)
+        assert p.returncode == 1 and "Too many open files in system" in p.stderr
+    finally:
+        if nobody:
+            nobody.kill()
+            nobody.wait()
+        for h in held:
+            h.close()
+    log = daemon.output()
+    assert "the limit (max_handles_per_uid)" in log and "the limit (max_handles)" in log
+    text = (daemon.mnt / ".stats").read_text()
+    assert metric(text, "bpfdumpfs_errors_total", dumper="task/tasks", errno="EMFILE") >= 1
+    assert metric(text, "bpfdumpfs_errors_total", dumper="task/tasks", errno="ENFILE") >= 1
+
+
+@pytest.mark.parametrize("daemon", [("--open-budget", "0.5",)], indirect=True)
+def test_open_budget_stops_a_runaway_reader(daemon):
+    f = open(daemon.mnt / "ksym" / "kallsyms", "rb", buffering=0)
+    assert len(f.read(4096)) == 4096
+    time.sleep(0.7)
+    with pytest.raises(OSError) as e:
+        f.read(4096)
+    assert e.value.errno == errno.ETIME
+    f.close()
+    assert "took more than its time budget of 0.5 s (open_budget)" in daemon.output()
+    assert (daemon.mnt / "task" / "tasks").read_bytes()  # a fresh open has its own budget
+
+
+def test_settings_file_sets_limits_and_bad_ones_are_refused(tmp_path):
+    state = mount_bpffs(tmp_path / "state")
+    try:
+        good = tmp_path / "good.toml"
+        good.write_text("[limits]\nmax_handles_per_uid = 1\n")
+        d = Daemon(tmp_path / "mnt", state, "--settings", str(good), "--no-builtins",
+                   "--config-dir", str(tmp_path / "none")).start()
+        try:
+            bpfdumpfs("add", "t", "bpfdumpfs/builtins/tasks.bpf.o", "--state-dir", str(state))
+            a = open(d.mnt / "task" / "t", "rb")
+            with pytest.raises(OSError) as e:
+                open(d.mnt / "task" / "t", "rb")
+            assert e.value.errno == errno.EMFILE
+            a.close()
+        finally:
+            d.stop()
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[limits]\nmax_handles = -1\n")
+        p = bpfdumpfs("mount", str(tmp_path / "mnt"), "--state-dir", str(state), "--settings",
+                      str(bad), check=False)
+        assert p.returncode == 1
+        assert p.stderr.strip() == (f"bpfdumpfs: {bad}:2: max_handles must be a number >= 0: "
+                                    "Invalid argument (EINVAL); e.g. max_handles = 0 (no limit)")
+    finally:
+        unmount(state)
