@@ -220,6 +220,7 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations) -> None:
                     return
         nursery.start_soon(on_signals)
         await pyfuse3.main(min_tasks=2, max_tasks=64)
+        ops.shutdown()
         nursery.cancel_scope.cancel()
 
 

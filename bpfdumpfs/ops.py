@@ -177,6 +177,12 @@ class Operations(pyfuse3.Operations):
         finally:
             self.namespaces.close()
 
+    def shutdown(self) -> None:
+        """Release every open file: producer threads stop, seq_files close."""
+        for h in self.handles.values():
+            h.reader.release()
+        self.handles.clear()
+
     def changed(self, target: str, name: str | None) -> None:
         """A pin changed: forget what we and the kernel cached of it."""
         names = [name] if name else [n for t, n in {*self.file_ino, *self.pins} if t == target]

@@ -8,18 +8,20 @@ what its reads took before:
 - a dumper whose kernel reads are quick (a moving average under 0.3 ms, after a
   few reads in threads to learn it) is read inline: a small dump costs no thread
   hand-off at all;
-- any other dumper (new, slow or large) is read in worker threads, and once a
-  reader streams (asks for full chunks), the next chunk is read ahead while the
-  current one travels to the reader, so the kernel's work overlaps FUSE's.
+- any other dumper (new, slow or large) is read in worker threads;
+- a reader that streams (two full chunks in a row) gets a producer: one worker
+  thread that keeps reading the kernel, at most READ_AHEAD chunks ahead of the
+  reader, so the kernel's work never waits for FUSE round trips.
 A quick dumper that turns slow moves back to threads after one slow read.
 
-At most one chunk is read ahead per open file, so memory stays bounded. The
-seq_file is closed at release, or, if a worker is still inside read(), the
+The seq_file is closed at release, or, if a worker is still inside read(), the
 moment that read returns.
 """
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 INLINE_MAX_NS = 300_000   # inline only while reads average less than this
 LEARN_READS = 3           # reads done in threads before a dumper may be read inline
+STREAMING_AFTER = 2       # full chunks in a row before a producer takes over
+READ_AHEAD = 3            # chunks a producer may hold for its reader
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Pace:
 
 
 class Reader:
-    """FUSE-facing reads of one Stream: inline or threaded, with read-ahead."""
+    """FUSE-facing reads of one Stream: inline, threaded, or from a producer thread."""
 
     def __init__(self, stream: Stream, pace: Pace, limiter: trio.CapacityLimiter,
                  nursery: trio.Nursery) -> None:
@@ -61,10 +65,17 @@ class Reader:
         self.pending = bytearray()   # read from the kernel, not yet given to the reader
         self.eof = False
         self.error: DumperError | None = None
-        self.ahead: trio.Event | None = None   # set when the read-ahead chunk is in
-        self.busy = 0                          # kernel reads running in workers
+        self.full_reads = 0
+        self.busy = 0                # threads that may be inside a kernel read
         self.released = False
+        # the producer's side: chunks it read, guarded by cond; arrived wakes the reader
+        self.producing = False
+        self.chunks: collections.deque[bytearray] = collections.deque()
+        self.produced_all = False
+        self.cond = threading.Condition()
+        self.arrived = trio.Event()
 
+    # -- reading without a producer ----------------------------------------------
     def _fill(self, size: int) -> bytearray:
         t0 = time.monotonic_ns()
         data = self.stream.fill(size)
@@ -79,14 +90,6 @@ class Reader:
             self.busy -= 1
             self._close_if_done()
 
-    async def _read_ahead(self, size: int, done: trio.Event) -> None:
-        try:
-            self._take(await self._fill_threaded(size), size)
-        except DumperError as e:
-            self.error = e
-        finally:
-            done.set()
-
     def _take(self, data: bytearray, asked: int) -> None:
         self.pending += data
         if len(data) < asked:
@@ -94,25 +97,85 @@ class Reader:
 
     async def read(self, size: int) -> bytes:
         """Up to SIZE bytes, short only at the end; raises DumperError from the kernel."""
-        if self.ahead is not None:
-            await self.ahead.wait()
-            self.ahead = None
-        if self.error:
-            raise self.error
-        if len(self.pending) < size and not self.eof:
+        if self.producing:
+            await self._from_producer(size)
+        elif len(self.pending) < size and not self.eof and not self.error:
             want = size - len(self.pending)
-            data = self._fill(want) if self.pace.inline else await self._fill_threaded(want)
-            self._take(data, want)
+            try:
+                data = self._fill(want) if self.pace.inline else await self._fill_threaded(want)
+            except DumperError as e:
+                self.error = e
+            else:
+                self._take(data, want)
+        if self.error and not self.pending:
+            raise self.error
         out = bytes(self.pending[:size])
         del self.pending[:size]
-        if len(out) == size and not self.eof and not self.pending:
-            # The reader streams: read the next chunk while this one is delivered.
-            self.ahead = trio.Event()
-            self.nursery.start_soon(self._read_ahead, size, self.ahead)
+        self.full_reads = self.full_reads + 1 if len(out) == size else 0
+        if (self.full_reads >= STREAMING_AFTER and not self.producing and not self.eof
+                and not self.error):
+            self._start_producer(size)
         return out
 
+    # -- the producer ---------------------------------------------------------------
+    def _start_producer(self, size: int) -> None:
+        self.producing = True
+        self.busy += 1
+        self.nursery.start_soon(self._run_producer, size, trio.lowlevel.current_trio_token())
+
+    async def _run_producer(self, size: int, token: trio.lowlevel.TrioToken) -> None:
+        try:
+            await trio.to_thread.run_sync(self._produce, size, token, limiter=self.limiter)
+        finally:
+            self.busy -= 1
+            self._close_if_done()
+
+    def _produce(self, size: int, token: trio.lowlevel.TrioToken) -> None:
+        """In a worker thread: read chunks ahead until EOF, an error, or release."""
+        try:
+            while True:
+                with self.cond:
+                    while len(self.chunks) >= READ_AHEAD and not self.released:
+                        self.cond.wait()
+                    if self.released:
+                        return
+                try:
+                    data = self.stream.fill(size)
+                except DumperError as e:
+                    self.error = e
+                    return
+                with self.cond:
+                    self.chunks.append(data)
+                token.run_sync_soon(self.arrived.set)
+                if len(data) < size:
+                    return
+        finally:
+            with self.cond:
+                self.produced_all = True
+            token.run_sync_soon(self.arrived.set)
+
+    async def _from_producer(self, size: int) -> None:
+        """Move produced chunks to pending until SIZE bytes are there or nothing is left."""
+        while True:
+            with self.cond:
+                while self.chunks:
+                    self.pending += self.chunks.popleft()
+                self.cond.notify()
+                finished = self.produced_all and not self.chunks
+            if len(self.pending) >= size or finished:
+                self.eof = finished and not self.error
+                return
+            self.arrived = trio.Event()
+            with self.cond:
+                if self.chunks or self.produced_all:
+                    continue  # it arrived between the check and the new event
+            await self.arrived.wait()
+
+    # -- the end --------------------------------------------------------------------
     def release(self) -> None:
         self.released = True
+        with self.cond:
+            self.cond.notify()
         self._close_if_done()
 
     def _close_if_done(self) -> None:
