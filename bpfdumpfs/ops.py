@@ -42,6 +42,7 @@ DIR_MODE = stat.S_IFDIR | 0o755
 XATTR_PREFIX = b"user.bpfdump."
 CACHE_TIMEOUT = 60.0  # entries/attributes, while the state dir is watched
 LINK_CACHE_MAX = 1024  # link fds kept open for quick opens
+STATE_RETRY = 1.0      # seconds between looks for a state dir that went away
 
 
 def _guarded(handler):
@@ -159,23 +160,40 @@ class Operations(pyfuse3.Operations):
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
         try:
-            watch = StateWatch(self.state.path)
-        except OSError as e:
-            log.warning("cannot watch %s (%s): nothing will be cached", self.state.path, e)
-            watch = None
-        try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 task_status.started()
-                if watch is not None:
-                    self.cache_timeout = CACHE_TIMEOUT
-                    await watch.run(self.changed)
-                    self.cache_timeout = 0.0   # unwatched: cache nothing from now on
-                    for target in self.targets:
-                        self.changed(target, None)
-                await trio.sleep_forever()
+                await self._watch_state()
         finally:
             self.namespaces.close()
+
+    async def _watch_state(self) -> None:
+        """Cache while the state dir is a watched bpffs; if it goes away (unmounted,
+        replaced), serve uncached and wait for it to come back."""
+        missing = False
+        while True:
+            try:
+                self.state.check()
+                watch = StateWatch(self.state.path)
+            except (DumperError, OSError) as e:
+                if not missing:
+                    log.error("%s; the tree serves what it finds there, uncached, until a "
+                              "bpffs is back", e)
+                missing = True
+                await trio.sleep(STATE_RETRY)
+                continue
+            if missing:
+                log.warning("state dir %s is a bpffs again", self.state.path)
+                missing = False
+            self._forget_all()   # what was cached may be from the old state dir
+            self.cache_timeout = CACHE_TIMEOUT
+            await watch.run(self.changed)
+            self.cache_timeout = 0.0
+            self._forget_all()
+
+    def _forget_all(self) -> None:
+        for target in self.targets:
+            self.changed(target, None)
 
     def shutdown(self) -> None:
         """Release every open file: producer threads stop, seq_files close."""

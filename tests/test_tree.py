@@ -299,3 +299,25 @@ def test_changes_to_pins_show_at_once_despite_caching(tree):
         assert soon(lambda: not (tree.mnt / "task" / "cached2").exists())
     finally:
         pin.unlink(missing_ok=True)
+
+
+def test_state_dir_unmounted_under_the_daemon_then_back(private):
+    state, mnt = private
+    d = Daemon(mnt, state, "--config-dir", str(state.parent / "none")).start()
+    try:
+        assert (mnt / "task" / "tasks").read_bytes().startswith(b"    PID")
+        subprocess.run(["umount", "-l", str(state)], check=True)
+        # nothing there now: the files go, a read of one gets a clean ENOENT
+        assert soon(lambda: "tasks" not in os.listdir(mnt / "task"), 5)
+        with pytest.raises(FileNotFoundError):
+            (mnt / "task" / "tasks").read_bytes()
+        assert soon(lambda: "is not on a bpffs" in d.output(), 5)
+        # a bpffs is back (empty: pins die with their bpffs); new pins show, cached again
+        mount_bpffs(state)
+        bpftool_pin(TASKS_OBJ, state / "task" / "back")
+        assert soon(lambda: "back" in os.listdir(mnt / "task"), 5)
+        assert (mnt / "task" / "back").read_bytes().startswith(b"    PID")
+        assert soon(lambda: "is a bpffs again" in d.output(), 5)
+        assert fstype(mnt) == "fuse.bpfdumpfs"
+    finally:
+        d.stop()
