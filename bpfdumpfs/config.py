@@ -59,7 +59,7 @@ class Report:
 
 def _line_of(text: str, name: str, key: str | None = None) -> int:
     """Line of [dumpers.NAME] (or of KEY inside it) in TEXT; 1 when not found."""
-    lines = text.splitlines()
+    lines = text.split("\n")  # TOML's lines; splitlines() would also split at \x85, \u2028...
     header = re.compile(rf"^\s*\[\s*dumpers\s*\.\s*[\"']?{re.escape(name)}[\"']?\s*\]")
     start = next((i for i, ln in enumerate(lines) if header.match(ln)), None)
     if start is None:
@@ -104,7 +104,10 @@ def parse(path: Path) -> list[Entry]:
                 raise ConfigError(_line_of(text, name, key), f"{key} has the wrong type")
         if ("object" in table) == ("source" in table):
             raise ConfigError(line, f"dumper {name!r} needs exactly one of object or source")
-        obj = Path(table.get("object") or table["source"])
+        key = "object" if "object" in table else "source"
+        if not table[key]:
+            raise ConfigError(_line_of(text, name, key), f"{key} is empty: give a path")
+        obj = Path(table[key])
         obj = obj if obj.is_absolute() else path.parent / obj
         if "source" in table and not is_source(obj):
             raise ConfigError(_line_of(text, name, "source"), "source must be a .c file")

@@ -164,7 +164,7 @@ def load_limits(path: str, required: bool = False) -> Limits:
         raise DumperError(errno.EINVAL, f"{path}: TOML syntax: {e}") from None
     limits = data.pop("limits", {})
     for key, value in [*[(k, None) for k in data], *limits.items()]:
-        line = next((i + 1 for i, ln in enumerate(text.splitlines())
+        line = next((i + 1 for i, ln in enumerate(text.split("\n"))
                      if ln.strip().startswith(key)), 1)
         if key not in _LIMIT_KEYS or value is None:
             raise DumperError(errno.EINVAL, f"{path}:{line}: unknown setting {key!r}",
