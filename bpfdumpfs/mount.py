@@ -120,13 +120,16 @@ def mounts_of(state_dir) -> list[str]:
 
 
 def clear_dead_mount(mountpoint: str) -> None:
-    """Unmount a FUSE mount whose daemon is gone; refuse to mount over a live one."""
+    """Unmount a FUSE mount whose daemon is gone; refuse to mount over a live one.
+
+    A dead mount may still answer stat() from the kernel's attribute cache, so
+    liveness is asked with a readdir, which always reaches the daemon."""
     path = os.path.realpath(mountpoint)
     fstype = _mounts().get(path, "")
     if not fstype.startswith("fuse"):
         return
     try:
-        os.stat(path)
+        os.listdir(path)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise

@@ -103,11 +103,12 @@ class Daemon:
         return self
 
     def serving(self) -> bool:
-        """Mounted, and answered by a live daemon (a dead mount gives ENOTCONN)."""
+        """Mounted, and answered by a live daemon. A dead mount gives ENOTCONN -- but
+        only to requests that reach the daemon: stat() may be answered from cache."""
         if fstype(self.mnt) != "fuse.bpfdumpfs":
             return False
         try:
-            os.stat(self.mnt)
+            os.listdir(self.mnt)
         except OSError:
             return False
         return True
