@@ -42,6 +42,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 # half-made dumper; the prefix is not a valid dumper name, so it never shows.
 _TMP_PREFIX = "-new-"
 
+KERNEL_BUF = 64 * 1024  # more than the seq_file buffer (8 pages): one read drains it
+MAX_EAGAIN = 10_000     # EAGAINs in a row; a million silent objects make only one
 E2BIG_HINT = ("one object's output is larger than the kernel's seq_file buffer (32 KiB); "
               "make the program print less per object")
 EOPNOTSUPP_HINT = ("this target can fill only one buffer per seq_file (the cgroup iterator); "
@@ -66,14 +68,22 @@ def check_name(name: str) -> str:
 class Stream(io.RawIOBase):
     """One kernel seq_file: a read-once, unseekable stream of a dumper's output.
 
-    EAGAIN (a program returned 1) is retried here and never reaches the reader;
-    E2BIG and EOPNOTSUPP become DumperError naming the dumper and the cause.
+    Every kernel read gets room for a whole kernel buffer (KERNEL_BUF): the cgroup
+    iterator fails any read after one that left output behind. EAGAIN (the
+    program returned 1, or a million objects gave no output) is read again and
+    never reaches the reader, unless it never stops (a program that returns 1
+    for the same object forever). Output read before a kernel error is handed
+    out first; the error comes with the next read. E2BIG and EOPNOTSUPP become
+    DumperError naming the dumper and the cause.
     """
 
     def __init__(self, fd: int, label: str) -> None:
         super().__init__()
         self.fd = fd
         self.label = label
+        self.eof = False
+        self._surplus = bytearray()        # read from the kernel, beyond what was asked
+        self._error: DumperError | None = None
 
     def readable(self) -> bool:
         return True
@@ -82,32 +92,66 @@ class Stream(io.RawIOBase):
         return self.fd
 
     def readinto(self, buf) -> int:
-        """One kernel read into BUF (at most the seq_file buffer's worth)."""
+        """Some bytes into BUF (at most a kernel buffer's worth); 0 at the end."""
+        if self._surplus:
+            n = min(len(buf), len(self._surplus))
+            buf[:n] = self._surplus[:n]
+            del self._surplus[:n]
+            return n
+        if self._error:
+            raise self._error
+        if len(buf) >= KERNEL_BUF:
+            return self._read(buf)
+        room = bytearray(KERNEL_BUF)
+        n = self._read(room)
+        buf[:min(n, len(buf))] = room[:min(n, len(buf))]
+        self._surplus = room[len(buf):n]
+        return min(n, len(buf))
+
+    def _read(self, buf) -> int:
+        """One kernel read; EINTR and (a bounded number of) EAGAIN read again."""
+        again = 0
         while True:
             try:
-                return os.readv(self.fd, [buf])
+                n = os.readv(self.fd, [buf])
             except InterruptedError:
                 continue
             except BlockingIOError:
-                continue  # the program skipped objects (returned 1): run it on
+                again += 1
+                if again < MAX_EAGAIN:
+                    continue
+                raise DumperError(errno.EAGAIN, f"reading dumper {self.label}: the program "
+                                  f"asked {MAX_EAGAIN} times in a row to run an object again",
+                                  "return 1 only to retry an object once in a while; "
+                                  "return 0 to go on") from None
             except OSError as e:
-                raise self._error(e.errno) from None
+                raise self._kernel_error(e.errno) from None
+            self.eof = n == 0
+            return n
 
     def fill(self, size: int) -> bytearray:
-        """Up to SIZE bytes from as many kernel reads as it takes; short only at EOF."""
-        buf = bytearray(size)
-        view = memoryview(buf)
+        """At least SIZE bytes unless the output ends or fails first; possibly a little
+        more, as each kernel read gets room for a whole kernel buffer. Output read
+        before a kernel error is returned, and the error raised by the next call."""
+        buf = bytearray(size + KERNEL_BUF)
         got = 0
-        while got < size:
-            n = self.readinto(view[got:])
-            if n == 0:
-                break
-            got += n
-        view.release()
+        with memoryview(buf) as view:
+            while got < size:
+                with view[got:got + KERNEL_BUF] as room:
+                    try:
+                        n = self.readinto(room)
+                    except DumperError as e:
+                        if not got:
+                            raise
+                        self._error = e.with_traceback(None)  # holds no view of buf
+                        break
+                if n == 0:
+                    break
+                got += n
         del buf[got:]
         return buf
 
-    def _error(self, err: int) -> DumperError:
+    def _kernel_error(self, err: int) -> DumperError:
         hint = {errno.E2BIG: E2BIG_HINT, errno.EOPNOTSUPP: EOPNOTSUPP_HINT}.get(err, "")
         return DumperError(err, f"reading dumper {self.label}", hint)
 

@@ -187,7 +187,10 @@ class Operations(pyfuse3.Operations):
                 missing = False
             self._forget_all()   # what was cached may be from the old state dir
             self.cache_timeout = CACHE_TIMEOUT
-            await watch.run(self.changed)
+            try:
+                await watch.run(self.changed)
+            except Exception:  # a bug here must not take the tree down: serve uncached
+                log.exception("watching %s failed", self.state.path)
             self.cache_timeout = 0.0
             self._forget_all()
 

@@ -20,6 +20,7 @@ moment that read returns.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import threading
 import time
@@ -90,10 +91,9 @@ class Reader:
             self.busy -= 1
             self._close_if_done()
 
-    def _take(self, data: bytearray, asked: int) -> None:
+    def _take(self, data: bytearray) -> None:
         self.pending += data
-        if len(data) < asked:
-            self.eof = True
+        self.eof = self.stream.eof
 
     async def read(self, size: int) -> bytes:
         """Up to SIZE bytes, short only at the end; raises DumperError from the kernel."""
@@ -106,7 +106,7 @@ class Reader:
             except DumperError as e:
                 self.error = e
             else:
-                self._take(data, want)
+                self._take(data)
         if self.error and not self.pending:
             raise self.error
         out = bytes(self.pending[:size])
@@ -144,10 +144,15 @@ class Reader:
                 except DumperError as e:
                     self.error = e
                     return
+                except Exception as e:  # a bug here must fail this reader, not the daemon
+                    log.exception("reading %s", self.stream.label)
+                    self.error = DumperError(errno.EIO, f"reading dumper {self.stream.label}: "
+                                             f"internal error {e!r}")
+                    return
                 with self.cond:
                     self.chunks.append(data)
                 token.run_sync_soon(self.arrived.set)
-                if len(data) < size:
+                if self.stream.eof:
                     return
         finally:
             with self.cond:
