@@ -1,0 +1,321 @@
+"""Who may do what in the tree: a non-root user reads what mode/owner/group allow and
+changes nothing; root chmods, chowns, renames and removes through the mount."""
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import platform
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, Daemon, bpfdumpfs, mount_bpffs, need, need_kernel, unmount
+
+USER = "bpfdumpfs-test"
+LINES = 40
+
+
+def expected() -> bytes:
+    return b"".join(f"A {i:04d} for access tests\n".encode() for i in range(LINES))
+
+
+SOURCE = f"""#include "common.h"
+SEC("iter/task")
+int dump_access(struct bpf_iter__task *ctx)
+{{
+	if (!ctx->task || ctx->meta->seq_num != 0)
+		return 0;
+	for (int i = 0; i < {LINES}; i++)
+		BPF_SEQ_PRINTF(ctx->meta->seq, "A %04d for access tests\\n", i);
+	return 0;
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def user() -> pwd.struct_passwd:
+    """The unprivileged test user (and its group of the same name), made if missing."""
+    need_kernel()
+    need(shutil.which("setpriv") is not None, "setpriv (util-linux)")
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", USER], check=True, capture_output=True)
+        return pwd.getpwnam(USER)
+
+
+def as_user(*cmd: str, env: dict | None = None, cwd: str = "/") -> subprocess.CompletedProcess:
+    """Run CMD as the test user: its uid and gid only, no capabilities."""
+    return subprocess.run(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups",
+                           "--inh-caps=-all", *cmd], capture_output=True, text=True, cwd=cwd,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C",
+                               "LC_ALL": "C", **(env or {})}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def obj(tmp_path_factory) -> str:
+    need_kernel()
+    from bpfdumpfs.compile import _ARCH, BUILTIN_SRC, vmlinux_h
+    where = tmp_path_factory.mktemp("obj")
+    (where / "access.bpf.c").write_text(SOURCE)
+    arch = _ARCH.get(platform.machine(), platform.machine())
+    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}",
+                    f"-I{vmlinux_h().parent}", f"-I{BUILTIN_SRC}", "-c",
+                    str(where / "access.bpf.c"), "-o", str(where / "access.bpf.o")], check=True)
+    return str(where / "access.bpf.o")
+
+
+@pytest.fixture(scope="module")
+def served(user):
+    """A daemon on a mount point the test user can reach (pytest's tmp dirs are 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    state = mount_bpffs(base / "state")
+    (base / "cfg").mkdir()
+    d = Daemon(base / "mnt", state, "--no-builtins", "--config-dir", str(base / "cfg")).start()
+    yield d
+    d.stop()
+    unmount(state)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+# name -> (mode, owner, group, may the test user read it?)
+ACCESS = {
+    "root_only": ("0400", None, None, False),          # the default
+    "group_readable": ("0440", None, USER, True),      # the user's group
+    "other_group": ("0440", None, "nogroup", False),
+    "owned": ("0400", USER, None, True),
+    "owned_rw": ("0600", USER, None, True),
+    "world": ("0444", None, None, True),
+    "others_only": ("0004", None, None, True),
+}
+
+
+@pytest.fixture(scope="module")
+def dumpers(served, obj):
+    """The ACCESS dumpers, added once with the CLI (at once: each add is a new Python)."""
+    def add(name):
+        mode, owner, group, _ = ACCESS[name]
+        args = ["add", name, obj, "--mode", mode, "--state-dir", str(served.state)]
+        args += ["--owner", owner] if owner else []
+        args += ["--group", group] if group else []
+        return bpfdumpfs(*args, check=False)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for name, p in zip(ACCESS, pool.map(add, ACCESS)):
+            assert p.returncode == 0 and p.stdout == f"{served.mnt}/task/{name}\n", p.stderr
+    yield served.mnt / "task"
+    for name in ACCESS:
+        (served.state / "task" / name).unlink(missing_ok=True)
+
+
+def listing(state: Path) -> list[tuple]:
+    found = []
+    for dirpath, dirs, files in os.walk(state):
+        for n in dirs + files:
+            st = os.lstat(os.path.join(dirpath, n))
+            found.append((os.path.relpath(os.path.join(dirpath, n), state), st.st_ino,
+                          st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns))
+    return sorted(found)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def test_the_tree_is_mounted_for_all_users_with_kernel_permission_checks(served):
+    with open("/proc/self/mountinfo") as f:
+        line = next(ln for ln in f if ln.split()[4] == str(served.mnt))
+    options = line.partition(" - ")[2].split()[2].split(",")
+    assert "allow_other" in options and "default_permissions" in options
+
+
+def test_the_user_lists_every_dumper_with_its_access(dumpers, user):
+    p = as_user("ls", "-ln", str(dumpers))
+    assert p.returncode == 0, p.stderr
+    shown = {ln.split()[-1]: ln.split() for ln in p.stdout.splitlines()[1:]}
+    assert set(shown) == set(ACCESS)
+    gid = {None: "0", USER: str(user.pw_gid), "nogroup": str(grp.getgrnam("nogroup").gr_gid)}
+    for name, (mode, owner, group, _) in ACCESS.items():
+        assert shown[name][0] == "-" + stat.filemode(int(mode, 8))[1:], name
+        assert shown[name][2:4] == [str(user.pw_uid) if owner else "0", gid[group]], name
+
+
+@pytest.mark.parametrize("name", sorted(ACCESS))
+def test_mode_owner_and_group_decide_who_reads(dumpers, name):
+    path = dumpers / name
+    p = as_user("cat", str(path))
+    if ACCESS[name][3]:
+        assert (p.returncode, p.stderr) == (0, "")
+        assert p.stdout.encode() == expected()
+    else:
+        assert (p.returncode, p.stdout) == (1, "")
+        assert p.stderr == f"cat: {path}: Permission denied\n"
+    assert path.read_bytes() == expected()     # root reads every dumper
+
+
+def test_the_user_reads_the_metadata_of_what_it_may_read(dumpers):
+    p = as_user("getfattr", "-d", "--absolute-names", str(dumpers / "group_readable"))
+    assert p.returncode == 0 and 'user.bpfdump.target="task"' in p.stdout
+    assert 'user.bpfdump.prog_name="dump_access"' in p.stdout
+    p = as_user("getfattr", "-n", "user.bpfdump.target", str(dumpers / "root_only"))
+    assert p.returncode == 1 and "Permission denied" in p.stderr
+
+
+# -- changing: never as a user ----------------------------------------------------------------
+
+# what the user runs (paths relative to MNT/task; {mnt} is the mount) -> what it must print
+REFUSED = {
+    "rm": (["rm", "{t}/group_readable"],
+           "rm: cannot remove '{t}/group_readable': Permission denied"),
+    "rm-own-file": (["rm", "-f", "{t}/owned_rw"],
+                    "rm: cannot remove '{t}/owned_rw': Permission denied"),
+    "mv": (["mv", "{t}/owned", "{t}/renamed"],
+           "mv: cannot move '{t}/owned' to '{t}/renamed': Permission denied"),
+    "chmod": (["chmod", "0444", "{t}/group_readable"],
+              "chmod: changing permissions of '{t}/group_readable': Operation not permitted"),
+    "chmod-own-file": (["chmod", "0444", "{t}/owned"],
+                       "chmod: changing permissions of '{t}/owned': Operation not permitted"),
+    "chown": (["chown", USER, "{t}/group_readable"],
+              "chown: changing ownership of '{t}/group_readable': Operation not permitted"),
+    "chgrp-own-file": (["chgrp", USER, "{t}/owned"],
+                       "chgrp: changing group of '{t}/owned': Operation not permitted"),
+    "touch-times": (["touch", "-c", "-d", "2000-01-01", "{t}/owned_rw"],
+                    "touch: setting times of '{t}/owned_rw': Operation not permitted"),
+    "touch-existing": (["touch", "{t}/owned_rw"],
+                       "touch: cannot touch '{t}/owned_rw': Permission denied"),
+    "touch-create": (["touch", "{t}/newfile"], "touch: cannot touch '{t}/newfile': "
+                     "Permission denied"),
+    "write": (["dd", "if=/dev/null", "of={t}/owned_rw", "status=none"],
+              "dd: failed to open '{t}/owned_rw': Permission denied"),
+    "truncate": (["truncate", "-s", "0", "{t}/owned_rw"],
+                 "truncate: cannot open '{t}/owned_rw' for writing: Permission denied"),
+    "mkdir": (["mkdir", "{t}/newdir"],
+              "mkdir: cannot create directory '{t}/newdir': Permission denied"),
+    "mkdir-target": (["mkdir", "{mnt}/newtarget"],
+                     "mkdir: cannot create directory '{mnt}/newtarget': Permission denied"),
+    "symlink": (["ln", "-s", "x", "{t}/link"],
+                "ln: failed to create symbolic link '{t}/link': Permission denied"),
+    "setfattr": (["setfattr", "-n", "user.note", "-v", "1", "{t}/owned_rw"],
+                 "setfattr: {t}/owned_rw: Operation not permitted"),
+    "setfattr-unreadable": (["setfattr", "-n", "user.note", "-v", "1", "{t}/group_readable"],
+                            "setfattr: {t}/group_readable: Permission denied"),
+    "removexattr": (["setfattr", "-x", "user.bpfdump.target", "{t}/owned_rw"],
+                    "setfattr: {t}/owned_rw: Operation not permitted"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_the_user_changes_nothing(served, dumpers, case):
+    argv, message = REFUSED[case]
+    fill = {"t": str(dumpers), "mnt": str(served.mnt)}
+    before = listing(served.state)
+    p = as_user(*[a.format(**fill) for a in argv])
+    assert p.returncode != 0
+    assert p.stderr.strip() == message.format(**fill)
+    assert listing(served.state) == before
+    assert sorted(os.listdir(dumpers)) == sorted(ACCESS)
+
+
+# -- changing: root, through the mount ---------------------------------------------------------
+
+def test_root_chmods_chowns_renames_and_removes_through_the_mount(served, obj, user):
+    state, t = served.state, served.mnt / "task"
+    p = bpfdumpfs("add", "byroot", obj, "--state-dir", str(state), check=False)
+    assert p.returncode == 0, p.stderr
+    link_id = os.getxattr(t / "byroot", "user.bpfdump.link_id")
+    assert as_user("cat", str(t / "byroot")).returncode == 1
+
+    os.chmod(t / "byroot", 0o440)
+    assert stat.S_IMODE(os.stat(state / "task" / "byroot").st_mode) == 0o440
+    os.chown(t / "byroot", user.pw_uid, grp.getgrnam("nogroup").gr_gid)
+    st = os.stat(state / "task" / "byroot")
+    assert (st.st_uid, st.st_gid) == (user.pw_uid, grp.getgrnam("nogroup").gr_gid)
+    assert as_user("cat", str(t / "byroot")).stdout.encode() == expected()   # now its owner
+
+    os.rename(t / "byroot", t / "renamed")
+    assert not (state / "task" / "byroot").exists()
+    st2 = os.stat(state / "task" / "renamed")
+    assert (st2.st_ino, st2.st_mode, st2.st_uid) == (st.st_ino, st.st_mode, st.st_uid)
+    assert os.getxattr(t / "renamed", "user.bpfdump.link_id") == link_id
+    info = bpfdumpfs("info", "task/renamed", "--state-dir", str(state), check=False)
+    assert "origin        cli" in info.stdout.splitlines(), info.stdout + info.stderr
+
+    with pytest.raises(OSError) as e:                    # a link's target is fixed
+        os.rename(t / "renamed", served.mnt / "ksym" / "renamed")
+    assert e.value.errno in (errno.EINVAL, errno.EXDEV)
+    with pytest.raises(OSError) as e:                    # and names are checked
+        os.rename(t / "renamed", t / "bad.name")
+    assert e.value.errno == errno.EINVAL
+    assert sorted(os.listdir(state / "task")) == sorted([*ACCESS, "renamed"])
+
+    os.unlink(t / "renamed")
+    assert not (state / "task" / "renamed").exists()
+    assert "renamed" not in os.listdir(t)
+
+
+def test_not_even_root_creates_files_or_directories(served, dumpers):
+    before = listing(served.state)
+    for make in (lambda: open(dumpers / "new", "x"), lambda: os.mkdir(dumpers / "d"),
+                 lambda: os.mkdir(served.mnt / "newtarget"),
+                 lambda: os.symlink("x", dumpers / "sym"),
+                 lambda: os.link(dumpers / "world", dumpers / "hard")):
+        with pytest.raises(PermissionError):
+            make()
+    assert listing(served.state) == before
+
+
+# -- the CLI, as a user -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def user_python(user) -> tuple[str, dict]:
+    """A Python the test user can run bpfdumpfs with (this one, or the system's with this
+    one's site-packages), and its environment."""
+    site = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(
+        [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))}
+    for python, env in ((sys.executable, {}), (shutil.which("python3") or "", site)):
+        if python and as_user(python, "-c", "import bpfdumpfs.cli", env=env,
+                              cwd=str(ROOT)).returncode == 0:
+            return python, env
+    need(False, f"a Python that {USER} can run bpfdumpfs with")
+
+
+TASKS_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "tasks.bpf.o")   # readable by all
+
+
+# case -> (argv, words the one-line error must hold)
+CLI_REFUSED = {
+    "add": (["add", "mine", TASKS_OBJ], ["Operation not permitted", "root"]),
+    "add-unreadable-object": (["add", "mine", "{secret}"], ["{secret}", "Permission denied"]),
+    "pin": (["pin", "mine", "{link_id}"], ["Operation not permitted", "root"]),
+    "rm": (["rm", "task/world"], ["task/world", "Permission denied", "root"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_REFUSED))
+def test_the_cli_refuses_a_user_clearly(served, dumpers, obj, user_python, case):
+    python, env = user_python
+    state = served.state
+    secret = served.mnt.parent / "secret.bpf.o"     # in a directory the user can search
+    shutil.copy(obj, secret)
+    os.chmod(secret, 0o600)
+    fill = {"secret": str(secret),
+            "link_id": os.getxattr(dumpers / "world", "user.bpfdump.link_id").decode()}
+    argv, words = CLI_REFUSED[case]
+    before = listing(state)
+    p = as_user(python, "-m", "bpfdumpfs", *[a.format(**fill) for a in argv], "--state-dir",
+                str(state), env=env, cwd=str(ROOT))
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 1 and p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bpfdumpfs: "), p.stderr
+    for w in words:
+        assert w.format(**fill) in lines[0], f"{w!r} not in {lines[0]!r}"
+    assert listing(state) == before
