@@ -393,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         # the reader went away (`bpfdumpfs ls | head`): end quietly, as ls does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # anything the model did not name: still one line, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"bpfdumpfs: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -149,7 +149,7 @@ def _digest(spec: Spec) -> str:
 def apply(config_dir: str | os.PathLike, state: StateDir) -> Report:
     """Make the state directory match the config directory (see the module doc)."""
     report = Report()
-    config_dir = Path(config_dir)
+    config_dir = Path(config_dir).resolve()  # records name files by absolute path
     files = sorted(config_dir.glob("*.toml")) if config_dir.is_dir() else []
     declared: set[tuple[str, str]] = set()   # (origin file, name) of every valid entry
     invalid: set[str] = set()                # files whose earlier dumpers are left alone
@@ -168,11 +168,23 @@ def apply(config_dir: str | os.PathLike, state: StateDir) -> Report:
         origin = meta.get("config_file")
         if meta.get("origin") != "config" or not origin:
             continue
-        if (origin, e.name) in declared or origin in invalid:
+        if (origin, e.name) in declared or origin in invalid or \
+                Path(origin).parent != config_dir:  # another config dir's: not ours to remove
             continue
         state.remove(e.target, e.name)
         report.applied.append(f"removed {e.target}/{e.name}")
     return report
+
+
+def _unchanged(state: StateDir, path: Path, entry: Entry) -> bool:
+    for e in state.entries():
+        if e.name != entry.spec.name:
+            continue
+        with state.get(e.target, e.name) as d:
+            meta = state.meta.get(e.target, e.name, d.link_info().id)
+        if meta.get("config_file") == str(path) and meta.get("config_digest") == entry.digest:
+            return True
+    return False
 
 
 def _apply_file(path: Path, entries: list[Entry], state: StateDir, report: Report) -> None:
@@ -181,6 +193,8 @@ def _apply_file(path: Path, entries: list[Entry], state: StateDir, report: Repor
     try:
         for entry in entries:
             entry.digest = _digest(entry.spec)
+            if _unchanged(state, path, entry):
+                continue  # applied before from these very bytes: nothing to load
             try:
                 d = Dumper.load(entry.spec.object, entry.spec.prog, entry.spec.params)
             except DumperError as e:

@@ -183,19 +183,27 @@ _GROUP_OF = {"map": "map", "cgroup": "cgroup", "order": "cgroup", "tid": "task",
 def _open_map(spec: str) -> int:
     if spec.isdigit():
         return kernel.map_get_fd_by_id(int(spec))
-    return kernel.obj_get(spec)
+    return kernel.obj_get(spec, hint="give --map a map id (bpftool map show) or the bpffs "
+                                     "path of a pinned map")
+
+
+CGROUP2_SUPER_MAGIC = 0x63677270
+CGROUP_HINT = ("give a directory of the cgroup v2 hierarchy (see `mount -t cgroup2`), or the "
+               "id of a cgroup (the inode number of its directory)")
 
 
 def _cgroup(spec: str) -> tuple[int | None, int | None]:
-    """(cgroup_fd, cgroup_id) for a directory path or a numeric cgroup id."""
+    """(cgroup_fd, cgroup_id) for a cgroup v2 directory path or a numeric cgroup id."""
     if spec.isdigit():
         return None, int(spec)
     try:
-        return os.open(spec, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), None
+        fd = os.open(spec, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise DumperError(e.errno, f"opening cgroup {spec}",
-                          "give a cgroup directory such as /sys/fs/cgroup/system.slice, "
-                          "or a cgroup id") from None
+        raise DumperError(e.errno, f"opening cgroup {spec}", CGROUP_HINT) from None
+    if kernel.fs_magic(f"/proc/self/fd/{fd}") != CGROUP2_SUPER_MAGIC:
+        os.close(fd)
+        raise DumperError(errno.EINVAL, f"{spec} is not a cgroup v2 directory", CGROUP_HINT)
+    return fd, None
 
 
 def iter_params(target: targets.Target, params: Params) -> tuple[kernel.IterParams | None,
@@ -315,11 +323,17 @@ class Dumper:
         spec = choose_program(obj, prog)
         target = _target(spec.iter_target)
         info, fds = iter_params(target, params)
+        what = f"creating a {target.name} dumper of {spec.name!r}"
+        if params.cgroup is not None:
+            what += f" from cgroup {params.cgroup}"
         try:
             loaded = kernel.load_program(obj, spec.name)
             try:
-                link = kernel.link_create_iter(
-                    loaded.fd, info, f"creating a {target.name} dumper of {spec.name!r}")
+                link = kernel.link_create_iter(loaded.fd, info, what)
+            except DumperError as e:
+                if params.cgroup is not None and e.errno in (errno.ENOENT, errno.EBADF):
+                    raise DumperError(e.errno, what, CGROUP_HINT) from None
+                raise
             finally:
                 os.close(loaded.fd)
         finally:
@@ -332,8 +346,8 @@ class Dumper:
         return cls._adopt(kernel.link_get_fd_by_id(link_id), f"link id {link_id}")
 
     @classmethod
-    def from_pin(cls, path: str | os.PathLike) -> Dumper:
-        return cls._adopt(kernel.obj_get(str(path)), str(path))
+    def from_pin(cls, path: str | os.PathLike, hint: str = "") -> Dumper:
+        return cls._adopt(kernel.obj_get(str(path), hint=hint), str(path))
 
     @classmethod
     def _adopt(cls, fd: int, label: str) -> Dumper:
@@ -691,7 +705,9 @@ class StateDir:
               view: str = "reader") -> Path:
         """Pin an existing iter link, given by id or by its bpffs path, as TARGET/NAME."""
         Spec(name, "", mode=mode, owner=owner, group=group, view=view).check()
-        with (Dumper.from_link_id(int(link)) if link.isdigit() else Dumper.from_pin(link)) as d:
+        with (Dumper.from_link_id(int(link)) if link.isdigit() else Dumper.from_pin(
+                link, hint="give a link id (bpftool link show) or the bpffs path of a "
+                           "pinned iter link")) as d:
             path = self.pin(d, name, 0o400 if mode is None else mode, owner, group, replace)
             li = d.link_info()
             self._record(li.target_name, name, li.id, origin="pin", view=view)
@@ -737,6 +753,9 @@ class StateDir:
         except FileNotFoundError:
             raise DumperError(errno.ENOENT, f"dumper {target}/{name} does not exist",
                               "see `bpfdumpfs ls`") from None
+        except OSError as e:
+            raise DumperError(e.errno, f"removing dumper {target}/{name}",
+                              "only root removes dumpers") from None
         self.meta.delete(target, name)
 
 

@@ -152,7 +152,8 @@ def _bpf(cmd: int, attr, what: str, hint: str = "") -> int:
                         ffi.cast("void *", attr), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
     if ret < 0:
         err = ffi.errno
-        raise DumperError(err, what, hint or _HINTS.get(err, ""))
+        # a permission problem is the same whatever was attempted: say how to get past it
+        raise DumperError(err, what, _HINTS.get(err) or hint)
     return ret
 
 
@@ -182,12 +183,12 @@ def obj_pin(fd: int, path: str) -> None:
     _bpf(BPF_OBJ_PIN, attr, f"pinning at {path}")
 
 
-def obj_get(path: str, flags: int = 0) -> int:
+def obj_get(path: str, flags: int = 0, hint: str = "") -> int:
     """Open the BPF object pinned at PATH; returns a new fd."""
     buf = ffi.new("char[]", os.fsencode(path))
     attr = ffi.new("struct bpf_obj_attr *", {"pathname": int(ffi.cast("uintptr_t", buf)),
                                             "file_flags": flags})
-    return _bpf(BPF_OBJ_GET, attr, f"opening the pin {path}")
+    return _bpf(BPF_OBJ_GET, attr, f"opening the pin {path}", hint)
 
 
 # -- links and seq_files -----------------------------------------------------
@@ -492,13 +493,18 @@ def _print_cb(level, fmt, ap):
 
 
 def _open_object(lib, path: str):
-    if not os.path.exists(path):
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
         raise DumperError(errno.ENOENT, f"opening BPF object {path}",
-                          "give the path of a compiled .bpf.o or a .bpf.c source")
-    with open(path, "rb") as f:
-        if f.read(4) != b"\x7fELF":
-            raise DumperError(errno.ENOEXEC, f"opening BPF object {path}",
-                              "it is not an ELF file; compile it with clang -target bpf")
+                          "give the path of a compiled .bpf.o or a .bpf.c source") from None
+    except OSError as e:
+        raise DumperError(e.errno, f"opening BPF object {path}",
+                          _HINTS.get(e.errno, "give a readable BPF object file")) from None
+    if magic != b"\x7fELF":
+        raise DumperError(errno.ENOEXEC, f"opening BPF object {path}",
+                          "it is not an ELF file; compile it with clang -target bpf")
     obj = lib.bpf_object__open_file(os.fsencode(path), ffi.NULL)
     if obj == ffi.NULL:
         err = ffi.errno or errno.EINVAL
@@ -559,9 +565,11 @@ def load_program(path: str, prog_name: str) -> LoadedProg:
             if lib.bpf_object__load(obj) != 0:
                 err = ffi.errno or errno.EINVAL
                 vlog = ffi.string(log).decode(errors="replace").strip()
-                hint = "the verifier rejected it; see the log" if vlog else _last_messages()
-                raise DumperError(err, f"loading program {prog_name!r} of {path}",
-                                  hint or _HINTS.get(err, ""), log=vlog)
+                hint = _HINTS.get(err) if os.geteuid() != 0 else None
+                hint = hint or ("the verifier rejected it; see the log" if vlog
+                                else _last_messages())
+                raise DumperError(err, f"loading program {prog_name!r} of {path}", hint,
+                                  log=vlog)
             fd = os.dup(lib.bpf_program__fd(prog))
             os.set_inheritable(fd, False)
             return LoadedProg(fd, spec, list(_messages))

@@ -535,7 +535,14 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             raise pyfuse3.FUSEError(errno.EACCES)
         path = self.state.pin_path(*key)
-        self._pin_stat(*key)
+        try:
+            self._pin_stat(*key)
+        except pyfuse3.FUSEError:
+            if fields.update_mode or fields.update_uid or fields.update_gid:
+                raise
+            # After an unlink the kernel sets the times of the inode still open; its pin
+            # is gone, and failing this would fail the open readers' next reads.
+            return self._gone_attr(inode, attr)
         if fields.update_mode:
             os.chmod(path, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -547,6 +554,16 @@ class Operations(pyfuse3.Operations):
                                attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
         log.info("changed %s/%s (uid %d)", *key, ctx.uid)
         return self._file_attr(inode, self._pin_stat(*key))
+
+    def _gone_attr(self, inode, attr) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_mode = stat.S_IFREG
+        a.st_nlink = 0
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = attr.st_atime_ns, attr.st_mtime_ns, \
+            attr.st_ctime_ns
+        a.entry_timeout = a.attr_timeout = 0
+        return a
 
     # -- extended attributes: what `bpfdumpfs info` shows, for getfattr -d ---------------
     def _xattrs(self, inode) -> dict[bytes, bytes]:
