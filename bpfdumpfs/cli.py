@@ -261,6 +261,8 @@ def parser() -> argparse.ArgumentParser:
         prog="bpfdumpfs", description="BPF iterator dumpers as files. Dumpers are iter links "
         "pinned at STATE_DIR/TARGET/NAME; the mounted tree shows each as MOUNT/TARGET/NAME.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines as text (default) or one JSON object each")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount the dumper tree and serve it",
@@ -373,15 +375,36 @@ def _config_dir_arg(p: argparse.ArgumentParser) -> None:
                         "default %(default)s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (for log shippers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(args) -> None:
     background = getattr(args, "background", False)
     log_file = getattr(args, "log_file", None)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=("%(asctime)s " if log_file or background else "")
-        + "bpfdumpfs: %(levelname)s: %(message)s",
-        filename=None if background else log_file)
+    handler = (logging.FileHandler(log_file) if log_file and not background
+               else logging.StreamHandler(sys.stderr))
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            ("%(asctime)s " if log_file or background else "")
+            + "bpfdumpfs: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        handlers=[handler])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _setup_logging(args)
     try:
         return args.func(args)
     except DumperError as e:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
 
-from helpers import Daemon, bpfdumpfs, mount_bpffs, traversable, unmount
+from helpers import ROOT, Daemon, bpfdumpfs, mount_bpffs, traversable, unmount
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -133,4 +135,24 @@ def test_settings_file_sets_limits_and_bad_ones_are_refused(tmp_path):
         assert p.stderr.strip() == (f"bpfdumpfs: {bad}:2: max_handles must be a number >= 0: "
                                     "Invalid argument (EINVAL); e.g. max_handles = 0 (no limit)")
     finally:
+        unmount(state)
+
+
+def test_json_logs_have_level_and_message(tmp_path):
+    state = mount_bpffs(tmp_path / "state")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "bpfdumpfs", "--log-format", "json", "mount",
+                          str(mnt), "--state-dir", str(state), "--config-dir",
+                          str(tmp_path / "none")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [json.loads(p.stderr.readline()) for _ in range(2)]
+        assert [e["level"] for e in lines] == ["info", "info"]
+        assert lines[0]["message"].startswith("pinned built-ins: ")
+        assert lines[1]["message"] == f"serving {mnt} from {state}"
+        assert all(e["logger"].startswith("bpfdumpfs") and e["time"] for e in lines)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+        unmount(mnt)
         unmount(state)
