@@ -24,6 +24,7 @@ import os
 import pwd
 import re
 import stat
+import threading
 import uuid
 import weakref
 from dataclasses import asdict, dataclass
@@ -64,6 +65,18 @@ def check_name(name: str) -> str:
 
 
 # -- seq_file streams ----------------------------------------------------------
+
+_rooms = threading.local()
+
+
+def _room() -> memoryview:
+    """This thread's KERNEL_BUF of room for kernel reads. Reused: a fresh buffer per read
+    costs more (allocation, zeroing, page faults) than the copy out of this one."""
+    room = getattr(_rooms, "room", None)
+    if room is None:
+        room = _rooms.room = memoryview(bytearray(KERNEL_BUF))
+    return room
+
 
 class Stream(io.RawIOBase):
     """One kernel seq_file: a read-once, unseekable stream of a dumper's output.
@@ -133,23 +146,20 @@ class Stream(io.RawIOBase):
         """At least SIZE bytes unless the output ends or fails first; possibly a little
         more, as each kernel read gets room for a whole kernel buffer. Output read
         before a kernel error is returned, and the error raised by the next call."""
-        buf = bytearray(size + KERNEL_BUF)
-        got = 0
-        with memoryview(buf) as view:
-            while got < size:
-                with view[got:got + KERNEL_BUF] as room:
-                    try:
-                        n = self.readinto(room)
-                    except DumperError as e:
-                        if not got:
-                            raise
-                        self._error = e.with_traceback(None)  # holds no view of buf
-                        break
-                if n == 0:
-                    break
-                got += n
-        del buf[got:]
-        return buf
+        out = bytearray()
+        room = _room()
+        while len(out) < size:
+            try:
+                n = self.readinto(room)
+            except DumperError as e:
+                if not out:
+                    raise
+                self._error = e.with_traceback(None)  # keeps no frame (or view) alive
+                break
+            if n == 0:
+                break
+            out += room[:n]
+        return out
 
     def _kernel_error(self, err: int) -> DumperError:
         hint = {errno.E2BIG: E2BIG_HINT, errno.EOPNOTSUPP: EOPNOTSUPP_HINT}.get(err, "")

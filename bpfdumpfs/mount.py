@@ -48,15 +48,13 @@ class MountOptions:
 _ffi = cffi.FFI()
 _ffi.cdef("int mallopt(int param, int value); int malloc_trim(size_t pad);")
 _libc = _ffi.dlopen(None)
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+M_ARENA_MAX = -8
 
 
 def _bound_memory() -> None:
-    """glibc gives each reading thread an arena of its own and raises the mmap
-    threshold as chunk buffers come and go: both keep freed read buffers in the
-    daemon's RSS. Two arenas and a fixed threshold hand them back."""
+    """glibc gives each reading thread an arena of its own, each keeping the read
+    buffers freed in it: two arenas bound the daemon's RSS."""
     _libc.mallopt(M_ARENA_MAX, 2)
-    _libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
 
 
 def pin_builtins(state: StateDir) -> list[str]:

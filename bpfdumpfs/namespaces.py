@@ -201,9 +201,12 @@ class Namespaces:
         if found is None:
             return dumper.open_fd()
         ns_fd, ino = found
-        if kind == "net":
-            return await self._in_net(ns_fd, ino, dumper)
-        return await self._in_pid(ns_fd, ino, dumper)
+        # the open now waits for another thread or process, and the caller's dumper may
+        # be closed meanwhile (a cached one, when its pin changes): use a handle of our own
+        with dumper.dup() as mine:
+            if kind == "net":
+                return await self._in_net(ns_fd, ino, mine)
+            return await self._in_pid(ns_fd, ino, mine)
 
     async def _in_net(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
         with self.lock:

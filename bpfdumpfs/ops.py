@@ -412,15 +412,13 @@ class Operations(pyfuse3.Operations):
         target, name = key
         label = f"{target}/{name}"
         self._check_limits(label, ctx)
-        pin, _ = self._pin(target, name)
+        pin = self.pins.get(key)
+        if pin is None or pin.hidden or not self.cache_timeout:
+            pin, _ = self._pin(target, name)  # while watched, a known pin needs no stat
         try:
             if pin.view is None:
                 pin.view = self.state.meta.get(target, name, pin.link_id).get("view", "reader")
-            with self._dumper(pin, target, name) as dumper:
-                if pin.view == "reader":
-                    fd = await self.namespaces.open_fd(dumper, target, ctx.pid)
-                else:
-                    fd = dumper.open_fd()
+            fd = await self._open_fd(pin, target, name, ctx.pid)
         except DumperError as e:
             if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
@@ -433,18 +431,24 @@ class Operations(pyfuse3.Operations):
         reader = Reader(Stream(fd, label), pin.pace, self.read_limiter, self.nursery)
         return self._new_handle(reader, label, ctx)
 
-    def _dumper(self, pin: _Pin, target: str, name: str) -> Dumper:
-        """The pin's dumper, for the caller to close. It is cached while the state dir
-        is watched (a change event drops it, so a removed pin never keeps its link
-        alive); the caller gets a dup, as the cache may be dropped while it is used."""
+    async def _open_fd(self, pin: _Pin, target: str, name: str, reader_pid: int) -> int:
+        """A new seq_file of the pin's dumper, in the reader's namespaces if its view is
+        the reader's. The dumper is cached while the state dir is watched (a change
+        event drops it, so a removed pin never keeps its link alive)."""
         if pin.dumper is None:
             d = Dumper(kernel.obj_get(str(self.state.pin_path(target, name))),
                        f"{target}/{name}")
             if not self.cache_timeout or self.cached_links >= LINK_CACHE_MAX:
-                return d
+                with d:
+                    return await self._open_in_view(d, pin, target, reader_pid)
             pin.dumper = d
             self.cached_links += 1
-        return pin.dumper.dup()
+        return await self._open_in_view(pin.dumper, pin, target, reader_pid)
+
+    async def _open_in_view(self, d: Dumper, pin: _Pin, target: str, reader_pid: int) -> int:
+        if pin.view == "reader":
+            return await self.namespaces.open_fd(d, target, reader_pid)
+        return d.open_fd()
 
     async def read(self, fh, off, size) -> bytes:
         h = self.handles.get(fh)

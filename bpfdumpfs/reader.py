@@ -69,12 +69,13 @@ class Reader:
         self.full_reads = 0
         self.busy = 0                # threads that may be inside a kernel read
         self.released = False
-        # the producer's side: chunks it read, guarded by cond; arrived wakes the reader
+        # the producer's side (made when it starts): chunks it read, guarded by cond;
+        # arrived wakes the reader
         self.producing = False
-        self.chunks: collections.deque[bytearray] = collections.deque()
+        self.chunks: collections.deque[bytearray] | None = None
         self.produced_all = False
-        self.cond = threading.Condition()
-        self.arrived = trio.Event()
+        self.cond: threading.Condition | None = None
+        self.arrived: trio.Event | None = None
 
     # -- reading without a producer ----------------------------------------------
     def _fill(self, size: int) -> bytearray:
@@ -95,7 +96,7 @@ class Reader:
         self.pending += data
         self.eof = self.stream.eof
 
-    async def read(self, size: int) -> bytes:
+    async def read(self, size: int) -> bytearray:
         """Up to SIZE bytes, short only at the end; raises DumperError from the kernel."""
         if self.producing:
             await self._from_producer(size)
@@ -109,8 +110,11 @@ class Reader:
                 self._take(data)
         if self.error and not self.pending:
             raise self.error
-        out = bytes(self.pending[:size])
-        del self.pending[:size]
+        if len(self.pending) <= size:  # the common case: hand the buffer over, no copy
+            out, self.pending = self.pending, bytearray()
+        else:
+            out = self.pending[:size]
+            del self.pending[:size]
         self.full_reads = self.full_reads + 1 if len(out) == size else 0
         if (self.full_reads >= STREAMING_AFTER and not self.producing and not self.eof
                 and not self.error):
@@ -119,6 +123,9 @@ class Reader:
 
     # -- the producer ---------------------------------------------------------------
     def _start_producer(self, size: int) -> None:
+        self.chunks = collections.deque()
+        self.cond = threading.Condition()
+        self.arrived = trio.Event()
         self.producing = True
         self.busy += 1
         self.nursery.start_soon(self._run_producer, size, trio.lowlevel.current_trio_token())
@@ -179,8 +186,9 @@ class Reader:
     # -- the end --------------------------------------------------------------------
     def release(self) -> None:
         self.released = True
-        with self.cond:
-            self.cond.notify()
+        if self.cond is not None:
+            with self.cond:
+                self.cond.notify()
         self._close_if_done()
 
     def _close_if_done(self) -> None:
