@@ -48,13 +48,16 @@ class MountOptions:
 _ffi = cffi.FFI()
 _ffi.cdef("int mallopt(int param, int value); int malloc_trim(size_t pad);")
 _libc = _ffi.dlopen(None)
-M_ARENA_MAX = -8
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
 
 
 def _bound_memory() -> None:
-    """glibc gives each reading thread an arena of its own, each keeping the read
-    buffers freed in it: two arenas bound the daemon's RSS."""
+    """glibc gives each reading thread an arena of its own, and raises the mmap
+    threshold as chunk buffers come and go: both keep freed read buffers in the
+    daemon's RSS. Two arenas, and chunks of 128 KiB and more mapped (and so
+    returned) one by one, keep it bounded; small dumps never get that big."""
     _libc.mallopt(M_ARENA_MAX, 2)
+    _libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def pin_builtins(state: StateDir) -> list[str]:
