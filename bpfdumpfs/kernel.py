@@ -432,19 +432,6 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(pid, ptype, name, tag, uid, load_time)
 
 
-@dataclass(frozen=True)
-class MapInfo:
-    id: int
-    type: int
-    name: str
-
-
-def map_info(fd: int) -> MapInfo:
-    raw = _info(fd, 88, f"reading the info of map fd {fd}")
-    mtype, mid = struct.unpack_from("<II", raw, 0)
-    return MapInfo(mid, mtype, raw[24:40].split(b"\0", 1)[0].decode(errors="replace"))
-
-
 # -- loading objects with libbpf ---------------------------------------------
 
 @dataclass(frozen=True)
