@@ -246,7 +246,10 @@ def test_defaults_mount_bpffs_and_run_bpfdump_in_the_background(tmp_path):
     script = f"""
 set -e
 umount -l /sys/fs/bpf 2>/dev/null || true
-{sys.executable} -m bpfdumpfs mount --background --log-file {log}
+out=$({sys.executable} -m bpfdumpfs mount --background --log-file {log})
+echo "$out"
+pid=$(echo "$out" | sed -n 's/.*daemon pid \\([0-9]*\\).*/\\1/p')
+trap 'kill $pid 2>/dev/null || true' EXIT   # whatever fails below, the daemon goes
 stat -f -c %T /sys/fs/bpf
 sed -n 1p /run/bpfdump/task/tasks
 ls /sys/fs/bpf/bpfdumpfs/task

@@ -28,59 +28,12 @@
  */
 #include "common.h"
 
-#define HDR_SESSIONS	1024
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, HDR_SESSIONS);
-	__type(key, __u64);
-	__type(value, __u8);
-} hdr_sessions SEC(".maps");
-
 static const char header[] =
 	"sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode\n";
 
-static __always_inline void put_header(struct seq_file *seq)
-{
-	bpf_seq_write(seq, header, sizeof(header) - 1);
-}
+#include "net_common.h"
 
-static __always_inline __u64 sock_ino(struct sock *sk)
-{
-	struct socket *sock;
-
-	if (bpf_core_field_exists(sk->sk_ino))
-		return sk->sk_ino;
-	sock = sk->sk_socket;
-	if (!sock)
-		return 0;
-	return BPF_CORE_READ(container_of(sock, struct socket_alloc, socket), vfs_inode.i_ino);
-}
-
-/* sk_drops_read(): newer kernels may count drops in per-NUMA counters. */
-struct numa_drop_counters___new {
-	atomic_t drops0;
-	atomic_t drops1;
-} __attribute__((preserve_access_index));
-
-struct sock___new {
-	struct numa_drop_counters___new *sk_drop_counters;
-} __attribute__((preserve_access_index));
-
-static __always_inline int sk_drops_read(struct sock *sk)
-{
-	int drops = sk->sk_drops.counter;
-
-	if (bpf_core_field_exists(struct sock___new, sk_drop_counters)) {
-		struct numa_drop_counters___new *ndc =
-			BPF_CORE_READ((struct sock___new *)sk, sk_drop_counters);
-
-		if (ndc)
-			drops += BPF_CORE_READ(ndc, drops0.counter) +
-				 BPF_CORE_READ(ndc, drops1.counter);
-	}
-	return drops;
-}
+SESSION_MAP(hdr_sessions, __u8);
 
 SEC("iter/netlink")
 int dump_netlink(struct bpf_iter__netlink *ctx)
@@ -90,23 +43,12 @@ int dump_netlink(struct bpf_iter__netlink *ctx)
 	struct netlink_sock *nlk = ctx->sk;
 	__u64 seq_num = meta->seq_num;
 	__u64 session = meta->session_id;
+	__u8 one = 1;
 	unsigned long *groups, group0 = 0;
 	struct sock *sk;
 
-	if (seq_num == 0 && nlk) {
-		__u8 one = 1;
-
-		bpf_map_update_elem(&hdr_sessions, &session, &one, BPF_ANY);
-		put_header(seq);
-	}
-	if (!nlk) {
-		/* Epilogue: see the comment at the top. */
-		if (seq_num == (__u64)-1 ||
-		    (seq_num == 0 && !bpf_map_lookup_elem(&hdr_sessions, &session)))
-			put_header(seq);
-		bpf_map_delete_elem(&hdr_sessions, &session);
-		return 0;
-	}
+	if (session_header(seq, &hdr_sessions, session, seq_num, nlk, &one))
+		return 0;	/* epilogue: see the comment at the top */
 
 	sk = &nlk->sk;
 	groups = nlk->groups;

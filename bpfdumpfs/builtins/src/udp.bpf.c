@@ -36,107 +36,16 @@
  * settles it.
  */
 #include "common.h"
-#include <bpf/bpf_endian.h>
 
-#define AF_INET		2
 #define LINE_WIDTH	127	/* /proc: seq_setwidth(seq, 127) */
-#define CHUNK		128
-#define HDR_SESSIONS	1024
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, HDR_SESSIONS);
-	__type(key, __u64);
-	__type(value, __u8);
-} hdr_sessions SEC(".maps");
-
-#define S10 "          "
-static const char spaces[] = S10 S10 S10 S10 S10 S10 S10 S10 S10 S10 S10 S10 S10 S10;
 static const char header[] =
 	"   sl  local_address rem_address   st tx_queue rx_queue tr tm->when "
 	"retrnsmt   uid  timeout inode ref pointer drops";
 
-/* Write a bpf_snprintf() result (n counts the NUL); return bytes written. */
-static __always_inline __u64 put_chunk(struct seq_file *seq, char *buf, long n)
-{
-	if (n <= 1)
-		return 0;
-	n--;
-	if (n > CHUNK - 1)
-		n = CHUNK - 1;
-	bpf_seq_write(seq, buf, n);
-	return n;
-}
+#include "net_common.h"
 
-#define EMIT(seq, buf, fmt, args...) \
-	put_chunk(seq, buf, BPF_SNPRINTF(buf, sizeof(buf), fmt, args))
-
-/* seq_pad(): spaces up to LINE_WIDTH, then the newline. */
-static __always_inline void pad_line(struct seq_file *seq, __u64 used)
-{
-	__u64 n = LINE_WIDTH - used;
-
-	/* Hide n from clang so the range check stays on the register the
-	 * verifier sees passed to bpf_seq_write(). */
-	asm volatile("" : "+r"(n));
-	if (used < LINE_WIDTH && n < sizeof(spaces))
-		bpf_seq_write(seq, spaces, n);
-	bpf_seq_write(seq, "\n", 1);
-}
-
-static __always_inline void put_header(struct seq_file *seq)
-{
-	bpf_seq_write(seq, header, sizeof(header) - 1);
-	pad_line(seq, sizeof(header) - 1);
-}
-
-static __always_inline __u64 sock_ino(struct sock *sk)
-{
-	struct socket *sock;
-
-	if (bpf_core_field_exists(sk->sk_ino))
-		return sk->sk_ino;
-	sock = sk->sk_socket;
-	if (!sock)
-		return 0;
-	return BPF_CORE_READ(container_of(sock, struct socket_alloc, socket), vfs_inode.i_ino);
-}
-
-/* sk_drops_read(): newer kernels count UDP drops in per-NUMA counters. */
-struct numa_drop_counters___new {
-	atomic_t drops0;
-	atomic_t drops1;
-} __attribute__((preserve_access_index));
-
-struct sock___new {
-	struct numa_drop_counters___new *sk_drop_counters;
-} __attribute__((preserve_access_index));
-
-static __always_inline int sk_drops_read(struct sock *sk)
-{
-	int drops = sk->sk_drops.counter;
-
-	if (bpf_core_field_exists(struct sock___new, sk_drop_counters)) {
-		struct numa_drop_counters___new *ndc =
-			BPF_CORE_READ((struct sock___new *)sk, sk_drop_counters);
-
-		if (ndc)
-			drops += BPF_CORE_READ(ndc, drops0.counter) +
-				 BPF_CORE_READ(ndc, drops1.counter);
-	}
-	return drops;
-}
-
-/* The slot of /proc's walk: udp_hashfn(net, inet_num, udptable->mask). */
-static __always_inline int proc_bucket(struct sock *sk)
-{
-	struct net *net = sk->__sk_common.skc_net.net;
-	__u32 mix = 0;
-
-	if (bpf_core_field_exists(net->hash_mix))
-		mix = net->hash_mix;
-	return (sk->__sk_common.skc_num + mix) & net->ipv4.udp_table->mask;
-}
+SESSION_MAP(hdr_sessions, __u8);
 
 SEC("iter/udp")
 int dump_udp(struct bpf_iter__udp *ctx)
@@ -146,25 +55,14 @@ int dump_udp(struct bpf_iter__udp *ctx)
 	struct udp_sock *udp = ctx->udp_sk;
 	__u64 seq_num = meta->seq_num;
 	__u64 session = meta->session_id;
+	__u8 one = 1;
 	struct inet_sock *inet;
 	struct sock *sk;
 	char buf[CHUNK];
 	__u64 used;
 
-	if (seq_num == 0 && udp) {
-		__u8 one = 1;
-
-		bpf_map_update_elem(&hdr_sessions, &session, &one, BPF_ANY);
-		put_header(seq);
-	}
-	if (!udp) {
-		/* Epilogue: see the comment at the top. */
-		if (seq_num == (__u64)-1 ||
-		    (seq_num == 0 && !bpf_map_lookup_elem(&hdr_sessions, &session)))
-			put_header(seq);
-		bpf_map_delete_elem(&hdr_sessions, &session);
-		return 0;
-	}
+	if (session_header(seq, &hdr_sessions, session, seq_num, udp, &one))
+		return 0;	/* epilogue: see the comment at the top */
 
 	inet = &udp->inet;
 	sk = &inet->sk;
@@ -172,7 +70,7 @@ int dump_udp(struct bpf_iter__udp *ctx)
 		return 0;
 
 	used = EMIT(seq, buf, "%5d: %08X:%04X %08X:%04X %02X %08X:%08X %02X:%08lX %08X",
-		    proc_bucket(sk),
+		    udp_proc_bucket(sk),
 		    sk->__sk_common.skc_rcv_saddr, bpf_ntohs(inet->inet_sport),
 		    sk->__sk_common.skc_daddr, bpf_ntohs(sk->__sk_common.skc_dport),
 		    sk->__sk_common.skc_state,

@@ -37,74 +37,14 @@
  * settles it.
  */
 #include "common.h"
-#include <bpf/bpf_endian.h>
-
-#define AF_INET6	10
-#define HDR_SESSIONS	1024
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, HDR_SESSIONS);
-	__type(key, __u64);
-	__type(value, __u8);
-} hdr_sessions SEC(".maps");
 
 static const char header[] =
 	"  sl  local_address                         remote_address                        "
 	"st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n";
 
-static __always_inline void put_header(struct seq_file *seq)
-{
-	bpf_seq_write(seq, header, sizeof(header) - 1);
-}
+#include "net_common.h"
 
-static __always_inline __u64 sock_ino(struct sock *sk)
-{
-	struct socket *sock;
-
-	if (bpf_core_field_exists(sk->sk_ino))
-		return sk->sk_ino;
-	sock = sk->sk_socket;
-	if (!sock)
-		return 0;
-	return BPF_CORE_READ(container_of(sock, struct socket_alloc, socket), vfs_inode.i_ino);
-}
-
-/* sk_drops_read(): newer kernels count UDP drops in per-NUMA counters. */
-struct numa_drop_counters___new {
-	atomic_t drops0;
-	atomic_t drops1;
-} __attribute__((preserve_access_index));
-
-struct sock___new {
-	struct numa_drop_counters___new *sk_drop_counters;
-} __attribute__((preserve_access_index));
-
-static __always_inline int sk_drops_read(struct sock *sk)
-{
-	int drops = sk->sk_drops.counter;
-
-	if (bpf_core_field_exists(struct sock___new, sk_drop_counters)) {
-		struct numa_drop_counters___new *ndc =
-			BPF_CORE_READ((struct sock___new *)sk, sk_drop_counters);
-
-		if (ndc)
-			drops += BPF_CORE_READ(ndc, drops0.counter) +
-				 BPF_CORE_READ(ndc, drops1.counter);
-	}
-	return drops;
-}
-
-/* The slot of /proc's walk: udp_hashfn(net, inet_num, udptable->mask). */
-static __always_inline int proc_bucket(struct sock *sk)
-{
-	struct net *net = sk->__sk_common.skc_net.net;
-	__u32 mix = 0;
-
-	if (bpf_core_field_exists(net->hash_mix))
-		mix = net->hash_mix;
-	return (sk->__sk_common.skc_num + mix) & net->ipv4.udp_table->mask;
-}
+SESSION_MAP(hdr_sessions, __u8);
 
 SEC("iter/udp")
 int dump_udp6(struct bpf_iter__udp *ctx)
@@ -114,23 +54,12 @@ int dump_udp6(struct bpf_iter__udp *ctx)
 	struct udp_sock *udp = ctx->udp_sk;
 	__u64 seq_num = meta->seq_num;
 	__u64 session = meta->session_id;
+	__u8 one = 1;
 	struct inet_sock *inet;
 	struct sock *sk;
 
-	if (seq_num == 0 && udp) {
-		__u8 one = 1;
-
-		bpf_map_update_elem(&hdr_sessions, &session, &one, BPF_ANY);
-		put_header(seq);
-	}
-	if (!udp) {
-		/* Epilogue: see the comment at the top. */
-		if (seq_num == (__u64)-1 ||
-		    (seq_num == 0 && !bpf_map_lookup_elem(&hdr_sessions, &session)))
-			put_header(seq);
-		bpf_map_delete_elem(&hdr_sessions, &session);
-		return 0;
-	}
+	if (session_header(seq, &hdr_sessions, session, seq_num, udp, &one))
+		return 0;	/* epilogue: see the comment at the top */
 
 	inet = &udp->inet;
 	sk = &inet->sk;
@@ -141,7 +70,7 @@ int dump_udp6(struct bpf_iter__udp *ctx)
 	__u32 *dst = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32;
 
 	BPF_SEQ_PRINTF(seq, "%5d: %08X%08X%08X%08X:%04X ",
-		       proc_bucket(sk), src[0], src[1], src[2], src[3],
+		       udp_proc_bucket(sk), src[0], src[1], src[2], src[3],
 		       bpf_ntohs(inet->inet_sport));
 	BPF_SEQ_PRINTF(seq, "%08X%08X%08X%08X:%04X %02X %08X:%08X ",
 		       dst[0], dst[1], dst[2], dst[3],

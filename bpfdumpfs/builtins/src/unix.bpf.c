@@ -33,36 +33,15 @@
  */
 #include "common.h"
 
-#define HDR_SESSIONS	1024
+static const char header[] = "Num       RefCount Protocol Flags    Type St Inode Path\n";
+
+#include "net_common.h"
+
 #define UNIX_PATH_MAX	108
 #define SUN_PATH_OFF	2	/* offsetof(struct sockaddr_un, sun_path) */
 #define __SO_ACCEPTCON	(1 << 16)
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, HDR_SESSIONS);
-	__type(key, __u64);
-	__type(value, __u8);
-} hdr_sessions SEC(".maps");
-
-static const char header[] = "Num       RefCount Protocol Flags    Type St Inode Path\n";
-
-static __always_inline void put_header(struct seq_file *seq)
-{
-	bpf_seq_write(seq, header, sizeof(header) - 1);
-}
-
-static __always_inline __u64 sock_ino(struct sock *sk)
-{
-	struct socket *sock;
-
-	if (bpf_core_field_exists(sk->sk_ino))
-		return sk->sk_ino;
-	sock = sk->sk_socket;
-	if (!sock)
-		return 0;
-	return BPF_CORE_READ(container_of(sock, struct socket_alloc, socket), vfs_inode.i_ino);
-}
+SESSION_MAP(hdr_sessions, __u8);
 
 /* " PATH" as unix_seq_show() prints it; nothing for unbound sockets. */
 static __always_inline void put_path(struct seq_file *seq, struct unix_sock *u)
@@ -102,23 +81,12 @@ int dump_unix(struct bpf_iter__unix *ctx)
 	struct unix_sock *u = ctx->unix_sk;
 	__u64 seq_num = meta->seq_num;
 	__u64 session = meta->session_id;
+	__u8 one = 1;
 	struct sock *sk;
 	int state, st;
 
-	if (seq_num == 0 && u) {
-		__u8 one = 1;
-
-		bpf_map_update_elem(&hdr_sessions, &session, &one, BPF_ANY);
-		put_header(seq);
-	}
-	if (!u) {
-		/* Epilogue: see the comment at the top. */
-		if (seq_num == (__u64)-1 ||
-		    (seq_num == 0 && !bpf_map_lookup_elem(&hdr_sessions, &session)))
-			put_header(seq);
-		bpf_map_delete_elem(&hdr_sessions, &session);
-		return 0;
-	}
+	if (session_header(seq, &hdr_sessions, session, seq_num, u, &one))
+		return 0;	/* epilogue: see the comment at the top */
 
 	sk = &u->sk;
 	state = sk->__sk_common.skc_state;
