@@ -130,6 +130,8 @@ class _Dir:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
+    # The kernel then caches each file's (absent) ACL instead of asking at every `ls -l`.
+    enable_acl = True
 
     def __init__(self, state: StateDir, targets: list[str], metrics: Metrics,
                  limits: Limits = Limits()) -> None:
