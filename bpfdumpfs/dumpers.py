@@ -143,9 +143,9 @@ class Stream(io.RawIOBase):
             return n
 
     def fill(self, size: int) -> bytearray:
-        """At least SIZE bytes unless the output ends or fails first; possibly a little
-        more, as each kernel read gets room for a whole kernel buffer. Output read
-        before a kernel error is returned, and the error raised by the next call."""
+        """SIZE bytes, or fewer at the end of the output or before a kernel error (which
+        the next call raises). Each kernel read gets room for a whole kernel buffer;
+        what goes beyond SIZE is kept for the next call."""
         out = bytearray()
         room = _room()
         while len(out) < size:
@@ -158,7 +158,10 @@ class Stream(io.RawIOBase):
                 break
             if n == 0:
                 break
-            out += room[:n]
+            take = min(n, size - len(out))
+            out += room[:take]
+            if take < n:
+                self._surplus = bytearray(room[take:n])
         return out
 
     def _kernel_error(self, err: int) -> DumperError:

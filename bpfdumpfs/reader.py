@@ -170,7 +170,9 @@ class Reader:
         """Move produced chunks to pending until SIZE bytes are there or nothing is left."""
         while True:
             with self.cond:
-                while self.chunks:
+                if self.chunks and not self.pending:
+                    self.pending = self.chunks.popleft()  # take it whole, no copy
+                while self.chunks and len(self.pending) < size:
                     self.pending += self.chunks.popleft()
                 self.cond.notify()
                 finished = self.produced_all and not self.chunks
