@@ -14,6 +14,7 @@
  *        (readlink shows it raw).
  */
 #include "common.h"
+#include "path.h"
 
 #define S_IFMT   00170000
 #define S_IFSOCK 0140000
@@ -28,24 +29,8 @@
 #define PIPEFS_MAGIC        0x50495045
 #define PID_FS_MAGIC        0x50494446
 
-#define PATH_BUF 4096	/* PATH_MAX */
 #define SMALL_BUF 256	/* on-stack fallback when the per-CPU buffer is busy */
 
-/* Per-CPU scratch buffer. Iterator programs run with migration disabled but
- * may be preempted, so a second reader on the same CPU can run this program
- * while the first is in the middle of using the buffer: "busy" is a try-lock
- * built from atomic adds only (the owner is whoever sees the count at 1). */
-struct scratch {
-	__u32 busy;
-	char buf[PATH_BUF];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct scratch);
-} scratch_map SEC(".maps");
 
 static __always_inline const char *kind_of(struct inode *inode)
 {
@@ -66,20 +51,10 @@ static __always_inline const char *kind_of(struct inode *inode)
 	return "anon";	/* no file type: an anonymous inode */
 }
 
-/* Writes buf[0..n-1) (n counts the NUL, as bpf_d_path returns it) and a
- * newline. The path goes through bpf_seq_write, not "%s": bpf_seq_printf
- * truncates string arguments to 512 bytes in all. A newline inside the path
- * becomes '?' so the dump stays one line per fd. */
+/* The path field and the end of the line. */
 static __always_inline void put_path(struct seq_file *seq, char *buf, long n, long cap)
 {
-	if (n > 1 && n <= cap) {
-		for (long i = 0; i < n - 1 && i < cap; i++)
-			if (buf[i] == '\n')
-				buf[i] = '?';
-		bpf_seq_write(seq, buf, n - 1);
-	} else {
-		bpf_seq_write(seq, "-", 1);
-	}
+	put_path_field(seq, buf, n, cap);
 	bpf_seq_write(seq, "\n", 1);
 }
 

@@ -20,6 +20,7 @@
  * accepts the trusted vm_file->f_path.
  */
 #include "common.h"
+#include "path.h"
 
 #define VM_READ     0x1
 #define VM_WRITE    0x2
@@ -28,7 +29,6 @@
 #define PAGE_SHIFT  12		/* x86 */
 #define MINORBITS   20
 
-#define PATH_BUF  4096
 #define SMALL_BUF 200
 
 /* Present only with CONFIG_ANON_VMA_NAME. */
@@ -36,33 +36,12 @@ struct vm_area_struct___named {
 	struct anon_vma_name *anon_name;
 } __attribute__((preserve_access_index));
 
-/* Per-CPU scratch buffer with an atomic-add try-lock (see files.bpf.c). */
-struct scratch {
-	__u32 busy;
-	char buf[PATH_BUF];
-};
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct scratch);
-} scratch_map SEC(".maps");
-
-/* Writes " " + buf[0..n-1) + "\n" (n counts the NUL). Through bpf_seq_write,
- * as bpf_seq_printf truncates string arguments to 512 bytes in all; a newline
- * in the path becomes '?' (/proc/PID/maps shows "\012"). */
+/* The path field and the end of the line (after a space, as in /proc/PID/maps). */
 static __always_inline void put_path(struct seq_file *seq, char *buf, long n, long cap)
 {
 	bpf_seq_write(seq, " ", 1);
-	if (n > 1 && n <= cap) {
-		for (long i = 0; i < n - 1 && i < cap; i++)
-			if (buf[i] == '\n')
-				buf[i] = '?';
-		bpf_seq_write(seq, buf, n - 1);
-	} else {
-		bpf_seq_write(seq, "-", 1);
-	}
+	put_path_field(seq, buf, n, cap);
 	bpf_seq_write(seq, "\n", 1);
 }
 
