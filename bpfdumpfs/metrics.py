@@ -82,7 +82,7 @@ class Metrics:
         for dumper, d in rows:
             label = f'dumper="{_esc(dumper)}"'
             total = 0
-            for le, n in zip((*BUCKETS, "+Inf"), d.latency):
+            for le, n in zip((*BUCKETS, "+Inf"), d.latency, strict=True):
                 total += n
                 out.append(f'{metric}_bucket{{{label},le="{le}"}} {total}')
             out.append(f"{metric}_count{{{label}}} {total}")

@@ -580,7 +580,7 @@ class Operations(pyfuse3.Operations):
         try:
             info = self.state.info(*key)
         except DumperError as e:
-            raise pyfuse3.FUSEError(errno.ENOENT if e.errno == errno.ENOENT else errno.EIO)
+            raise pyfuse3.FUSEError(errno.ENOENT if e.errno == errno.ENOENT else errno.EIO) from None
         fields = {"target": info.target, "link_id": info.link_id, "prog_id": info.prog_id,
                   "prog_name": info.prog_name, "prog_tag": info.prog_tag, "view": info.view,
                   **info.params()}
