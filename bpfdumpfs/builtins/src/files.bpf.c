@@ -14,7 +14,6 @@
  *        (readlink shows it raw).
  */
 #include "common.h"
-#include "path.h"
 
 #define S_IFMT   00170000
 #define S_IFSOCK 0140000
@@ -30,6 +29,7 @@
 #define PID_FS_MAGIC        0x50494446
 
 #define SMALL_BUF 256	/* on-stack fallback when the per-CPU buffer is busy */
+#include "path.h"	/* after SMALL_BUF, which it uses */
 
 
 static __always_inline const char *kind_of(struct inode *inode)
@@ -51,26 +51,15 @@ static __always_inline const char *kind_of(struct inode *inode)
 	return "anon";	/* no file type: an anonymous inode */
 }
 
-/* The path field and the end of the line. */
-static __always_inline void put_path(struct seq_file *seq, char *buf, long n, long cap)
-{
-	put_path_field(seq, buf, n, cap);
-	bpf_seq_write(seq, "\n", 1);
-}
-
 SEC("iter/task_file")
 int dump_files(struct bpf_iter__task_file *ctx)
 {
 	struct seq_file *seq = ctx->meta->seq;
 	struct task_struct *task = ctx->task;
 	struct file *file = ctx->file;
-	char small[SMALL_BUF];
-	struct scratch *s;
 	const char *kind;
-	__u32 zero = 0;
 	__u32 fd = ctx->fd;
 	int pid;
-	long n;
 
 	if (!task || !file)
 		return 0;	/* the end-of-iteration call (same seq_num as the last object) */
@@ -85,26 +74,6 @@ int dump_files(struct bpf_iter__task_file *ctx)
 
 	BPF_SEQ_PRINTF(seq, "%7d %7u %-6s ", pid, fd, kind);
 
-	s = bpf_map_lookup_elem(&scratch_map, &zero);
-	if (s) {
-		__sync_fetch_and_add(&s->busy, 1);
-		if (s->busy == 1) {
-			n = bpf_d_path((struct path *)&file->f_path, s->buf, sizeof(s->buf));
-			if (n > 0)
-				put_path(seq, s->buf, n, PATH_BUF);
-			__sync_fetch_and_add(&s->busy, -1);
-			if (n > 0)
-				return 0;
-		} else {
-			__sync_fetch_and_add(&s->busy, -1);
-		}
-	}
-
-	/* the per-CPU buffer is in use (or d_path failed): try on the stack */
-	n = bpf_d_path((struct path *)&file->f_path, small, sizeof(small));
-	if (n <= 0)	/* too long for it, or not allowed: the dentry name */
-		n = bpf_probe_read_kernel_str(small, sizeof(small),
-					      BPF_CORE_READ(file, f_path.dentry, d_name.name));
-	put_path(seq, small, n, SMALL_BUF);
+	put_d_path(seq, NULL, (struct path *)&file->f_path, file);
 	return 0;
 }

@@ -37,4 +37,42 @@ static __always_inline void put_path_field(struct seq_file *seq, char *buf, long
 	}
 }
 
+/* Writes SEP (a one-character separator, or NULL), the path of PATH (a struct
+ * path * bpf_d_path accepts: reached from the iterator's own pointers) and a
+ * newline. The path goes through the per-CPU buffer when it is free, else a
+ * SMALL_BUF stack buffer (the includer defines it, to fit its stack budget), and if
+ * bpf_d_path refuses or it is too long even so, the dentry name of FILE. */
+static __always_inline void put_d_path(struct seq_file *seq, const char *sep,
+				       struct path *path, struct file *file)
+{
+	char small[SMALL_BUF];
+	struct scratch *s;
+	__u32 zero = 0;
+	long n;
+
+	if (sep)
+		bpf_seq_write(seq, sep, 1);
+	s = bpf_map_lookup_elem(&scratch_map, &zero);
+	if (s) {
+		__sync_fetch_and_add(&s->busy, 1);
+		if (s->busy == 1) {
+			n = bpf_d_path(path, s->buf, sizeof(s->buf));
+			if (n > 0)
+				put_path_field(seq, s->buf, n, PATH_BUF);
+			__sync_fetch_and_add(&s->busy, -1);
+			if (n > 0)
+				goto end;
+		} else {
+			__sync_fetch_and_add(&s->busy, -1);
+		}
+	}
+	n = bpf_d_path(path, small, sizeof(small));
+	if (n <= 0)
+		n = bpf_probe_read_kernel_str(small, sizeof(small),
+					      BPF_CORE_READ(file, f_path.dentry, d_name.name));
+	put_path_field(seq, small, n, SMALL_BUF);
+end:
+	bpf_seq_write(seq, "\n", 1);
+}
+
 #endif

@@ -20,7 +20,6 @@
  * accepts the trusted vm_file->f_path.
  */
 #include "common.h"
-#include "path.h"
 
 #define VM_READ     0x1
 #define VM_WRITE    0x2
@@ -30,20 +29,13 @@
 #define MINORBITS   20
 
 #define SMALL_BUF 200
+#include "path.h"	/* after SMALL_BUF, which it uses */
 
 /* Present only with CONFIG_ANON_VMA_NAME. */
 struct vm_area_struct___named {
 	struct anon_vma_name *anon_name;
 } __attribute__((preserve_access_index));
 
-
-/* The path field and the end of the line (after a space, as in /proc/PID/maps). */
-static __always_inline void put_path(struct seq_file *seq, char *buf, long n, long cap)
-{
-	bpf_seq_write(seq, " ", 1);
-	put_path_field(seq, buf, n, cap);
-	bpf_seq_write(seq, "\n", 1);
-}
 
 #define VMA_FMT "%d %08lx-%08lx %c%c%c%c %08llx %02x:%02x %lu"
 #define VMA_ARGS pid, start, end, \
@@ -64,10 +56,6 @@ int dump_vmas(struct bpf_iter__task_vma *ctx)
 	struct file *file;
 	struct path *path = NULL;
 	struct mm_struct *mm;
-	char small[SMALL_BUF];
-	struct scratch *s;
-	__u32 zero = 0;
-	long n;
 	int pid;
 
 	if (!task || !vma)
@@ -99,26 +87,7 @@ int dump_vmas(struct bpf_iter__task_vma *ctx)
 		}
 
 		BPF_SEQ_PRINTF(seq, VMA_FMT, VMA_ARGS);
-		s = bpf_map_lookup_elem(&scratch_map, &zero);
-		if (s) {
-			__sync_fetch_and_add(&s->busy, 1);
-			if (s->busy == 1) {
-				n = bpf_d_path(path, s->buf, sizeof(s->buf));
-				if (n > 0)
-					put_path(seq, s->buf, n, PATH_BUF);
-				__sync_fetch_and_add(&s->busy, -1);
-				if (n > 0)
-					return 0;
-			} else {
-				__sync_fetch_and_add(&s->busy, -1);
-			}
-		}
-		/* the per-CPU buffer is in use (or d_path failed): on the stack */
-		n = bpf_d_path(path, small, sizeof(small));
-		if (n <= 0)	/* too long for it: the file name */
-			n = bpf_probe_read_kernel_str(small, sizeof(small),
-						      BPF_CORE_READ(file, f_path.dentry, d_name.name));
-		put_path(seq, small, n, SMALL_BUF);
+		put_d_path(seq, " ", path, file);
 		return 0;
 	}
 
