@@ -210,10 +210,7 @@ class Operations(pyfuse3.Operations):
         """A pin changed: forget what we and the kernel cached of it."""
         names = [name] if name else [n for t, n in {*self.file_ino, *self.pins} if t == target]
         for n in names:
-            pin = self.pins.pop((target, n), None)
-            if pin is not None and pin.dumper is not None:
-                pin.drop()
-                self.cached_links -= 1
+            self._forget_pin((target, n))
             if target in self.target_ino:
                 pyfuse3.invalidate_entry_async(self.target_ino[target], n.encode(),
                                                ignore_enoent=True)
@@ -223,6 +220,13 @@ class Operations(pyfuse3.Operations):
                     pyfuse3.invalidate_inode(ino, attr_only=True)
                 except OSError:
                     pass  # the kernel no longer knows the inode: nothing to invalidate
+
+    def _forget_pin(self, key: tuple[str, str]) -> None:
+        """Drop what is known of a pin, closing its cached link."""
+        pin = self.pins.pop(key, None)
+        if pin is not None and pin.dumper is not None:
+            pin.drop()
+            self.cached_links -= 1
 
     # -- inodes --------------------------------------------------------------
     def _file_inode(self, target: str, name: str) -> int:
@@ -263,9 +267,7 @@ class Operations(pyfuse3.Operations):
             link_id, why = self._check_pin(path, target)
             if why and (pin is None or pin.hidden != why):
                 log.warning("hiding %s: %s", path, why)
-            if pin is not None and pin.dumper is not None:
-                pin.drop()
-                self.cached_links -= 1
+            self._forget_pin((target, name))
             pin = self.pins[(target, name)] = _Pin(st.st_ino, link_id, why, Pace())
         if pin.hidden:
             raise pyfuse3.FUSEError(errno.ENOENT)
