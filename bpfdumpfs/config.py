@@ -151,49 +151,46 @@ def apply(config_dir: str | os.PathLike, state: StateDir) -> Report:
     report = Report()
     config_dir = Path(config_dir).resolve()  # records name files by absolute path
     files = sorted(config_dir.glob("*.toml")) if config_dir.is_dir() else []
+    made = _made_from_config(state)
     declared: set[tuple[str, str]] = set()   # (origin file, name) of every valid entry
     invalid: set[str] = set()                # files whose earlier dumpers are left alone
     for path in files:
         try:
             entries = parse(path)
-            _apply_file(path, entries, state, report)
+            _apply_file(path, entries, state, made, report)
         except ConfigError as e:
             report.errors.append(f"{path}:{e.line}: {e}")
             invalid.add(str(path))
             continue
         declared |= {(str(path), e.spec.name) for e in entries}
-    for e in state.entries():
-        with state.get(e.target, e.name) as d:
-            meta = state.meta.get(e.target, e.name, d.link_info().id)
-        origin = meta.get("config_file")
-        if meta.get("origin") != "config" or not origin:
-            continue
-        if (origin, e.name) in declared or origin in invalid or \
+    for (origin, name), (target, _) in made.items():
+        if (origin, name) in declared or origin in invalid or \
                 Path(origin).parent != config_dir:  # another config dir's: not ours to remove
             continue
-        state.remove(e.target, e.name)
-        report.applied.append(f"removed {e.target}/{e.name}")
+        state.remove(target, name)
+        report.applied.append(f"removed {target}/{name}")
     return report
 
 
-def _unchanged(state: StateDir, path: Path, entry: Entry) -> bool:
+def _made_from_config(state: StateDir) -> dict[tuple[str, str], tuple[str, str]]:
+    """(config file, name) -> (target, digest) of every dumper config made."""
+    made = {}
     for e in state.entries():
-        if e.name != entry.spec.name:
-            continue
-        with state.get(e.target, e.name) as d:
-            meta = state.meta.get(e.target, e.name, d.link_info().id)
-        if meta.get("config_file") == str(path) and meta.get("config_digest") == entry.digest:
-            return True
-    return False
+        record = state.record(e.target, e.name)
+        if record.get("origin") == "config" and record.get("config_file"):
+            made[(record["config_file"], e.name)] = (e.target, record.get("config_digest"))
+    return made
 
 
-def _apply_file(path: Path, entries: list[Entry], state: StateDir, report: Report) -> None:
-    """Load every entry of one file first; pin them only if all load."""
+def _apply_file(path: Path, entries: list[Entry], state: StateDir,
+                made: dict[tuple[str, str], tuple[str, str]], report: Report) -> None:
+    """Load every changed entry of one file first; pin them only if all load."""
     loaded: list[tuple[Entry, Dumper]] = []
     try:
         for entry in entries:
             entry.digest = _digest(entry.spec)
-            if _unchanged(state, path, entry):
+            ours = made.get((str(path), entry.spec.name))
+            if ours and ours[1] == entry.digest:
                 continue  # applied before from these very bytes: nothing to load
             try:
                 d = Dumper.load(entry.spec.object, entry.spec.prog, entry.spec.params)
@@ -201,25 +198,15 @@ def _apply_file(path: Path, entries: list[Entry], state: StateDir, report: Repor
                 raise ConfigError(entry.line, str(e)) from None
             loaded.append((entry, d))
             target = d.link_info().target_name
-            pin = state.pin_path(target, entry.spec.name)
-            if pin.exists():
-                with state.get(target, entry.spec.name) as old:
-                    meta = state.meta.get(target, entry.spec.name, old.link_info().id)
-                if meta.get("origin") != "config" or meta.get("config_file") != str(path):
-                    raise ConfigError(entry.line, f"dumper {target}/{entry.spec.name} exists "
-                                      "and was not made from this file; remove it "
-                                      "(bpfdumpfs rm) or rename the entry")
+            if state.pin_path(target, entry.spec.name).exists() and \
+                    (not ours or ours[0] != target):
+                raise ConfigError(entry.line, f"dumper {target}/{entry.spec.name} exists "
+                                  "and was not made from this file; remove it "
+                                  "(bpfdumpfs rm) or rename the entry")
         for entry, d in loaded:
-            target = d.link_info().target_name
-            pin = state.pin_path(target, entry.spec.name)
-            if pin.exists():
-                with state.get(target, entry.spec.name) as old:
-                    meta = state.meta.get(target, entry.spec.name, old.link_info().id)
-                if meta.get("config_digest") == entry.digest:
-                    continue
             _, done = state.add(entry.spec, replace=True, origin="config", loaded=d,
                                 config_file=str(path), config_digest=entry.digest)
-            report.applied.append(f"{done} {target}/{entry.spec.name}")
+            report.applied.append(f"{done} {d.link_info().target_name}/{entry.spec.name}")
     finally:
         for _, d in loaded:
             d.close()

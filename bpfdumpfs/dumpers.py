@@ -631,6 +631,12 @@ class StateDir:
                                   "see `bpfdumpfs ls`") from None
             raise
 
+    def record(self, target: str, name: str) -> dict:
+        """What bpfdumpfs recorded of the pinned dumper TARGET/NAME (origin, view, config
+        file...), with its link_id; empty if nothing, or a stale record."""
+        with self.get(target, name) as d:
+            return self.meta.get(target, name, d.link_info().id)
+
     def info(self, target: str, name: str) -> DumperInfo:
         with self.get(target, name) as d:
             info = d.info()
@@ -726,13 +732,6 @@ class StateDir:
             self._record(li.target_name, name, li.id, origin="pin", view=view)
         return path
 
-    def set_view(self, target: str, name: str, view: str) -> None:
-        with self.get(target, name) as d:
-            link_id = d.link_info().id
-        record = self.meta.get(target, name, link_id)
-        record.pop("link_id", None)
-        self._record(target, name, link_id, **{**record, "view": view})
-
     def _record(self, target: str, name: str, link_id: int, **fields) -> None:
         """Write a pin's record, and touch the pin: a mounted tree watches the pins
         (not the record map), and re-reads a record when its pin changes."""
@@ -750,12 +749,10 @@ class StateDir:
         """Rename a pin (and its record) within its target directory."""
         check_name(new)
         src = self.pin_path(target, old)
-        with self.get(target, old) as d:
-            link_id = d.link_info().id
-        record = self.meta.get(target, old, link_id)
+        record = self.record(target, old)
         os.rename(src, self.pin_path(target, new))
         if record:
-            record.pop("link_id")
+            link_id = record.pop("link_id")
             self._record(target, new, link_id, **record)
             self.meta.delete(target, old)
 
