@@ -369,6 +369,9 @@ def _info(fd: int, size: int, what: str) -> bytearray:
     return bytearray(ffi.buffer(buf, size))
 
 
+TARGET_NAME_MAX = 128
+
+
 @dataclass(frozen=True)
 class LinkInfo:
     type: int
@@ -388,20 +391,18 @@ class LinkInfo:
 
 def link_info(fd: int) -> LinkInfo:
     """OBJ_GET_INFO_BY_FD of a link, with the iter target and its parameters."""
-    what = f"reading the info of link fd {fd}"
-    raw = _info(fd, 48, what)
+    # One call, with room for any iter target name (the longest is under 32 bytes).
+    name = ffi.new("char[]", TARGET_NAME_MAX)
+    info = ffi.new("char[]", 48)
+    struct.pack_into("<QI", ffi.buffer(info), 16, int(ffi.cast("uintptr_t", name)),
+                     TARGET_NAME_MAX)
+    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": 48,
+                                            "info": int(ffi.cast("uintptr_t", info))})
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading the info of link fd {fd}")
+    raw = bytes(ffi.buffer(info, 48))
     ltype, lid, prog_id = struct.unpack_from("<III", raw, 0)
     if ltype != BPF_LINK_TYPE_ITER:
         return LinkInfo(ltype, lid, prog_id)
-    # Ask again with a buffer for the target name: the first answer gave its length.
-    name_len = struct.unpack_from("<I", raw, 24)[0]
-    name = ffi.new("char[]", max(name_len, 1))
-    info = ffi.new("char[]", 48)
-    struct.pack_into("<QI", ffi.buffer(info), 16, int(ffi.cast("uintptr_t", name)), name_len)
-    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": 48,
-                                            "info": int(ffi.cast("uintptr_t", info))})
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
-    raw = bytes(ffi.buffer(info, 48))
     target = ffi.string(name).decode()
     map_id, = struct.unpack_from("<I", raw, 28)
     cgroup_id, order = struct.unpack_from("<QI", raw, 32)

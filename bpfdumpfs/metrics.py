@@ -4,15 +4,17 @@ handles and read latency, per dumper. Served as MOUNT/.stats; read by
 from __future__ import annotations
 
 import bisect
+import copy
 import errno as errno_names
 import os
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from . import __version__
 
-# read latency buckets, seconds: a FUSE read from 20 us (inline, small) to seconds (slow)
+# read latency buckets, seconds: a FUSE read from 20 us (small) to seconds (slow)
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
            0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -32,23 +34,28 @@ class Metrics:
         self.mountpoint, self.state_dir = mountpoint, state_dir
         self.started = time.time()
         self.by_dumper: dict[str, _Dumper] = defaultdict(_Dumper)
+        self.lock = threading.Lock()  # counted from the device's threads and trio's
 
     def opened(self, dumper: str) -> None:
-        d = self.by_dumper[dumper]
-        d.opens += 1
-        d.handles += 1
+        with self.lock:
+            d = self.by_dumper[dumper]
+            d.opens += 1
+            d.handles += 1
 
     def closed(self, dumper: str) -> None:
-        self.by_dumper[dumper].handles -= 1
+        with self.lock:
+            self.by_dumper[dumper].handles -= 1
 
     def read(self, dumper: str, nbytes: int, seconds: float) -> None:
-        d = self.by_dumper[dumper]
-        d.bytes += nbytes
-        d.latency[bisect.bisect_left(BUCKETS, seconds)] += 1
-        d.latency_sum += seconds
+        with self.lock:
+            d = self.by_dumper[dumper]
+            d.bytes += nbytes
+            d.latency[bisect.bisect_left(BUCKETS, seconds)] += 1
+            d.latency_sum += seconds
 
     def error(self, dumper: str, err: int) -> None:
-        self.by_dumper[dumper].errors[errno_names.errorcode.get(err, str(err))] += 1
+        with self.lock:
+            self.by_dumper[dumper].errors[errno_names.errorcode.get(err, str(err))] += 1
 
     def render(self) -> bytes:
         out = [
@@ -60,7 +67,8 @@ class Metrics:
             "# UNIT bpfdumpfs_start_time_seconds seconds",
             f"bpfdumpfs_start_time_seconds {self.started:.3f}",
         ]
-        rows = sorted(self.by_dumper.items())
+        with self.lock:
+            rows = sorted((k, copy.deepcopy(v)) for k, v in self.by_dumper.items())
         families = [
             ("opens", "counter", "opens of the dumper", lambda d: [("", d.opens)]),
             ("read_bytes", "counter", "bytes read from the dumper",

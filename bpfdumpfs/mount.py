@@ -24,6 +24,7 @@ import trio
 
 from . import config, targets
 from .builtins import builtins
+from .device import Device
 from .dumpers import Dumper, DumperError, StateDir, choose_program
 from .metrics import Metrics
 from .ops import Limits, Operations
@@ -205,9 +206,16 @@ def apply_config(opts: MountOptions, state: StateDir) -> None:
         log.error("config: %s", line)
 
 
-async def _serve(opts: MountOptions, state: StateDir, ops: Operations) -> None:
+async def _serve(opts: MountOptions, state: StateDir, ops: Operations,
+                 device: Device) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(ops.serve)
+
+        async def on_unmount() -> None:
+            await trio.to_thread.run_sync(device.wait_unmounted, abandon_on_cancel=True)
+            log.info("%s was unmounted", opts.mountpoint)
+            pyfuse3.terminate()
+        nursery.start_soon(on_unmount)
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
                                            signal.SIGHUP) as signals:
@@ -223,7 +231,8 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations) -> None:
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signals)
-        await pyfuse3.main(min_tasks=2, max_tasks=64)
+        # opens, reads and releases go to the device's threads: few requests wait here
+        await pyfuse3.main(min_tasks=1, max_tasks=64)
         ops.shutdown()
         nursery.cancel_scope.cancel()
 
@@ -243,24 +252,26 @@ def run(opts: MountOptions, ready=None) -> None:
     os.makedirs(opts.mountpoint, exist_ok=True)
     ops = Operations(state, list(targets.running_kernel()),
                      Metrics(os.path.abspath(opts.mountpoint), str(state.path)), opts.limits)
-    fuse_options = {f"fsname={fsname(state)}", "subtype=bpfdumpfs", "allow_other",
-                    "default_permissions"}
-    if opts.debug_fuse:
-        fuse_options.add("debug")
+    # a worker per open file at most (each may be inside a kernel read), and some to spare
+    device = Device(ops, opts.mountpoint, fsname(state),
+                    max_workers=(opts.limits.max_handles or 4096) + 8)
     try:
-        pyfuse3.init(ops, opts.mountpoint, fuse_options)
-    except RuntimeError as e:
-        raise DumperError(errno.EIO, f"mounting FUSE at {opts.mountpoint}",
-                          "is /dev/fuse there and is fuse3 installed?") from e
+        session = device.mount()
+    except OSError as e:
+        raise DumperError(e.errno, f"mounting FUSE at {opts.mountpoint}",
+                          "is /dev/fuse there (modprobe fuse)?") from None
     try:
+        pyfuse3.init(ops, session, {"debug"} if opts.debug_fuse else set())
+        device.start()
         log.info("serving %s from %s", opts.mountpoint, state.path)
         sd_notify(f"READY=1\nSTATUS=serving {opts.mountpoint} from {state.path}\n"
                   f"MAINPID={os.getpid()}")
         if ready:
             ready()
-        trio.run(_serve, opts, state, ops)
+        trio.run(_serve, opts, state, ops, device)
     finally:
-        pyfuse3.close(unmount=True)
+        pyfuse3.close(unmount=False)
+        device.unmount()
         log.info("unmounted %s", opts.mountpoint)
 
 

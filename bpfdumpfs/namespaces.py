@@ -172,6 +172,14 @@ class Namespaces:
         self.pid: dict[int, _PidHelper] = {}
         self.lock = threading.Lock()  # net threads remove themselves from another thread
 
+    def at_home(self, kind: str, reader_pid: int) -> bool:
+        """Whether READER_PID is in the daemon's namespace of KIND (False if unknown)."""
+        try:
+            return reader_pid > 0 and \
+                os.stat(f"/proc/{reader_pid}/ns/{kind}").st_ino == self.mine[kind]
+        except OSError:
+            return False
+
     def foreign(self, kind: str, reader_pid: int) -> tuple[int, int] | None:
         """(ns fd, ns inode) of READER_PID's namespace of KIND if it is not the daemon's.
 
@@ -184,10 +192,10 @@ class Namespaces:
                               "share the pid namespace with the daemon (podman --pid "
                               "container:SIDECAR, Kubernetes shareProcessNamespace), or "
                               "set the dumper's view to daemon")
+        if self.at_home(kind, reader_pid):
+            return None
         path = f"/proc/{reader_pid}/ns/{kind}"
         try:
-            if os.stat(path).st_ino == self.mine[kind]:
-                return None  # the common case, one stat and done
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise DumperError(errno.EACCES, f"reading the {kind} namespace of reader pid "

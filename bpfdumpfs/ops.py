@@ -8,8 +8,11 @@ caches names and attributes (a LOOKUP or GETATTR per `cat` costs as much as
 reading a small dump) and the daemon invalidates them as soon as inotify says a
 pin changed -- by the CLI, bpftool or anyone (watch.py) -- so a chmod, rm or
 rename shows within milliseconds. Without a working watch nothing is cached.
-How reads are served (inline or in worker threads, with read-ahead) is
-reader.py's concern.
+
+Most handlers run in trio under pyfuse3. The hot ones -- open_quick(),
+read_handle(), release_handle(), xattr_refusal() -- are called from the
+device's threads (device.py) and take self.lock where they share state; how
+one open file is read (with read-ahead for streams) is reader.py's concern.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,9 +30,10 @@ import pyfuse3
 import trio
 
 from . import kernel
-from .dumpers import NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name
+from .dumpers import (NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name,
+                      iter_link_info)
 from .metrics import Metrics
-from .namespaces import Namespaces
+from .namespaces import Namespaces, kind_of
 from .reader import Pace, Reader
 from .watch import StateWatch
 
@@ -84,7 +89,7 @@ class _Snapshot:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    async def read(self, size: int) -> bytes:
+    def read(self, size: int) -> bytes:
         out, self.data = self.data[:size], self.data[size:]
         return out
 
@@ -130,7 +135,8 @@ class _Dir:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
-    # The kernel then caches each file's (absent) ACL instead of asking at every `ls -l`.
+    # The kernel then caches each file's (absent) ACL instead of asking at every `ls -l`
+    # (and at every permission check of a non-root reader).
     enable_acl = True
 
     def __init__(self, state: StateDir, targets: list[str], metrics: Metrics,
@@ -151,9 +157,10 @@ class Operations(pyfuse3.Operations):
         self.pins: dict[tuple[str, str], _Pin] = {}
         self.cached_links = 0
         self.namespaces = Namespaces()
-        self.read_limiter = trio.CapacityLimiter(1024)
         self.mounted_ns = time.time_ns()
-        self.nursery: trio.Nursery | None = None  # read-ahead tasks run here (set by serve)
+        # Opens, reads and releases are served on the device's threads (device.py) while
+        # everything else runs in trio: this guards the pins' cached links and the handles.
+        self.lock = threading.RLock()
         self.cache_timeout = 0.0  # > 0 only while the state dir is watched
         self.metrics = metrics
         self.limits = limits
@@ -162,10 +169,8 @@ class Operations(pyfuse3.Operations):
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                task_status.started()
-                await self._watch_state()
+            task_status.started()
+            await self._watch_state()
         finally:
             self.namespaces.close()
 
@@ -202,9 +207,11 @@ class Operations(pyfuse3.Operations):
 
     def shutdown(self) -> None:
         """Release every open file: producer threads stop, seq_files close."""
-        for h in self.handles.values():
+        with self.lock:
+            handles = list(self.handles.values())
+            self.handles.clear()
+        for h in handles:
             h.reader.release()
-        self.handles.clear()
 
     def changed(self, target: str, name: str | None) -> None:
         """A pin changed: forget what we and the kernel cached of it."""
@@ -216,17 +223,15 @@ class Operations(pyfuse3.Operations):
                                                ignore_enoent=True)
             ino = self.file_ino.get((target, n))
             if ino is not None:
-                try:
-                    pyfuse3.invalidate_inode(ino, attr_only=True)
-                except OSError:
-                    pass  # the kernel no longer knows the inode: nothing to invalidate
+                pyfuse3.invalidate_inode(ino, attr_only=True)
 
     def _forget_pin(self, key: tuple[str, str]) -> None:
         """Drop what is known of a pin, closing its cached link."""
-        pin = self.pins.pop(key, None)
-        if pin is not None and pin.dumper is not None:
-            pin.drop()
-            self.cached_links -= 1
+        with self.lock:
+            pin = self.pins.pop(key, None)
+            if pin is not None and pin.dumper is not None:
+                pin.drop()
+                self.cached_links -= 1
 
     # -- inodes --------------------------------------------------------------
     def _file_inode(self, target: str, name: str) -> int:
@@ -255,7 +260,7 @@ class Operations(pyfuse3.Operations):
 
     def _pin(self, target: str, name: str) -> tuple[_Pin, os.stat_result]:
         """The pin's record and stat, checked once per pin inode; ENOENT if not a dumper."""
-        path = self.state.pin_path(target, name)
+        path = self.state.pin_str(target, name)
         try:
             st = os.stat(path)
         except OSError:
@@ -277,8 +282,11 @@ class Operations(pyfuse3.Operations):
     def _check_pin(path, target: str) -> tuple[int, str | None]:
         """(link id, why the pin is not shown -- None if it is a dumper of TARGET)."""
         try:
-            with Dumper.from_pin(path) as d:
-                info = d.link_info()
+            fd = kernel.obj_get(path)
+            try:
+                info = iter_link_info(fd, path)
+            finally:
+                os.close(fd)
         except DumperError as e:
             return 0, "not an iterator link" if e.errno == errno.EINVAL else str(e)
         if info.target_name != target:
@@ -384,38 +392,72 @@ class Operations(pyfuse3.Operations):
         self.dirs.pop(fh, None)
 
     # -- files ----------------------------------------------------------------------
-    def _new_handle(self, reader, label: str, ctx) -> pyfuse3.FileInfo:
-        fh = self.next_fh
-        self.next_fh += 1
-        self.handles[fh] = Handle(reader, label, ctx.pid, ctx.uid, time.monotonic())
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+    # FUSE opens come to open_quick() first, on a device thread (device.py); what it
+    # declines (first opens, other namespaces, refusals) comes to open() in trio.
+    # Reads and releases of every file are served on device threads.
+    def _new_handle(self, reader, label: str, uid: int, pid: int) -> int:
+        with self.lock:
+            fh = self.next_fh
+            self.next_fh += 1
+            self.handles[fh] = Handle(reader, label, pid, uid, time.monotonic())
+        return fh
 
-    def _check_limits(self, label: str, ctx) -> None:
+    def _refusal(self, uid: int) -> tuple[int, str] | None:
+        """(errno, why) if the limits refuse one more open by UID."""
         lim = self.limits
         if lim.max_handles and len(self.handles) >= lim.max_handles:
-            log.warning("open %s by uid %d pid %d refused: %d files open, the limit "
-                        "(max_handles)", label, ctx.uid, ctx.pid, len(self.handles))
-            self.metrics.error(label, errno.ENFILE)
-            raise pyfuse3.FUSEError(errno.ENFILE)
-        if lim.max_handles_per_uid and self.uid_handles[ctx.uid] >= lim.max_handles_per_uid:
-            log.warning("open %s by uid %d pid %d refused: the user has %d files open, the "
-                        "limit (max_handles_per_uid)", label, ctx.uid, ctx.pid,
-                        self.uid_handles[ctx.uid])
-            self.metrics.error(label, errno.EMFILE)
-            raise pyfuse3.FUSEError(errno.EMFILE)
+            return errno.ENFILE, f"{len(self.handles)} files open, the limit (max_handles)"
+        if lim.max_handles_per_uid and self.uid_handles[uid] >= lim.max_handles_per_uid:
+            return errno.EMFILE, (f"the user has {self.uid_handles[uid]} files open, the "
+                                  "limit (max_handles_per_uid)")
+        return None
+
+    def _opened(self, fd: int, pin: _Pin, label: str, uid: int, pid: int) -> int:
+        """A handle for the new seq_file FD."""
+        with self.lock:
+            self.metrics.opened(label)
+            self.uid_handles[uid] += 1
+            return self._new_handle(Reader(Stream(fd, label), pin.pace), label, uid, pid)
+
+    def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:
+        """Open without waiting for anything: a dumper whose link is cached, seen from
+        the daemon's namespaces. Returns the new fh, or None to leave it to open()."""
+        key = self.ino_file.get(inode)
+        pin = self.pins.get(key) if key else None
+        if (flags & os.O_ACCMODE != os.O_RDONLY or pin is None or pin.hidden
+                or pin.view is None):
+            return None
+        kind = kind_of(key[0])
+        if pin.view == "reader" and kind and not self.namespaces.at_home(kind, pid):
+            return None
+        with self.lock:
+            if pin.dumper is None or self._refusal(uid):
+                return None
+            try:
+                fd = pin.dumper.open_fd()
+            except DumperError:
+                return None
+            return self._opened(fd, pin, f"{key[0]}/{key[1]}", uid, pid)
 
     async def open(self, inode, flags, ctx) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
         if inode == STATS_INODE:
-            return self._new_handle(_Snapshot(self.metrics.render()), STATS_NAME, ctx)
+            fh = self._new_handle(_Snapshot(self.metrics.render()), STATS_NAME, ctx.uid,
+                                  ctx.pid)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
         key = self.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode in self.ino_target or inode == ROOT
                                     else errno.ENOENT)
         target, name = key
         label = f"{target}/{name}"
-        self._check_limits(label, ctx)
+        refused = self._refusal(ctx.uid)
+        if refused:
+            log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid,
+                        refused[1])
+            self.metrics.error(label, refused[0])
+            raise pyfuse3.FUSEError(refused[0])
         pin = self.pins.get(key)
         if pin is None or pin.hidden or not self.cache_timeout:
             pin, _ = self._pin(target, name)  # while watched, a known pin needs no stat
@@ -430,23 +472,22 @@ class Operations(pyfuse3.Operations):
             log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
             self.metrics.error(label, err)
             raise pyfuse3.FUSEError(err) from None
-        self.metrics.opened(label)
-        self.uid_handles[ctx.uid] += 1
-        reader = Reader(Stream(fd, label), pin.pace, self.read_limiter, self.nursery)
-        return self._new_handle(reader, label, ctx)
+        fh = self._opened(fd, pin, label, ctx.uid, ctx.pid)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
 
     async def _open_fd(self, pin: _Pin, target: str, name: str, reader_pid: int) -> int:
         """A new seq_file of the pin's dumper, in the reader's namespaces if its view is
         the reader's. The dumper is cached while the state dir is watched (a change
         event drops it, so a removed pin never keeps its link alive)."""
         if pin.dumper is None:
-            d = Dumper(kernel.obj_get(str(self.state.pin_path(target, name))),
+            d = Dumper(kernel.obj_get(self.state.pin_str(target, name)),
                        f"{target}/{name}")
             if not self.cache_timeout or self.cached_links >= LINK_CACHE_MAX:
                 with d:
                     return await self._open_in_view(d, pin, target, reader_pid)
-            pin.dumper = d
-            self.cached_links += 1
+            with self.lock:
+                pin.dumper = d
+                self.cached_links += 1
         return await self._open_in_view(pin.dumper, pin, target, reader_pid)
 
     async def _open_in_view(self, d: Dumper, pin: _Pin, target: str, reader_pid: int) -> int:
@@ -454,10 +495,19 @@ class Operations(pyfuse3.Operations):
             return await self.namespaces.open_fd(d, target, reader_pid)
         return d.open_fd()
 
-    async def read(self, fh, off, size) -> bytes:
+    def read_is_quick(self, fh: int) -> bool:
+        """Whether a read of FH is sure not to wait long (for the device's scheduling)."""
+        h = self.handles.get(fh)
+        return h is None or h.failed != 0 or not isinstance(h.reader, Reader) or \
+            h.reader.quick
+
+    def read_handle(self, fh: int, size: int) -> bytes:
+        """A FUSE read of an open file, on a device thread: it may block in the kernel."""
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if isinstance(h.reader, _Snapshot):
+            return h.reader.read(size)
         if h.failed:
             raise pyfuse3.FUSEError(h.failed)
         budget = self.limits.open_budget
@@ -466,7 +516,7 @@ class Operations(pyfuse3.Operations):
             return self._fail(h, errno.ETIME, f"reading dumper {h.label} stopped: the open "
                               f"took more than its time budget of {budget:g} s (open_budget)")
         try:
-            data = await h.reader.read(size)
+            data = h.reader.read(size)
         except DumperError as e:
             return self._fail(h, errno.EIO, str(e))
         self.metrics.read(h.label, len(data), time.monotonic() - t0)
@@ -479,18 +529,21 @@ class Operations(pyfuse3.Operations):
         self.metrics.error(h.label, err)
         raise pyfuse3.FUSEError(err)
 
+    def release_handle(self, fh: int) -> None:
+        """The last close of an open file, on a device thread."""
+        with self.lock:
+            h = self.handles.pop(fh, None)
+            if h is None:
+                return
+            if isinstance(h.reader, Reader):
+                self.metrics.closed(h.label)
+                self.uid_handles[h.uid] -= 1
+        h.reader.release()
+
     async def flush(self, fh) -> None:
         # Nothing to flush; ENOSYS tells the kernel never to send FLUSH again,
         # saving a round trip on every close().
         raise pyfuse3.FUSEError(errno.ENOSYS)
-
-    async def release(self, fh) -> None:
-        h = self.handles.pop(fh, None)
-        if h is not None:
-            h.reader.release()
-            if isinstance(h.reader, Reader):
-                self.metrics.closed(h.label)
-                self.uid_handles[h.uid] -= 1
 
     async def unlink(self, parent_inode, name, ctx) -> None:
         """rm MNT/TARGET/NAME: delete the pin (root only); open readers finish their read."""
@@ -582,7 +635,8 @@ class Operations(pyfuse3.Operations):
         try:
             info = self.state.info(*key)
         except DumperError as e:
-            raise pyfuse3.FUSEError(errno.ENOENT if e.errno == errno.ENOENT else errno.EIO) from None
+            err = errno.ENOENT if e.errno == errno.ENOENT else errno.EIO
+            raise pyfuse3.FUSEError(err) from None
         fields = {"target": info.target, "link_id": info.link_id, "prog_id": info.prog_id,
                   "prog_name": info.prog_name, "prog_tag": info.prog_tag, "view": info.view,
                   **info.params()}
@@ -591,9 +645,24 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx) -> list[bytes]:
         return list(self._xattrs(inode))
 
+    @staticmethod
+    def xattr_refusal(name: bytes) -> int | None:
+        """The errno for a getxattr of NAME that needs no look at the file, or None.
+
+        `ls -l` asks every file for its security label and its ACL. There are no labels
+        here: saying "not supported" (not "no such attribute") lets coreutils stop asking
+        after the first file. ACLs must be answered "none": the kernel asks for them in
+        permission checks. Both are answered on the device's threads (device.py)."""
+        if name.startswith((b"security.", b"trusted.")):
+            return errno.EOPNOTSUPP
+        if not name.startswith(XATTR_PREFIX):
+            return pyfuse3.ENOATTR
+        return None
+
     async def getxattr(self, inode, name, ctx) -> bytes:
-        if not name.startswith(XATTR_PREFIX):  # ls -l asks for ACLs and labels of every file
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        refused = self.xattr_refusal(name)
+        if refused:
+            raise pyfuse3.FUSEError(refused)
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

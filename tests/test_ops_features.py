@@ -156,3 +156,29 @@ def test_json_logs_have_level_and_message(tmp_path):
         p.wait(timeout=30)
         unmount(mnt)
         unmount(state)
+
+
+def test_xattrs_other_than_ours_are_refused_the_way_ls_expects(daemon):
+    """Labels are "not supported" (so `ls -l` stops asking after one file), ACLs are
+    "none" (the kernel asks in permission checks), other user.* names do not exist."""
+    f = daemon.mnt / "task" / "tasks"
+    for name, err in (("security.selinux", errno.EOPNOTSUPP), ("trusted.x", errno.EOPNOTSUPP),
+                      ("system.posix_acl_access", errno.ENODATA),
+                      ("user.other", errno.ENODATA), ("user.bpfdump.nope", errno.ENODATA)):
+        with pytest.raises(OSError) as e:
+            os.getxattr(f, name)
+        assert e.value.errno == err, name
+    assert os.getxattr(f, "user.bpfdump.target") == b"task"
+    # a non-root user lists and reads through the same permission checks
+    p = subprocess.run([*NOBODY, "ls", "-l", str(f.parent)], capture_output=True, text=True)
+    assert p.returncode == 0 and " tasks\n" in p.stdout, p.stderr
+    from bpfdumpfs import Dumper, StateDir
+    from bpfdumpfs.builtins import object_path
+    with Dumper.load(object_path("tasks")) as d:
+        for i in range(20):
+            d.pin(StateDir(daemon.state), f"copy{i}", mode=0o444)
+    p = subprocess.run(["strace", "-c", "-e", "trace=lgetxattr", "ls", "-l",
+                        str(f.parent)], capture_output=True, text=True)
+    assert p.returncode == 0 and "copy19" in p.stdout, p.stderr
+    calls = [int(ln.split()[3]) for ln in p.stderr.splitlines() if ln.endswith("lgetxattr")]
+    assert calls and calls[0] <= 2, p.stderr  # the label is asked once, not of 23 files

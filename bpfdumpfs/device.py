@@ -1,0 +1,237 @@
+"""The FUSE connection: opens, reads and releases served by a pool of threads,
+every other request relayed to pyfuse3.
+
+pyfuse3 runs each request through trio, about 65 us of Python per round trip on
+this kind of machine -- and a `cat` of a small dump is four of them (OPEN, READ,
+READ at the end, RELEASE), more than lxcfs spends on a whole open. Kernel reads
+of a seq_file also block, so in trio they need a thread hand-off each.
+
+So the daemon owns /dev/fuse. It mounts it itself and gives pyfuse3 one end of a
+SOCK_SEQPACKET socketpair as its session ("/dev/fd/N": libfuse reads requests
+from it and writes replies and notifications to it, one message each). Worker
+threads take turns reading /dev/fuse: READ and RELEASE of any open file, and the OPEN of a
+dumper whose link is cached, and the getxattrs `ls -l` makes of every file, they
+answer at once from Operations' thread-safe
+methods (ops.py); a READ blocks only the worker that took it. Everything else
+(lookups, listings, first opens, opens in another namespace, changes) goes to
+pyfuse3 whole, and its answers come back through the relay thread.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+
+import cffi
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+# the kernel's FUSE ABI (include/uapi/linux/fuse.h)
+IN_HEADER = struct.Struct("<IIQQIIIHH")   # len, opcode, unique, nodeid, uid, gid, pid, ...
+OUT_HEADER = struct.Struct("<IiQ")        # len, error, unique
+OPEN_IN = struct.Struct("<II")            # flags, open_flags
+OPEN_OUT = struct.Struct("<QIi")          # fh, open_flags, backing_id
+READ_IN = struct.Struct("<QQI")           # fh, offset, size
+FH_IN = struct.Struct("<Q")               # fuse_release_in starts with fh
+UNIQUE = struct.Struct("<Q")              # at offset 8 of fuse_out_header
+BODY = IN_HEADER.size                     # where a request's own struct starts
+GETXATTR_IN = struct.Struct("<II")        # size, padding; the name follows
+FUSE_OPEN, FUSE_READ, FUSE_RELEASE, FUSE_GETXATTR, FUSE_INTERRUPT = 14, 15, 18, 22, 36
+# direct: every read reaches us; nonseekable: a stream; noflush: close() sends no FLUSH
+FOPEN_FLAGS = 1 << 0 | 1 << 2 | 1 << 5
+
+# libfuse's buffer: the largest request (a 1 MiB write) and its headers
+BUFSIZE = 256 * 4096 + 4096
+MIN_IDLE = 2        # workers started
+MAX_IDLE = 4        # a worker that finds this many others waiting retires
+# a message must fit the socket's buffer whole (a READ reply of .stats, a listing)
+SOCKET_BUF = 4 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in Python's socket module
+
+_ffi = cffi.FFI()
+_ffi.cdef("""
+int mount(const char *source, const char *target, const char *fstype,
+          unsigned long flags, const void *data);
+int umount2(const char *target, int flags);
+""")
+_libc = _ffi.dlopen(None)
+MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+
+
+class Device:
+    """One FUSE mount: /dev/fuse, its worker threads, and the relay to pyfuse3."""
+
+    def __init__(self, ops, mountpoint: str, fsname: str, max_workers: int) -> None:
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self.fsname = fsname
+        self.max_workers = max_workers
+        self.fd = -1
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (self.ours, self.theirs):
+            for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
+                s.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUF)
+        self.lock = threading.Lock()
+        self.lead = threading.Lock()  # held by the one worker reading /dev/fuse
+        self.workers = 0
+        self.waiting = 0              # workers waiting for the lead
+        self.gone = False
+        self.unmounted = threading.Event()  # the kernel says the mount is gone
+        self.notices: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def mount(self) -> str:
+        """Mount the tree; returns the session path to give pyfuse3.init()."""
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        opts = (f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
+                "default_permissions")
+        if _libc.mount(self.fsname.encode(), os.fsencode(self.mountpoint), b"fuse.bpfdumpfs",
+                       MS_NOSUID | MS_NODEV, opts.encode()) != 0:
+            err = _ffi.errno
+            os.close(self.fd)
+            raise OSError(err, f"mounting FUSE at {self.mountpoint}: {os.strerror(err)}")
+        # libfuse takes this end over (and closes it at fuse_session_destroy)
+        return f"/dev/fd/{self.theirs.detach()}"
+
+    def start(self) -> None:
+        threading.Thread(target=self._relay, name="fuse-relay", daemon=True).start()
+        threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
+        with self.lock:
+            for _ in range(MIN_IDLE):
+                self._spawn()
+
+    def wait_unmounted(self) -> None:
+        """Block until the mount is gone (fusermount3 -u, umount), for the daemon to end."""
+        self.unmounted.wait()
+
+    def unmount(self) -> None:
+        """Detach the mount, unless it is gone already (what is mounted there now, if
+        anything, is someone else's)."""
+        if not self.unmounted.is_set():
+            _libc.umount2(os.fsencode(self.mountpoint), MNT_DETACH)
+        self._stop()
+
+    # -- workers ----------------------------------------------------------------------
+    def _spawn(self) -> None:
+        self.workers += 1
+        threading.Thread(target=self._work, name="fuse-worker", daemon=True).start()
+
+    def _work(self) -> None:
+        """Wait to lead, then lead: read requests and answer them until one may block
+        (a kernel read of a dumper not known to be quick), which is answered after
+        handing the lead to another worker. So the common requests are answered by
+        one thread, with no hand-offs, and no request ever waits behind a slow one."""
+        buf = bytearray(BUFSIZE)
+        mv = memoryview(buf)
+        while True:
+            with self.lock:
+                if self.waiting >= MAX_IDLE or self.gone:
+                    self.workers -= 1
+                    return
+                self.waiting += 1
+            self.lead.acquire()
+            with self.lock:
+                self.waiting -= 1
+            while True:
+                try:
+                    n = os.readv(self.fd, [buf])
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                        continue  # ENOENT: the request was interrupted before we took it
+                    if e.errno != errno.ENODEV:
+                        log.error("reading /dev/fuse: %s", e)
+                    self._stop()  # ENODEV: unmounted
+                    self.lead.release()
+                    break
+                head = IN_HEADER.unpack_from(mv)
+                # opens, releases and passing requests on never wait long
+                if head[1] != FUSE_READ or \
+                        self.ops.read_is_quick(FH_IN.unpack_from(mv, BODY)[0]):
+                    self._dispatch(mv, n, head)
+                    continue
+                with self.lock:
+                    if not self.waiting and self.workers < self.max_workers:
+                        self._spawn()
+                self.lead.release()
+                self._dispatch(mv, n, head)
+                break
+
+    def _dispatch(self, mv: memoryview, n: int, head: tuple) -> None:
+        _, opcode, unique, nodeid, uid, _, pid, _, _ = head
+        try:
+            if opcode == FUSE_READ:
+                fh, _, size = READ_IN.unpack_from(mv, BODY)
+                return self._reply(unique, self.ops.read_handle(fh, size))
+            if opcode == FUSE_RELEASE:
+                self.ops.release_handle(FH_IN.unpack_from(mv, BODY)[0])
+                return self._reply(unique, b"")
+            if opcode == FUSE_OPEN:
+                fh = self.ops.open_quick(nodeid, OPEN_IN.unpack_from(mv, BODY)[0], uid, pid)
+                if fh is not None:
+                    return self._reply(unique, OPEN_OUT.pack(fh, FOPEN_FLAGS, 0))
+            if opcode == FUSE_GETXATTR:
+                name = bytes(mv[BODY + GETXATTR_IN.size:n]).split(b"\0", 1)[0]
+                err = self.ops.xattr_refusal(name)
+                if err:
+                    return self._reply_error(unique, err)
+            if opcode == FUSE_INTERRUPT:
+                # Nothing here can stop a kernel read midway, and pyfuse3's handlers do
+                # not look: the interrupted request completes (or the kernel drops it).
+                return None
+        except pyfuse3.FUSEError as e:
+            return self._reply_error(unique, e.errno)
+        except Exception:  # a bug must fail this request, not the mount
+            log.exception("FUSE request %d failed; answering EIO", opcode)
+            return self._reply_error(unique, errno.EIO)
+        try:
+            self.ours.sendall(mv[:n])
+        except OSError as e:
+            log.error("passing a FUSE request to pyfuse3: %s", e)
+            self._reply_error(unique, errno.EIO)
+
+    def _reply(self, unique: int, data: bytes) -> None:
+        self._write([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+
+    def _reply_error(self, unique: int, err: int) -> None:
+        self._write([OUT_HEADER.pack(OUT_HEADER.size, -err, unique)])
+
+    def _write(self, parts: list) -> None:
+        try:
+            os.writev(self.fd, parts)
+        except OSError as e:
+            # ENOENT: the request was interrupted (its reader died); ENODEV: unmounted
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("writing to /dev/fuse: %s", e)
+
+    # -- pyfuse3's side -------------------------------------------------------------------
+    def _relay(self) -> None:
+        """pyfuse3's replies to the kernel; its notifications to the notify thread, since
+        the kernel may hold one (an entry invalidation waits for the directory's lock)
+        until a reply queued behind it is written."""
+        buf = bytearray(BUFSIZE)
+        mv = memoryview(buf)
+        while True:
+            try:
+                n = self.ours.recv_into(buf)
+            except OSError:
+                n = 0
+            if not n:  # pyfuse3 closed its session
+                self.notices.put(None)
+                return
+            if UNIQUE.unpack_from(mv, 8)[0] == 0:
+                self.notices.put(bytes(mv[:n]))
+            else:
+                self._write([mv[:n]])
+
+    def _notify(self) -> None:
+        while (msg := self.notices.get()) is not None:
+            self._write([msg])
+
+    def _stop(self) -> None:
+        with self.lock:
+            self.gone = True
+        self.unmounted.set()
