@@ -47,8 +47,8 @@ FOPEN_FLAGS = 1 << 0 | 1 << 2 | 1 << 5
 
 # libfuse's buffer: the largest request (a 1 MiB write) and its headers
 BUFSIZE = 256 * 4096 + 4096
-MIN_IDLE = 2        # workers started
-MAX_IDLE = 4        # a worker that finds this many others waiting retires
+FIRST_WORKERS = 2   # workers started with the mount
+MAX_WAITING = 4     # a worker that finds this many others waiting for the lead retires
 # a message must fit the socket's buffer whole (a READ reply of .stats, a listing)
 SOCKET_BUF = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in Python's socket module
@@ -80,8 +80,7 @@ class Device:
         self.lead = threading.Lock()  # held by the one worker reading /dev/fuse
         self.workers = 0
         self.waiting = 0              # workers waiting for the lead
-        self.gone = False
-        self.unmounted = threading.Event()  # the kernel says the mount is gone
+        self.unmounted = threading.Event()  # the mount is gone: workers stop
         self.notices: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
 
     def mount(self) -> str:
@@ -101,7 +100,7 @@ class Device:
         threading.Thread(target=self._relay, name="fuse-relay", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
         with self.lock:
-            for _ in range(MIN_IDLE):
+            for _ in range(FIRST_WORKERS):
                 self._spawn()
 
     def wait_unmounted(self) -> None:
@@ -113,7 +112,7 @@ class Device:
         anything, is someone else's)."""
         if not self.unmounted.is_set():
             _libc.umount2(os.fsencode(self.mountpoint), MNT_DETACH)
-        self._stop()
+        self.unmounted.set()
 
     # -- workers ----------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -129,7 +128,7 @@ class Device:
         mv = memoryview(buf)
         while True:
             with self.lock:
-                if self.waiting >= MAX_IDLE or self.gone:
+                if self.waiting >= MAX_WAITING or self.unmounted.is_set():
                     self.workers -= 1
                     return
                 self.waiting += 1
@@ -144,7 +143,7 @@ class Device:
                         continue  # ENOENT: the request was interrupted before we took it
                     if e.errno != errno.ENODEV:
                         log.error("reading /dev/fuse: %s", e)
-                    self._stop()  # ENODEV: unmounted
+                    self.unmounted.set()  # ENODEV: unmounted
                     self.lead.release()
                     break
                 head = IN_HEADER.unpack_from(mv)
@@ -230,8 +229,3 @@ class Device:
     def _notify(self) -> None:
         while (msg := self.notices.get()) is not None:
             self._write([msg])
-
-    def _stop(self) -> None:
-        with self.lock:
-            self.gone = True
-        self.unmounted.set()

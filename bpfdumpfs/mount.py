@@ -262,6 +262,11 @@ def run(opts: MountOptions, ready=None) -> None:
                           "is /dev/fuse there (modprobe fuse)?") from None
     try:
         pyfuse3.init(ops, session, {"debug"} if opts.debug_fuse else set())
+    except RuntimeError as e:
+        device.unmount()
+        raise DumperError(errno.EIO, f"starting FUSE at {opts.mountpoint}: {e}",
+                          "is fuse3 (libfuse3) installed?") from None
+    try:
         device.start()
         log.info("serving %s from %s", opts.mountpoint, state.path)
         sd_notify(f"READY=1\nSTATUS=serving {opts.mountpoint} from {state.path}\n"

@@ -97,6 +97,12 @@ class _Snapshot:
         self.data = b""
 
 
+def _file_info(fh: int) -> pyfuse3.FileInfo:
+    """A stream: every read reaches the daemon, no page cache, no seeking (device.py's
+    FOPEN_FLAGS say the same, and "no FLUSH", for the opens it answers itself)."""
+    return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+
 @dataclass
 class Handle:
     """One open() of a dumper: its reader and who opened it."""
@@ -443,9 +449,8 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
         if inode == STATS_INODE:
-            fh = self._new_handle(_Snapshot(self.metrics.render()), STATS_NAME, ctx.uid,
-                                  ctx.pid)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+            return _file_info(self._new_handle(_Snapshot(self.metrics.render()), STATS_NAME,
+                                               ctx.uid, ctx.pid))
         key = self.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode in self.ino_target or inode == ROOT
@@ -472,8 +477,7 @@ class Operations(pyfuse3.Operations):
             log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
             self.metrics.error(label, err)
             raise pyfuse3.FUSEError(err) from None
-        fh = self._opened(fd, pin, label, ctx.uid, ctx.pid)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+        return _file_info(self._opened(fd, pin, label, ctx.uid, ctx.pid))
 
     async def _open_fd(self, pin: _Pin, target: str, name: str, reader_pid: int) -> int:
         """A new seq_file of the pin's dumper, in the reader's namespaces if its view is
