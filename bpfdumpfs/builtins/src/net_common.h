@@ -2,12 +2,13 @@
  * Include after "common.h".
  *
  * Every helper here is static __always_inline, so a program gets only what
- * it calls. Two parts need a setting from the program, #defined before the
+ * it calls. Some parts need a setting from the program, #defined before the
  * #include:
  * - LINE_WIDTH: the width seq_pad() pads /proc's lines to; enables
  *   put_chunk(), EMIT() and pad_line() for the padded formats.
  * - NET_TCP: the tcp helpers (jiffies conversion, timers, sl numbering),
  *   which read CONFIG_HZ.
+ * - FAMILY (AF_INET or AF_INET6): enables PUT_ADDRS() for that family.
  * Each program defines header[], its /proc header line, before the #include
  * (with its newline, unless LINE_WIDTH pads it).
  */
@@ -154,6 +155,38 @@ static __always_inline void pad_line(struct seq_file *seq, __u64 used)
 	bpf_seq_write(seq, "\n", 1);
 }
 #endif /* LINE_WIDTH */
+
+/* One /proc line, written in pieces: LINE_VARS declares what the pieces need,
+ * PUT() writes one, END_LINE() ends the line. With LINE_WIDTH the pieces are
+ * counted and the line padded, as seq_pad() does; without, the line just ends. */
+#ifdef LINE_WIDTH
+#define LINE_VARS		char buf[CHUNK]; __u64 used = 0
+#define PUT(seq, fmt, args...)	(used += EMIT(seq, buf, fmt, args))
+#define END_LINE(seq)		pad_line(seq, used)
+#else
+#define LINE_VARS
+#define PUT(seq, fmt, args...)	BPF_SEQ_PRINTF(seq, fmt, args)
+#define END_LINE(seq)		bpf_seq_write(seq, "\n", 1)
+#endif
+
+/* "SRC:PORT DST:PORT" of a socket of the program's FAMILY, as /proc prints them
+ * (SRCP in host order; the destination port is read from the socket). */
+#if FAMILY == AF_INET6
+#define PUT_ADDRS(seq, skc, srcp)						\
+	PUT(seq, "%08X%08X%08X%08X:%04X %08X%08X%08X%08X:%04X",			\
+	    (skc)->skc_v6_rcv_saddr.in6_u.u6_addr32[0],				\
+	    (skc)->skc_v6_rcv_saddr.in6_u.u6_addr32[1],				\
+	    (skc)->skc_v6_rcv_saddr.in6_u.u6_addr32[2],				\
+	    (skc)->skc_v6_rcv_saddr.in6_u.u6_addr32[3], srcp,			\
+	    (skc)->skc_v6_daddr.in6_u.u6_addr32[0],				\
+	    (skc)->skc_v6_daddr.in6_u.u6_addr32[1],				\
+	    (skc)->skc_v6_daddr.in6_u.u6_addr32[2],				\
+	    (skc)->skc_v6_daddr.in6_u.u6_addr32[3], bpf_ntohs((skc)->skc_dport))
+#elif defined(FAMILY)
+#define PUT_ADDRS(seq, skc, srcp)						\
+	PUT(seq, "%08X:%04X %08X:%04X", (skc)->skc_rcv_saddr, srcp,		\
+	    (skc)->skc_daddr, bpf_ntohs((skc)->skc_dport))
+#endif
 
 #ifdef NET_TCP
 #define USER_HZ		100

@@ -37,50 +37,12 @@
  */
 #include "common.h"
 
+#define FAMILY		AF_INET
+#define DUMP_FN		dump_udp
 #define LINE_WIDTH	127	/* /proc: seq_setwidth(seq, 127) */
 
 static const char header[] =
 	"   sl  local_address rem_address   st tx_queue rx_queue tr tm->when "
 	"retrnsmt   uid  timeout inode ref pointer drops";
 
-#include "net_common.h"
-
-SESSION_MAP(hdr_sessions, __u8);
-
-SEC("iter/udp")
-int dump_udp(struct bpf_iter__udp *ctx)
-{
-	struct bpf_iter_meta *meta = ctx->meta;
-	struct seq_file *seq = meta->seq;
-	struct udp_sock *udp = ctx->udp_sk;
-	__u64 seq_num = meta->seq_num;
-	__u64 session = meta->session_id;
-	__u8 one = 1;
-	struct inet_sock *inet;
-	struct sock *sk;
-	char buf[CHUNK];
-	__u64 used;
-
-	if (session_header(seq, &hdr_sessions, session, seq_num, udp, &one))
-		return 0;	/* epilogue: see the comment at the top */
-
-	inet = &udp->inet;
-	sk = &inet->sk;
-	if (sk->__sk_common.skc_family != AF_INET)
-		return 0;
-
-	used = EMIT(seq, buf, "%5d: %08X:%04X %08X:%04X %02X %08X:%08X %02X:%08lX %08X",
-		    udp_proc_bucket(sk),
-		    sk->__sk_common.skc_rcv_saddr, bpf_ntohs(inet->inet_sport),
-		    sk->__sk_common.skc_daddr, bpf_ntohs(sk->__sk_common.skc_dport),
-		    sk->__sk_common.skc_state,
-		    sk->sk_wmem_alloc.refs.counter - 1,
-		    sk->sk_backlog.rmem_alloc.counter - udp->forward_deficit,
-		    0, 0L, 0);
-	used += EMIT(seq, buf, " %5u %8d %lu %d %p %u",
-		     ctx->uid, 0, sock_ino(sk),
-		     sk->__sk_common.skc_refcnt.refs.counter - 1, sk,
-		     sk_drops_read(sk));
-	pad_line(seq, used);
-	return 0;
-}
+#include "udp.h"

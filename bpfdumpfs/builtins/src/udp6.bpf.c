@@ -38,49 +38,11 @@
  */
 #include "common.h"
 
+#define FAMILY		AF_INET6
+#define DUMP_FN		dump_udp6
+
 static const char header[] =
 	"  sl  local_address                         remote_address                        "
 	"st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n";
 
-#include "net_common.h"
-
-SESSION_MAP(hdr_sessions, __u8);
-
-SEC("iter/udp")
-int dump_udp6(struct bpf_iter__udp *ctx)
-{
-	struct bpf_iter_meta *meta = ctx->meta;
-	struct seq_file *seq = meta->seq;
-	struct udp_sock *udp = ctx->udp_sk;
-	__u64 seq_num = meta->seq_num;
-	__u64 session = meta->session_id;
-	__u8 one = 1;
-	struct inet_sock *inet;
-	struct sock *sk;
-
-	if (session_header(seq, &hdr_sessions, session, seq_num, udp, &one))
-		return 0;	/* epilogue: see the comment at the top */
-
-	inet = &udp->inet;
-	sk = &inet->sk;
-	if (sk->__sk_common.skc_family != AF_INET6)
-		return 0;
-
-	__u32 *src = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32;
-	__u32 *dst = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32;
-
-	BPF_SEQ_PRINTF(seq, "%5d: %08X%08X%08X%08X:%04X ",
-		       udp_proc_bucket(sk), src[0], src[1], src[2], src[3],
-		       bpf_ntohs(inet->inet_sport));
-	BPF_SEQ_PRINTF(seq, "%08X%08X%08X%08X:%04X %02X %08X:%08X ",
-		       dst[0], dst[1], dst[2], dst[3],
-		       bpf_ntohs(sk->__sk_common.skc_dport),
-		       sk->__sk_common.skc_state,
-		       sk->sk_wmem_alloc.refs.counter - 1,
-		       sk->sk_backlog.rmem_alloc.counter - udp->forward_deficit);
-	BPF_SEQ_PRINTF(seq, "%02X:%08lX %08X %5u %8d %lu %d %p %u\n",
-		       0, 0L, 0, ctx->uid, 0, sock_ino(sk),
-		       sk->__sk_common.skc_refcnt.refs.counter - 1, sk,
-		       sk_drops_read(sk));
-	return 0;
-}
+#include "udp.h"
