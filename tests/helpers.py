@@ -26,6 +26,26 @@ def need_kernel() -> None:
     need(os.path.exists("/sys/kernel/btf/vmlinux"), "kernel BTF (/sys/kernel/btf/vmlinux)")
 
 
+def listing(state: Path) -> list[tuple]:
+    """Everything in the state dir, with what a change would alter (mtime included)."""
+    found = []
+    for dirpath, dirs, files in os.walk(state):
+        for n in dirs + files:
+            st = os.lstat(os.path.join(dirpath, n))
+            found.append((os.path.relpath(os.path.join(dirpath, n), state), st.st_ino,
+                          st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns))
+    return sorted(found)
+
+
+def cgroup2_root() -> Path:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == "cgroup2":
+                return Path(left.split()[4])
+    need(False, "a cgroup2 mount")
+
+
 def fstype(path: str | os.PathLike) -> str | None:
     """fstype of the mount at exactly PATH, if any."""
     path = os.path.realpath(path)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, Daemon, bpfdumpfs, mount_bpffs, need, need_kernel, unmount
+from helpers import ROOT, Daemon, bpfdumpfs, listing, mount_bpffs, need, need_kernel, unmount
 
 USER = "bpfdumpfs-test"
 LINES = 40
@@ -116,16 +116,6 @@ def dumpers(served, obj):
     yield served.mnt / "task"
     for name in ACCESS:
         (served.state / "task" / name).unlink(missing_ok=True)
-
-
-def listing(state: Path) -> list[tuple]:
-    found = []
-    for dirpath, dirs, files in os.walk(state):
-        for n in dirs + files:
-            st = os.lstat(os.path.join(dirpath, n))
-            found.append((os.path.relpath(os.path.join(dirpath, n), state), st.st_ino,
-                          st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns))
-    return sorted(found)
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, Daemon, bpfdumpfs, mount_bpffs, need_kernel, unmount
+from helpers import (ROOT, Daemon, bpfdumpfs, cgroup2_root, listing, mount_bpffs, need_kernel,
+                     unmount)
 
 BUILTINS = ROOT / "bpfdumpfs" / "builtins"
 TASKS_OBJ = str(BUILTINS / "tasks.bpf.o")
@@ -138,17 +139,6 @@ def has_hint(line: str) -> bool:
     return re.search(r"\([A-Z0-9]+\); \S", line) is not None
 
 
-def listing(state: Path) -> list[tuple]:
-    """Everything in the state dir, with what a change would alter."""
-    found = []
-    for dirpath, dirs, files in os.walk(state):
-        for n in dirs + files:
-            st = os.lstat(os.path.join(dirpath, n))
-            found.append((os.path.relpath(os.path.join(dirpath, n), state), st.st_ino,
-                          st.st_mode, st.st_uid, st.st_gid))
-    return sorted(found)
-
-
 def pins(state: Path) -> set[Path]:
     return {p for p in state.glob("*/*")}
 
@@ -247,15 +237,6 @@ def xattrs(path: Path) -> dict[str, str]:
         if m:
             found[m.group(1)] = m.group(2)
     return found
-
-
-def cgroup2_root() -> Path:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "cgroup2":
-                return Path(left.split()[4])
-    pytest.skip("no cgroup2 hierarchy mounted")
 
 
 # -- fixtures -------------------------------------------------------------------------

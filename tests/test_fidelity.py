@@ -46,7 +46,7 @@ import pytest
 
 from bpfdumpfs import Dumper, Params, StateDir
 from bpfdumpfs.builtins import builtins
-from helpers import Daemon, mount_bpffs, need, need_kernel, unmount
+from helpers import Daemon, cgroup2_root, mount_bpffs, need, need_kernel, unmount
 
 BPF_SRC = Path(__file__).resolve().parent / "bpf"
 BPF_BUILD = BPF_SRC / "build"
@@ -286,15 +286,6 @@ def pin(tree, obj: str, name: str, params: Params, expected: bytes | None = None
     with Dumper.load(BPF_BUILD / f"fid_{obj}.bpf.o", params=params) as d:
         path = d.pin(StateDir(tree.state), name)
     return Pinned(path, tree.mnt / path.parent.name / path.name, expected)
-
-
-def cgroup2_root() -> Path:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "cgroup2":
-                return Path(left.split()[4])
-    need(False, "a cgroup2 mount")
 
 
 @pytest.fixture(scope="class")
