@@ -613,12 +613,13 @@ class StateDir:
                                   "its parent must be on a bpffs (mount -t bpf bpf DIR)") from None
         return self.check()
 
-    def pin_path(self, target: str, name: str) -> Path:
-        return self.path / target / name
-
     def pin_str(self, target: str, name: str) -> str:
-        """pin_path as a str, made faster: the tree asks it for every file it lists."""
+        """Where TARGET/NAME is pinned, as a str: the tree asks it for every file it
+        lists, and a Path costs more than the stat that follows."""
         return f"{self._str}/{target}/{name}"
+
+    def pin_path(self, target: str, name: str) -> Path:
+        return Path(self.pin_str(target, name))
 
     # reading ----------------------------------------------------------------
     def names(self, target: str) -> list[str]:

@@ -101,7 +101,10 @@ class Reader:
             self.error = e
         else:
             self.pace.record(time.monotonic_ns() - t0)
-            self.pending += data
+            if self.pending:
+                self.pending += data
+            else:
+                self.pending = data  # no copy
             self.eof = self.stream.eof
         finally:
             self._leave()
