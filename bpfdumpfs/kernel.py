@@ -141,6 +141,7 @@ BPF_F_RDONLY = 1 << 3
 # enum bpf_cgroup_iter_order, named as bpftool and the CLI name them
 CGROUP_ORDERS = {"self": 1, "pre": 2, "post": 3, "ancestors": 4, "children": 5}
 
+_SYS_BPF = ffi.cast("long", SYS_bpf)  # syscall() is variadic: its arguments need C types
 _HINTS = {
     errno.EPERM: "run as root (loading and pinning need CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
     errno.EACCES: "check the permissions of the path or run as root",
@@ -148,7 +149,7 @@ _HINTS = {
 
 
 def _bpf(cmd: int, attr, what: str, hint: str = "") -> int:
-    ret = _libc.syscall(ffi.cast("long", SYS_bpf), ffi.cast("int", cmd),
+    ret = _libc.syscall(_SYS_BPF, ffi.cast("int", cmd),
                         ffi.cast("void *", attr), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
     if ret < 0:
         err = ffi.errno
@@ -339,12 +340,12 @@ def _ids(cmd: int) -> list[int]:
     ids, start = [], 0
     while True:
         attr = ffi.new("struct bpf_id_attr *", {"id": start})
-        ret = _libc.syscall(ffi.cast("long", SYS_bpf), ffi.cast("int", cmd),
-                            ffi.cast("void *", attr), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
-        if ret < 0:
-            if ffi.errno == errno.ENOENT:
+        try:
+            _bpf(cmd, attr, "listing BPF object ids")
+        except DumperError as e:
+            if e.errno == errno.ENOENT:  # past the last id
                 return ids
-            raise DumperError(ffi.errno, "listing BPF object ids")
+            raise
         start = attr.next_id
         ids.append(start)
 

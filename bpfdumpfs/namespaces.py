@@ -56,8 +56,10 @@ def kind_of(target: str) -> str | None:
     return "net" if target in NET_TARGETS else "pid" if target in PID_TARGETS else None
 
 
-def ns_inode(pid: int | str, kind: str) -> int:
-    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+def ns_name(pid: int | str, kind: str) -> str:
+    """The namespace of KIND of PID, as the kernel names it ("net:[4026531840]"):
+    reading the link costs a third of a stat of it, and names the same inode."""
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
 
 
 @dataclass
@@ -167,7 +169,7 @@ class Namespaces:
     """Opens seq_files in a reader's network or pid namespace."""
 
     def __init__(self) -> None:
-        self.mine = {"net": ns_inode("self", "net"), "pid": ns_inode("self", "pid")}
+        self.mine = {"net": ns_name("self", "net"), "pid": ns_name("self", "pid")}
         self.net: dict[int, _NetThread] = {}
         self.pid: dict[int, _PidHelper] = {}
         self.lock = threading.Lock()  # net threads remove themselves from another thread
@@ -175,8 +177,7 @@ class Namespaces:
     def at_home(self, kind: str, reader_pid: int) -> bool:
         """Whether READER_PID is in the daemon's namespace of KIND (False if unknown)."""
         try:
-            return reader_pid > 0 and \
-                os.stat(f"/proc/{reader_pid}/ns/{kind}").st_ino == self.mine[kind]
+            return reader_pid > 0 and ns_name(reader_pid, kind) == self.mine[kind]
         except OSError:
             return False
 

@@ -54,7 +54,7 @@ class Reader:
         self.pace = pace
         self.serial = threading.Lock()   # one FUSE read of this file at a time
         self.guard = threading.Lock()    # guards what follows
-        self.cond = threading.Condition(self.guard)  # wakes reader and producer
+        self.cond: threading.Condition | None = None  # wakes reader and producer, if any
         self.pending = bytearray()   # read from the kernel, not yet given to the reader
         self.chunks: collections.deque[bytearray] = collections.deque()  # the producer's
         self.eof = False
@@ -113,6 +113,7 @@ class Reader:
     def _start_producer(self, size: int) -> None:
         if not self._enter():
             return
+        self.cond = threading.Condition(self.guard)  # made here: most opens never stream
         self.producing = True
         threading.Thread(target=self._produce, args=(size,), daemon=True,
                          name=f"produce {self.stream.label}").start()
@@ -181,7 +182,8 @@ class Reader:
     def release(self) -> None:
         with self.guard:
             self.released = True
-            self.cond.notify_all()
+            if self.cond is not None:
+                self.cond.notify_all()
             done = not self.busy
         if done:
             self.stream.close()
