@@ -248,7 +248,7 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = sys.stdout.buffer
     with Dumper.load(args.object, args.prog, _params(args)) as d, d.open() as stream:
-        while chunk := stream.raw.fill(64 * 1024):
+        while chunk := stream.raw.read_chunk():
             out.write(chunk)
         out.flush()
     return 0

@@ -164,10 +164,10 @@ class Device:
         try:
             if opcode == FUSE_READ:
                 fh, _, size = READ_IN.unpack_from(mv, BODY)
-                return self._reply(unique, self.ops.read_handle(fh, size))
+                return self._reply(unique, *self.ops.read_handle(fh, size))
             if opcode == FUSE_RELEASE:
                 self.ops.release_handle(FH_IN.unpack_from(mv, BODY)[0])
-                return self._reply(unique, b"")
+                return self._reply(unique)
             if opcode == FUSE_OPEN:
                 fh = self.ops.open_quick(nodeid, OPEN_IN.unpack_from(mv, BODY)[0], uid, pid)
                 if fh is not None:
@@ -192,8 +192,9 @@ class Device:
             log.error("passing a FUSE request to pyfuse3: %s", e)
             self._reply_error(unique, errno.EIO)
 
-    def _reply(self, unique: int, data: bytes) -> None:
-        self._write([OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+    def _reply(self, unique: int, *pieces) -> None:
+        size = OUT_HEADER.size + sum(map(len, pieces))
+        self._write([OUT_HEADER.pack(size, 0, unique), *pieces])
 
     def _reply_error(self, unique: int, err: int) -> None:
         self._write([OUT_HEADER.pack(OUT_HEADER.size, -err, unique)])

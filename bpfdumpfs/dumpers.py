@@ -24,7 +24,6 @@ import os
 import pwd
 import re
 import stat
-import threading
 import uuid
 import weakref
 from dataclasses import asdict, dataclass
@@ -66,18 +65,6 @@ def check_name(name: str) -> str:
 
 # -- seq_file streams ----------------------------------------------------------
 
-_rooms = threading.local()
-
-
-def _room() -> memoryview:
-    """This thread's KERNEL_BUF of room for kernel reads. Reused: a fresh buffer per read
-    costs more (allocation, zeroing, page faults) than the copy out of this one."""
-    room = getattr(_rooms, "room", None)
-    if room is None:
-        room = _rooms.room = memoryview(bytearray(KERNEL_BUF))
-    return room
-
-
 class Stream(io.RawIOBase):
     """One kernel seq_file: a read-once, unseekable stream of a dumper's output.
 
@@ -85,9 +72,8 @@ class Stream(io.RawIOBase):
     iterator fails any read after one that left output behind. EAGAIN (the
     program returned 1, or a million objects gave no output) is read again and
     never reaches the reader, unless it never stops (a program that returns 1
-    for the same object forever). Output read before a kernel error is handed
-    out first; the error comes with the next read. E2BIG and EOPNOTSUPP become
-    DumperError naming the dumper and the cause.
+    for the same object forever). E2BIG and EOPNOTSUPP become DumperError naming
+    the dumper and the cause.
     """
 
     def __init__(self, fd: int, label: str) -> None:
@@ -95,8 +81,7 @@ class Stream(io.RawIOBase):
         self.fd = fd
         self.label = label
         self.eof = False
-        self._surplus = bytearray()        # read from the kernel, beyond what was asked
-        self._error: DumperError | None = None
+        self._surplus = b""        # read from the kernel, beyond what readinto() was asked
 
     def readable(self) -> bool:
         return True
@@ -106,29 +91,19 @@ class Stream(io.RawIOBase):
 
     def readinto(self, buf) -> int:
         """Some bytes into BUF (at most a kernel buffer's worth); 0 at the end."""
-        if self._surplus:
-            n = min(len(buf), len(self._surplus))
-            buf[:n] = self._surplus[:n]
-            del self._surplus[:n]
-            return n
-        if self._error:
-            raise self._error
-        if len(buf) >= KERNEL_BUF:
-            return self._read(buf)
-        room = bytearray(KERNEL_BUF)
-        n = self._read(room)
-        buf[:min(n, len(buf))] = room[:min(n, len(buf))]
-        self._surplus = room[len(buf):n]
-        return min(n, len(buf))
+        data = self._surplus or memoryview(self.read_chunk())
+        n = min(len(buf), len(data))
+        buf[:n] = data[:n]
+        self._surplus = data[n:]
+        return n
 
-    def _read(self, buf) -> int:
-        """One kernel read; EINTR and (a bounded number of) EAGAIN read again."""
+    def read_chunk(self) -> bytes:
+        """One kernel read: what one run of the program over some objects printed (up to
+        a kernel buffer's worth); b"" at the end. Raises DumperError."""
         again = 0
         while True:
             try:
-                n = os.readv(self.fd, [buf])
-            except InterruptedError:
-                continue
+                data = os.read(self.fd, KERNEL_BUF)
             except BlockingIOError:
                 again += 1
                 if again < MAX_EAGAIN:
@@ -139,30 +114,8 @@ class Stream(io.RawIOBase):
                                   "return 0 to go on") from None
             except OSError as e:
                 raise self._kernel_error(e.errno) from None
-            self.eof = n == 0
-            return n
-
-    def fill(self, size: int) -> bytearray:
-        """SIZE bytes, or fewer at the end of the output or before a kernel error (which
-        the next call raises). Each kernel read gets room for a whole kernel buffer;
-        what goes beyond SIZE is kept for the next call."""
-        out = bytearray()
-        room = _room()
-        while len(out) < size:
-            try:
-                n = self.readinto(room)
-            except DumperError as e:
-                if not out:
-                    raise
-                self._error = e.with_traceback(None)  # keeps no frame (or view) alive
-                break
-            if n == 0:
-                break
-            take = min(n, size - len(out))
-            out += room[:take]
-            if take < n:
-                self._surplus = bytearray(room[take:n])
-        return out
+            self.eof = not data
+            return data
 
     def _kernel_error(self, err: int) -> DumperError:
         hint = {errno.E2BIG: E2BIG_HINT, errno.EOPNOTSUPP: EOPNOTSUPP_HINT}.get(err, "")

@@ -89,9 +89,9 @@ class _Snapshot:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    def read(self, size: int) -> bytes:
+    def read(self, size: int) -> list:
         out, self.data = self.data[:size], self.data[size:]
-        return out
+        return [out]
 
     def release(self) -> None:
         self.data = b""
@@ -505,8 +505,9 @@ class Operations(pyfuse3.Operations):
         return h is None or h.failed != 0 or not isinstance(h.reader, Reader) or \
             h.reader.quick
 
-    def read_handle(self, fh: int, size: int) -> bytes:
-        """A FUSE read of an open file, on a device thread: it may block in the kernel."""
+    def read_handle(self, fh: int, size: int) -> list:
+        """A FUSE read of an open file, on a device thread: it may block in the kernel.
+        Returns the reply's pieces (see reader.py)."""
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -523,7 +524,7 @@ class Operations(pyfuse3.Operations):
             data = h.reader.read(size)
         except DumperError as e:
             return self._fail(h, errno.EIO, str(e))
-        self.metrics.read(h.label, len(data), time.monotonic() - t0)
+        self.metrics.read(h.label, sum(map(len, data)), time.monotonic() - t0)
         return data
 
     def _fail(self, h: Handle, err: int, why: str):

@@ -8,6 +8,10 @@ gets a producer thread that keeps reading the kernel, at most READ_AHEAD chunks
 ahead, so the kernel's work overlaps the FUSE round trips instead of waiting
 for them.
 
+What a kernel read returns is handed to the FUSE reply as it is: a reply is a
+list of those chunks (or views of them), written with one writev, so no byte
+is copied in the daemon.
+
 The seq_file is closed at release, or, if a thread is still inside a kernel
 read, the moment that read returns.
 """
@@ -27,7 +31,8 @@ log = logging.getLogger(__name__)
 QUICK_NS = 300_000        # a dumper is quick while its kernel reads average less
 LEARN_READS = 3           # reads before a dumper may be called quick
 STREAMING_AFTER = 2       # full chunks in a row before a producer takes over
-READ_AHEAD = 3            # chunks a producer may hold for its reader
+READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader
+MAX_PIECES = 64           # more chunks in one reply are joined (writev takes 1024)
 
 
 @dataclass
@@ -55,57 +60,87 @@ class Reader:
         self.serial = threading.Lock()   # one FUSE read of this file at a time
         self.guard = threading.Lock()    # guards what follows
         self.cond: threading.Condition | None = None  # wakes reader and producer, if any
-        self.pending = bytearray()   # read from the kernel, not yet given to the reader
-        self.chunks: collections.deque[bytearray] = collections.deque()  # the producer's
-        self.eof = False
+        self.pending: collections.deque = collections.deque()  # kernel chunks not yet read
+        self.pending_len = 0
+        self.ended = False           # no more kernel reads: the end, an error, or produced all
         self.error: DumperError | None = None
         self.full_reads = 0
         self.producing = False
-        self.produced_all = False
+        self.ahead = 0               # bytes a producer may hold
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
 
     @property
     def quick(self) -> bool:
         """Whether the next read is sure to be answered without a long wait."""
-        return self.eof or self.error is not None or bool(self.chunks) or \
-            (not self.producing and self.pace.quick)
+        if self.producing:
+            return self.ended or self.pending_len >= self.ahead // READ_AHEAD
+        return self.ended or self.pace.quick
 
-    def read(self, size: int) -> bytearray:
-        """Up to SIZE bytes, short only at the end; raises DumperError from the kernel."""
+    def read(self, size: int) -> list:
+        """Up to SIZE bytes, short only at the end, as a list of bytes-like pieces;
+        raises DumperError from the kernel (after the output read before it)."""
         with self.serial:
             if self.producing:
-                self._from_producer(size)
-            elif len(self.pending) < size and not self.eof and not self.error:
-                self._fill(size - len(self.pending))
-            if self.error and not self.pending:
-                raise self.error
-            if len(self.pending) <= size:  # the common case: hand the buffer over, no copy
-                out, self.pending = self.pending, bytearray()
+                with self.cond:
+                    # room for this read, which may be larger than the one before
+                    self.ahead = max(self.ahead, READ_AHEAD * size)
+                    self.cond.notify_all()
+                    while self.pending_len < size and not self.ended:
+                        self.cond.wait()
+                    out = self._take(size)
+                    self.cond.notify_all()
             else:
-                out = self.pending[:size]
-                del self.pending[:size]
-            self.full_reads = self.full_reads + 1 if len(out) == size else 0
-            if (self.full_reads >= STREAMING_AFTER and not self.producing and not self.eof
-                    and not self.error):
+                if self.pending_len < size and not self.ended:
+                    self._fill(size)
+                out = self._take(size)
+            if not out and self.error:
+                raise self.error
+            full = sum(map(len, out)) == size
+            self.full_reads = self.full_reads + 1 if full else 0
+            if self.full_reads >= STREAMING_AFTER and not self.producing and not self.ended:
                 self._start_producer(size)
+            if len(out) > MAX_PIECES:
+                out = [b"".join(out)]
             return out
 
+    def _take(self, size: int) -> list:
+        """Up to SIZE bytes from the front of pending."""
+        out = []
+        room = size
+        while self.pending and room:
+            piece = self.pending[0]
+            if len(piece) <= room:
+                out.append(self.pending.popleft())
+                room -= len(piece)
+            else:
+                piece = memoryview(piece)
+                out.append(piece[:room])
+                self.pending[0] = piece[room:]
+                room = 0
+        self.pending_len -= size - room
+        return out
+
+    def _put(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pending_len += len(data)
+
     def _fill(self, size: int) -> None:
+        """Kernel reads until SIZE bytes are pending, or the end or an error."""
         if not self._enter():
             raise DumperError(errno.EBADF, f"reading dumper {self.stream.label}: released")
         t0 = time.monotonic_ns()
         try:
-            data = self.stream.fill(size)
+            while self.pending_len < size:
+                data = self.stream.read_chunk()
+                if not data:
+                    self.ended = True
+                    break
+                self._put(data)
+            self.pace.record(time.monotonic_ns() - t0)
         except DumperError as e:
             self.error = e
-        else:
-            self.pace.record(time.monotonic_ns() - t0)
-            if self.pending:
-                self.pending += data
-            else:
-                self.pending = data  # no copy
-            self.eof = self.stream.eof
+            self.ended = True
         finally:
             self._leave()
 
@@ -114,21 +149,22 @@ class Reader:
         if not self._enter():
             return
         self.cond = threading.Condition(self.guard)  # made here: most opens never stream
+        self.ahead = READ_AHEAD * size
         self.producing = True
-        threading.Thread(target=self._produce, args=(size,), daemon=True,
+        threading.Thread(target=self._produce, daemon=True,
                          name=f"produce {self.stream.label}").start()
 
-    def _produce(self, size: int) -> None:
-        """Read chunks ahead until EOF, an error, or release."""
+    def _produce(self) -> None:
+        """Read ahead until the end, an error, or release."""
         try:
             while True:
                 with self.cond:
-                    while len(self.chunks) >= READ_AHEAD and not self.released:
+                    while self.pending_len >= self.ahead and not self.released:
                         self.cond.wait()
                     if self.released:
                         return
                 try:
-                    data = self.stream.fill(size)
+                    data = self.stream.read_chunk()
                 except DumperError as e:
                     self.error = e
                     return
@@ -137,31 +173,16 @@ class Reader:
                     self.error = DumperError(errno.EIO, f"reading dumper {self.stream.label}: "
                                              f"internal error {e!r}")
                     return
-                with self.cond:
-                    self.chunks.append(data)
-                    self.cond.notify_all()
-                if self.stream.eof:
+                if not data:
                     return
+                with self.cond:
+                    self._put(data)
+                    self.cond.notify_all()
         finally:
             with self.cond:
-                self.produced_all = True
+                self.ended = True
                 self.cond.notify_all()
             self._leave()
-
-    def _from_producer(self, size: int) -> None:
-        """Move produced chunks to pending until SIZE bytes are there or nothing is left."""
-        with self.cond:
-            while True:
-                if self.chunks and not self.pending:
-                    self.pending = self.chunks.popleft()  # take it whole, no copy
-                while self.chunks and len(self.pending) < size:
-                    self.pending += self.chunks.popleft()
-                self.cond.notify_all()
-                finished = self.produced_all and not self.chunks
-                if len(self.pending) >= size or finished:
-                    self.eof = finished and not self.error
-                    return
-                self.cond.wait()
 
     # -- the end --------------------------------------------------------------------
     def _enter(self) -> bool:

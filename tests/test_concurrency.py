@@ -5,6 +5,7 @@ import concurrent.futures
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -102,6 +103,29 @@ def test_64_concurrent_readers_get_the_same_bytes(stable):
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         got = list(pool.map(lambda i: read_all(f, 4096 if i % 2 else 128 * 1024), range(64)))
     assert all(g == want for g in got), [len(g) for g in got if g != want]
+
+
+def test_reads_that_grow_or_shrink_midstream_get_every_byte(stable):
+    """Small reads start the read-ahead, then larger and smaller ones follow (as
+    Python's readall and `less` do): each is answered, in order, to the end."""
+    pin, f = stable
+    want = pin.read_bytes()
+    sizes = [4096] * 3 + [65536, 7, 100_000, 4096, 1 << 20]
+    got = []
+
+    def read() -> None:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, sizes[min(len(got), len(sizes) - 1)]):
+                got.append(chunk)
+        finally:
+            os.close(fd)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), f"read {len(got)} stuck for a minute"
+    assert b"".join(got) == want
+    assert len(got) >= len(sizes)  # every size was asked while output was left
 
 
 def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
