@@ -148,9 +148,15 @@ _HINTS = {
 }
 
 
+_ARGS: dict = {}  # (cmd, attr type) -> their C-typed arguments, cast once
+
+
 def _bpf(cmd: int, attr, what: str, hint: str = "") -> int:
-    ret = _libc.syscall(_SYS_BPF, ffi.cast("int", cmd),
-                        ffi.cast("void *", attr), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
+    key = (cmd, ffi.typeof(attr))
+    args = _ARGS.get(key)
+    if args is None:
+        args = _ARGS[key] = (ffi.cast("int", cmd), ffi.cast("unsigned int", ffi.sizeof(attr[0])))
+    ret = _libc.syscall(_SYS_BPF, args[0], attr, args[1])
     if ret < 0:
         err = ffi.errno
         # a permission problem is the same whatever was attempted: say how to get past it
@@ -393,18 +399,17 @@ class LinkInfo:
 def link_info(fd: int) -> LinkInfo:
     """OBJ_GET_INFO_BY_FD of a link, with the iter target and its parameters."""
     # One call, with room for any iter target name (the longest is under 32 bytes).
-    name = ffi.new("char[]", TARGET_NAME_MAX)
-    info = ffi.new("char[]", 48)
-    struct.pack_into("<QI", ffi.buffer(info), 16, int(ffi.cast("uintptr_t", name)),
-                     TARGET_NAME_MAX)
-    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": 48,
-                                            "info": int(ffi.cast("uintptr_t", info))})
+    # The info, then the name, in one buffer.
+    info = ffi.new("char[]", 48 + TARGET_NAME_MAX)
+    addr = int(ffi.cast("uintptr_t", info))
+    struct.pack_into("<QI", ffi.buffer(info), 16, addr + 48, TARGET_NAME_MAX)
+    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": 48, "info": addr})
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading the info of link fd {fd}")
-    raw = bytes(ffi.buffer(info, 48))
+    raw = bytes(ffi.buffer(info))
     ltype, lid, prog_id = struct.unpack_from("<III", raw, 0)
     if ltype != BPF_LINK_TYPE_ITER:
         return LinkInfo(ltype, lid, prog_id)
-    target = ffi.string(name).decode()
+    target = raw[48:].split(b"\0", 1)[0].decode()
     map_id, = struct.unpack_from("<I", raw, 28)
     cgroup_id, order = struct.unpack_from("<QI", raw, 32)
     tid, pid = struct.unpack_from("<II", raw, 32)
