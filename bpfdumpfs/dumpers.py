@@ -50,6 +50,11 @@ EOPNOTSUPP_HINT = ("this target can fill only one buffer per seq_file (the cgrou
                    "narrow the dump, e.g. with --order self or children")
 
 
+def is_dumper_name(name: str) -> bool:
+    """Whether NAME may name a dumper (see check_name); temporary pins' names may not."""
+    return len(name) <= NAME_MAX and _NAME_RE.match(name) is not None
+
+
 def check_name(name: str) -> str:
     """A dumper name: a non-empty file name without '/', '.' or a leading '-'."""
     if not name:
@@ -579,8 +584,8 @@ class StateDir:
         """Valid dumper names pinned under TARGET (not checked to be iter links)."""
         try:
             with os.scandir(self.path / target) as it:
-                return sorted(e.name for e in it if _NAME_RE.match(e.name) and
-                              len(e.name) <= NAME_MAX and e.is_file(follow_symlinks=False))
+                return sorted(e.name for e in it if is_dumper_name(e.name) and
+                              e.is_file(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             return []
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import stat
 import threading
@@ -31,7 +32,7 @@ import trio
 
 from . import kernel
 from .dumpers import (NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name,
-                      iter_link_info)
+                      is_dumper_name, iter_link_info)
 from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
 from .reader import Pace, Reader
@@ -168,6 +169,9 @@ class Operations(pyfuse3.Operations):
         # everything else runs in trio: this guards the pins' cached links and the handles.
         self.lock = threading.RLock()
         self.cache_timeout = 0.0  # > 0 only while the state dir is watched
+        # pins to check before anyone lists them (see _check_new), each queued once
+        self.unchecked_in, self.unchecked = trio.open_memory_channel(math.inf)
+        self.unchecked_keys: set[tuple[str, str]] = set()
         self.metrics = metrics
         self.limits = limits
         self.uid_handles: Counter[int] = Counter()
@@ -175,10 +179,25 @@ class Operations(pyfuse3.Operations):
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
         try:
-            task_status.started()
-            await self._watch_state()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._check_new)
+                task_status.started()
+                await self._watch_state()
         finally:
             self.namespaces.close()
+
+    async def _check_new(self) -> None:
+        """Check each pin as it appears (and those found at the start), between other
+        requests: a check is some 50 us of bpf(2) and /proc, and a target may hold
+        thousands of dumpers, which a first `ls -l` would otherwise wait for. The watch
+        keeps what was checked true."""
+        async for target, name in self.unchecked:
+            self.unchecked_keys.discard((target, name))
+            if self.cache_timeout:
+                try:
+                    self._pin(target, name)
+                except pyfuse3.FUSEError:
+                    pass  # gone again, or not a dumper (_pin said why)
 
     async def _watch_state(self) -> None:
         """Cache while the state dir is a watched bpffs; if it goes away (unmounted,
@@ -198,8 +217,8 @@ class Operations(pyfuse3.Operations):
             if missing:
                 log.warning("state dir %s is a bpffs again", self.state.path)
                 missing = False
-            self._forget_all()   # what was cached may be from the old state dir
             self.cache_timeout = CACHE_TIMEOUT
+            self._forget_all()   # what was cached may be from the old state dir
             try:
                 await watch.run(self.changed)
             except Exception:  # a bug here must not take the tree down: serve uncached
@@ -220,16 +239,23 @@ class Operations(pyfuse3.Operations):
             h.reader.release()
 
     def changed(self, target: str, name: str | None) -> None:
-        """A pin changed: forget what we and the kernel cached of it."""
+        """A pin changed: forget what we and the kernel cached of it, and check it anew."""
         names = [name] if name else [n for t, n in {*self.file_ino, *self.pins} if t == target]
+        if self.cache_timeout:
+            for n in [name] if name else self.state.names(target):
+                if is_dumper_name(n) and (target, n) not in self.unchecked_keys:
+                    self.unchecked_keys.add((target, n))
+                    self.unchecked_in.send_nowait((target, n))
         for n in names:
             self._forget_pin((target, n))
-            if target in self.target_ino:
-                pyfuse3.invalidate_entry_async(self.target_ino[target], n.encode(),
-                                               ignore_enoent=True)
             ino = self.file_ino.get((target, n))
-            if ino is not None:
-                pyfuse3.invalidate_inode(ino, attr_only=True)
+            if ino is None:
+                # The kernel holds no entry of it (it trusts no entry we did not give,
+                # and forgets one before its inode): nothing to invalidate.
+                continue
+            pyfuse3.invalidate_entry_async(self.target_ino[target], n.encode(),
+                                           ignore_enoent=True)
+            pyfuse3.invalidate_inode(ino, attr_only=True)
 
     def _forget_pin(self, key: tuple[str, str]) -> None:
         """Drop what is known of a pin, closing its cached link."""

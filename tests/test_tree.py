@@ -112,6 +112,22 @@ def test_pin_made_by_bpftool_appears_and_goes_at_once(tree):
     assert not (tree.mnt / "task" / "frombpftool").exists()
 
 
+def test_a_name_looked_up_before_it_was_pinned_appears_at_once(tree):
+    """A failed lookup leaves the kernel nothing it trusts: the pin made next is
+    seen by the very next stat, with no invalidation needed."""
+    f = tree.mnt / "task" / "notyet"
+    for _ in range(3):
+        assert not f.exists()
+    pin = tree.state / "task" / "notyet"
+    bpftool_pin(TASKS_OBJ, pin)
+    try:
+        assert f.exists()
+        assert f.read_bytes().startswith(b"    PID")
+    finally:
+        pin.unlink()
+    assert not f.exists()
+
+
 def test_entries_that_are_not_dumpers_are_hidden_and_logged_once(tree):
     amap = tree.state / "task" / "notalink"
     subprocess.run(["bpftool", "map", "create", str(amap), "type", "array", "key", "4",
@@ -130,6 +146,22 @@ def test_entries_that_are_not_dumpers_are_hidden_and_logged_once(tree):
     finally:
         amap.unlink()
         wrong.unlink()
+
+
+def test_a_new_pin_is_checked_as_it_appears_not_when_first_listed(tree):
+    """The daemon checks pins in the background as they come (a first `ls -l` of
+    thousands would otherwise wait for every check): a bad one is reported with no
+    one listing it."""
+    amap = tree.state / "task" / "unlisted"
+    subprocess.run(["bpftool", "map", "create", str(amap), "type", "array", "key", "4",
+                    "value", "4", "entries", "1", "name", "unlisted"], check=True)
+    try:
+        deadline = time.monotonic() + 10
+        while f"hiding {amap}: not an iterator link" not in tree.output():
+            assert time.monotonic() < deadline, "the new pin was not checked"
+            time.sleep(0.05)
+    finally:
+        amap.unlink()
 
 
 def test_release_frees_the_kernel_fd_at_once(tree):
