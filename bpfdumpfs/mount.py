@@ -50,6 +50,7 @@ _ffi = cffi.FFI()
 _ffi.cdef("int mallopt(int param, int value); int malloc_trim(size_t pad);")
 _libc = _ffi.dlopen(None)
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+TRIM_EVERY = 2.0  # seconds between looks for freed buffers to give back
 
 
 def _bound_memory() -> None:
@@ -59,6 +60,19 @@ def _bound_memory() -> None:
     returned) one by one, keep it bounded; small dumps never get that big."""
     _libc.mallopt(M_ARENA_MAX, 2)
     _libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+async def _give_back_memory(ops: Operations) -> None:
+    """Readers' buffers come and go in bursts (64 readers of large dumps hold tens of
+    MiB at once), and glibc keeps what they leave in its heaps, in fragments, until
+    told (some 10 MiB after such a burst). Once every file is closed after reads, it
+    is told."""
+    seen = ops.releases
+    while True:
+        await trio.sleep(TRIM_EVERY)
+        if ops.releases != seen and not ops.handles:
+            seen = ops.releases
+            await trio.to_thread.run_sync(_libc.malloc_trim, 0)
 
 
 def pin_builtins(state: StateDir) -> list[str]:
@@ -231,6 +245,7 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations,
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signals)
+        nursery.start_soon(_give_back_memory, ops)
         # opens, reads and releases go to the device's threads: few requests wait here
         await pyfuse3.main(min_tasks=1, max_tasks=64)
         ops.shutdown()
