@@ -85,7 +85,6 @@ class Stream(io.RawIOBase):
         super().__init__()
         self.fd = fd
         self.label = label
-        self.eof = False
         self._surplus = b""        # read from the kernel, beyond what readinto() was asked
 
     def readable(self) -> bool:
@@ -119,7 +118,6 @@ class Stream(io.RawIOBase):
                                   "return 0 to go on") from None
             except OSError as e:
                 raise self._kernel_error(e.errno) from None
-            self.eof = not data
             return data
 
     def _kernel_error(self, err: int) -> DumperError:
