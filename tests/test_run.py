@@ -1,10 +1,13 @@
 """`bpfdumpfs run`: an anonymous dumper streamed to stdout, nothing left behind."""
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -113,6 +116,35 @@ def test_run_killed_mid_stream_leaves_nothing(probe_obj, sig, code):
     while ours() != before and time.monotonic() < deadline:
         time.sleep(0.05)  # the kernel frees the link and program once the fds are gone
     assert ours() == before
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_run_stopped_in_a_half_done_write_ends(probe_obj, sig, code):
+    """A signal that cuts a write to stdout short (a pipe of one page, never read)
+    still ends the run: what was not written is dropped, not written forever."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    p = subprocess.Popen([sys.executable, "-m", "bpfdumpfs", "run", str(probe_obj)], cwd=ROOT,
+                         stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 30
+        while unread(r) < 4096:  # the pipe is full: the run is inside a write
+            assert time.monotonic() < deadline, "the run never filled its pipe"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        p.send_signal(sig)
+        assert p.wait(timeout=10) == code
+        assert b"Traceback" not in p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+        os.close(r)
+
+
+def unread(fd: int) -> int:
+    """Bytes waiting in the pipe FD."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def test_run_pin_pins_it_like_add(probe_obj, state_dir):
