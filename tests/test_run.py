@@ -96,13 +96,21 @@ def test_run_into_head_ends_quietly(probe_obj):
     assert ours() == before
 
 
+def start_run(probe_obj, stdout: int) -> subprocess.Popen:
+    """`bpfdumpfs run PROBE > STDOUT` as a terminal starts it: with SIGINT at its default
+    (a shell without job control starts background commands, CI's among them, with SIGINT
+    ignored, and the run, like any program, keeps it ignored)."""
+    return subprocess.Popen([sys.executable, "-m", "bpfdumpfs", "run", str(probe_obj)],
+                            cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_run_killed_mid_stream_leaves_nothing(probe_obj, sig, code):
     before = ours()
     # Nobody reads the pipe, so the run blocks in write() with its link and prog alive.
     r, w = os.pipe()
-    p = subprocess.Popen([sys.executable, "-m", "bpfdumpfs", "run", str(probe_obj)], cwd=ROOT,
-                         stdout=w, stderr=subprocess.PIPE)
+    p = start_run(probe_obj, stdout=w)
     os.close(w)
     deadline = time.monotonic() + 30
     while ours() == before and time.monotonic() < deadline:
@@ -124,8 +132,7 @@ def test_run_stopped_in_a_half_done_write_ends(probe_obj, sig, code):
     still ends the run: what was not written is dropped, not written forever."""
     r, w = os.pipe()
     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
-    p = subprocess.Popen([sys.executable, "-m", "bpfdumpfs", "run", str(probe_obj)], cwd=ROOT,
-                         stdout=w, stderr=subprocess.PIPE)
+    p = start_run(probe_obj, stdout=w)
     os.close(w)
     try:
         deadline = time.monotonic() + 30
