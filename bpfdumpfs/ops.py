@@ -199,6 +199,8 @@ class Operations(pyfuse3.Operations):
                     self._pin(target, name)
                 except pyfuse3.FUSEError:
                     pass  # gone again, or not a dumper (_pin said why)
+                except Exception:  # a bug here must not take the tree down
+                    log.exception("checking %s/%s failed", target, name)
 
     async def _watch_state(self) -> None:
         """Cache while the state dir is a watched bpffs; if it goes away (unmounted,
