@@ -26,6 +26,26 @@ def need_kernel() -> None:
     need(os.path.exists("/sys/kernel/btf/vmlinux"), "kernel BTF (/sys/kernel/btf/vmlinux)")
 
 
+def eventually(cond, timeout: float = 5.0, step: float = 0.02) -> bool:
+    """Whether COND() becomes true within TIMEOUT seconds, asked every STEP."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+def link_exists(link_id: int) -> bool:
+    return subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
+                          capture_output=True).returncode == 0
+
+
+def prog_exists(prog_id: int) -> bool:
+    return subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
+                          capture_output=True).returncode == 0
+
+
 def listing(state: Path) -> list[tuple]:
     """Everything in the state dir, with what a change would alter (mtime included)."""
     found = []

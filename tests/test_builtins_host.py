@@ -8,10 +8,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from helpers import eventually
 
 BUILTINS = Path(__file__).resolve().parent.parent / "bpfdumpfs" / "builtins"
 
@@ -46,12 +47,7 @@ def proc_status(path: str) -> dict:
 
 
 def wait_for(cond, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    assert eventually(cond, timeout), f"timed out waiting for {what}"
 
 
 def proc_state(pid: int) -> str:

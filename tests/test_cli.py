@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import (ROOT, Daemon, bpfdumpfs, cgroup2_root, listing, mount_bpffs, need_kernel,
-                     unmount)
+from helpers import (ROOT, Daemon, bpfdumpfs, cgroup2_root, eventually, link_exists, listing,
+                     mount_bpffs, need_kernel, prog_exists, unmount)
 
 BUILTINS = ROOT / "bpfdumpfs" / "builtins"
 TASKS_OBJ = str(BUILTINS / "tasks.bpf.o")
@@ -147,25 +146,6 @@ def bpftool_json(*args: str):
     p = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
-
-
-def link_exists(link_id: int) -> bool:
-    return subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
-                          capture_output=True).returncode == 0
-
-
-def prog_exists(prog_id: int) -> bool:
-    return subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
-                          capture_output=True).returncode == 0
-
-
-def eventually(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # Runs bpfdumpfs.cli.main(ARGV) for many ARGVs, each in a process forked from one that

@@ -8,14 +8,14 @@ import platform
 import shutil
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from bpfdumpfs.dumpers import Dumper
-from helpers import ROOT, Daemon, bpfdumpfs, mount_bpffs, need_kernel, unmount
+from helpers import (ROOT, Daemon, bpfdumpfs, eventually, link_exists, mount_bpffs,
+                     need_kernel, unmount)
 
 TASKS_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "tasks.bpf.o")
 CGROUPS_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "cgroups.bpf.o")
@@ -110,20 +110,6 @@ def read_pin(pin: Path) -> bytes:
         return d.read()
 
 
-def link_exists(link_id: int) -> bool:
-    return subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
-                          capture_output=True).returncode == 0
-
-
-def eventually(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def two_dumpers(cfg: Path, objs, mode: str = "0440", pid: int | None = None) -> Path:
     """a.toml: task/ca (object a.bpf.o next to the file) and task/cpid (the built-in
     tasks dumper of one process)."""
@@ -189,7 +175,7 @@ def test_apply_replaces_what_changed(setup, objs):
     assert now["task/cpid"]["pid"] == parent
     assert now["task/cpid"]["link_id"] != before["task/cpid"]["link_id"]
     assert now["task/cpid"]["uid"] == before["task/cpid"]["uid"] != 0   # owner = "nobody"
-    assert eventually(lambda: not link_exists(before["task/cpid"]["link_id"]))
+    assert eventually(lambda: not link_exists(before["task/cpid"]["link_id"]), 10.0)
     assert applied(apply(cfg, state)) == []
     assert dumpers(state)["task/cpid"]["origin"] == "config"
 
@@ -205,7 +191,7 @@ def test_apply_removes_only_what_config_made(setup, objs):
     f.write_text(f.read_text().split("[dumpers.cpid]")[0])   # the entry goes
     assert applied(apply(cfg, state)) == ["removed task/cpid"]
     assert not (state / "task" / "cpid").exists()
-    assert eventually(lambda: not link_exists(before["task/cpid"]["link_id"]))
+    assert eventually(lambda: not link_exists(before["task/cpid"]["link_id"]), 10.0)
     f.unlink()                                                # the whole file goes
     assert applied(apply(cfg, state)) == ["removed task/ca"]
     assert facts(state) == {"task/mine": before["task/mine"]}
@@ -327,13 +313,13 @@ def test_the_daemon_applies_the_config_at_start_and_on_sighup(tmp_path, objs):
 
         def hup_until(cond) -> None:
             d.proc.send_signal(signal.SIGHUP)
-            assert eventually(cond), d.output()
+            assert eventually(cond, 10.0), d.output()
 
         # the source changes and a dumper is added: one SIGHUP, no remount
         shutil.copy(objs["src_b"], cfg / "web.bpf.c")
         web.write_text(web.read_text() + f'\n[dumpers.more]\nobject = "{objs["b"]}"\n')
         hup_until(lambda: "more" in os.listdir(mnt / "task"))
-        assert eventually(lambda: f.read_bytes() == expected("B"))
+        assert eventually(lambda: f.read_bytes() == expected("B"), 10.0)
         assert os.getxattr(f, "user.bpfdump.link_id") == link_id   # swapped in place
         assert (mnt / "task" / "more").read_bytes() == expected("B")
 

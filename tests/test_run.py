@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bpfdumpfs import kernel
-from helpers import ROOT, bpfdumpfs, need_kernel
+from helpers import ROOT, bpfdumpfs, eventually, need_kernel
 
 # A uniquely named program, so the ids it leaves (or not) can be told from others'.
 SOURCE = r"""
@@ -135,10 +135,8 @@ def test_run_stopped_in_a_half_done_write_ends(probe_obj, sig, code):
     p = start_run(probe_obj, stdout=w)
     os.close(w)
     try:
-        deadline = time.monotonic() + 30
-        while unread(r) < 4096:  # the pipe is full: the run is inside a write
-            assert time.monotonic() < deadline, "the run never filled its pipe"
-            time.sleep(0.05)
+        # the pipe is full: the run is inside a write
+        assert eventually(lambda: unread(r) >= 4096, 30), "the run never filled its pipe"
         time.sleep(0.2)
         p.send_signal(sig)
         assert p.wait(timeout=10) == code

@@ -14,7 +14,7 @@ import pytest
 
 from bpfdumpfs import targets
 from bpfdumpfs.builtins import builtins
-from helpers import ROOT, Daemon, fstype, mount_bpffs, unmount
+from helpers import ROOT, Daemon, eventually, fstype, mount_bpffs, unmount
 
 TASKS_OBJ = str(Path(__file__).resolve().parent.parent / "bpfdumpfs/builtins/tasks.bpf.o")
 
@@ -156,10 +156,8 @@ def test_a_new_pin_is_checked_as_it_appears_not_when_first_listed(tree):
     subprocess.run(["bpftool", "map", "create", str(amap), "type", "array", "key", "4",
                     "value", "4", "entries", "1", "name", "unlisted"], check=True)
     try:
-        deadline = time.monotonic() + 10
-        while f"hiding {amap}: not an iterator link" not in tree.output():
-            assert time.monotonic() < deadline, "the new pin was not checked"
-            time.sleep(0.05)
+        assert eventually(lambda: f"hiding {amap}: not an iterator link" in tree.output(), 10), \
+            "the new pin was not checked"
     finally:
         amap.unlink()
 
@@ -300,12 +298,7 @@ fusermount3 -u /run/bpfdump
 
 def soon(check, within: float = 0.05) -> bool:
     """CHECK() becomes true within WITHIN seconds (the inotify round trip)."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
+    return eventually(check, within, step=0.001)
 
 
 def test_changes_to_pins_show_at_once_despite_caching(tree):
