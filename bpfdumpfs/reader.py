@@ -3,9 +3,9 @@
 FUSE reads are answered on the device's worker threads (device.py), so a kernel
 read of a seq_file -- which runs the BPF program and cannot be polled -- simply
 blocks the worker that got the FUSE read; the pool keeps other workers reading
-/dev/fuse for everyone else. A reader that streams (two full chunks in a row)
-gets a producer thread that keeps reading the kernel, at most READ_AHEAD chunks
-ahead, so the kernel's work overlaps the FUSE round trips instead of waiting
+/dev/fuse for everyone else. A reader that streams (two full reads in a row)
+gets a producer thread that keeps reading the kernel, at most READ_AHEAD of its
+reads ahead, so the kernel's work overlaps the FUSE round trips instead of waiting
 for them.
 
 What a kernel read returns is handed to the FUSE reply as it is: a reply is a
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 QUICK_NS = 300_000        # a dumper is quick while its kernel reads average less
 LEARN_READS = 3           # reads before a dumper may be called quick
-STREAMING_AFTER = 2       # full chunks in a row before a producer takes over
+STREAMING_AFTER = 2       # full reads in a row before a producer takes over
 READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader
 MAX_PIECES = 64           # more chunks in one reply are joined (writev takes 1024)
 
