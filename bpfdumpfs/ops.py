@@ -49,6 +49,9 @@ XATTR_PREFIX = b"user.bpfdump."
 CACHE_TIMEOUT = 60.0  # entries/attributes, while the state dir is watched
 LINK_CACHE_MAX = 1024  # link fds kept open for quick opens
 STATE_RETRY = 1.0      # seconds between looks for a state dir that went away
+# cat, cp and Python size their reads by st_blksize: a dump is then read in 1 MiB
+# FUSE reads (the kernel's largest, 256 pages), an eighth of the round trips of 128 KiB
+FILE_BLKSIZE = 1 << 20
 
 
 def _guarded(handler):
@@ -348,7 +351,7 @@ class Operations(pyfuse3.Operations):
         a.st_nlink = 1
         a.st_uid, a.st_gid = st.st_uid, st.st_gid
         a.st_size = 0  # unknown until read: the output is made at each open
-        a.st_blksize = 4096
+        a.st_blksize = FILE_BLKSIZE
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
         a.entry_timeout = a.attr_timeout = self.cache_timeout
         return a

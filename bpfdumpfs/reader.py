@@ -5,7 +5,7 @@ read of a seq_file -- which runs the BPF program and cannot be polled -- simply
 blocks the worker that got the FUSE read; the pool keeps other workers reading
 /dev/fuse for everyone else. A reader that streams (two full reads in a row)
 gets a producer thread that keeps reading the kernel, at most READ_AHEAD of its
-reads ahead, so the kernel's work overlaps the FUSE round trips instead of waiting
+reads ahead (and no more than MAX_AHEAD bytes beyond one), so the kernel's work overlaps the FUSE round trips instead of waiting
 for them.
 
 What a kernel read returns is handed to the FUSE reply as it is: a reply is a
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 QUICK_NS = 300_000        # a dumper is quick while its kernel reads average less
 LEARN_READS = 3           # reads before a dumper may be called quick
 STREAMING_AFTER = 2       # full reads in a row before a producer takes over
-READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader
+READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader...
+MAX_AHEAD = 1 << 20       # ...but no more bytes than this, beyond one read
 MAX_PIECES = 64           # more chunks in one reply are joined (writev takes 1024)
 
 
@@ -66,6 +67,7 @@ class Reader:
         self.error: DumperError | None = None
         self.full_reads = 0
         self.producing = False
+        self.size = 0                # the largest read so far
         self.ahead = 0               # bytes a producer may hold
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
@@ -74,7 +76,7 @@ class Reader:
     def quick(self) -> bool:
         """Whether the next read is sure to be answered without a long wait."""
         if self.producing:
-            return self.ended or self.pending_len >= self.ahead // READ_AHEAD
+            return self.ended or self.pending_len >= self.size
         return self.ended or self.pace.quick
 
     def read(self, size: int) -> list:
@@ -83,9 +85,9 @@ class Reader:
         with self.serial:
             if self.producing:
                 with self.cond:
-                    # room for this read, which may be larger than the one before
-                    self.ahead = max(self.ahead, READ_AHEAD * size)
-                    self.cond.notify_all()
+                    if size > self.size:  # room for this read, larger than the ones before
+                        self._grow(size)
+                        self.cond.notify_all()
                     while self.pending_len < size and not self.ended:
                         self.cond.wait()
                     out = self._take(size)
@@ -103,6 +105,10 @@ class Reader:
             if len(out) > MAX_PIECES:
                 out = [b"".join(out)]
             return out
+
+    def _grow(self, size: int) -> None:
+        self.size = size
+        self.ahead = size + min((READ_AHEAD - 1) * size, MAX_AHEAD)
 
     def _take(self, size: int) -> list:
         """Up to SIZE bytes from the front of pending."""
@@ -149,7 +155,7 @@ class Reader:
         if not self._enter():
             return
         self.cond = threading.Condition(self.guard)  # made here: most opens never stream
-        self.ahead = READ_AHEAD * size
+        self._grow(size)
         self.producing = True
         threading.Thread(target=self._produce, daemon=True,
                          name=f"produce {self.stream.label}").start()

@@ -128,6 +128,26 @@ def test_reads_that_grow_or_shrink_midstream_get_every_byte(stable):
     assert len(got) >= len(sizes)  # every size was asked while output was left
 
 
+def test_dumps_are_read_in_1mib_blocks_like_cat_reads_them(tree, tmp_path_factory):
+    """cat sizes its reads by st_blksize: 1 MiB, so a dump takes an eighth of the
+    FUSE round trips of 128 KiB reads. Each such read is answered in full but the last."""
+    pin = pinned(tree, tmp_path_factory, "stable_half", STABLE.replace("% 10", "% 2"))
+    f = tree.mnt / "ksym" / "stable_half"
+    want = pin.read_bytes()
+    assert len(want) > 2 << 20
+    bs = os.stat(f).st_blksize
+    assert bs == 1 << 20
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        got = list(iter(lambda: os.read(fd, bs), b""))
+    finally:
+        os.close(fd)
+    assert b"".join(got) == want
+    assert [len(g) for g in got[:-1]] == [bs] * (len(got) - 1)
+    assert subprocess.run(["cat", str(f)], capture_output=True, check=True).stdout == want
+    os.unlink(pin)
+
+
 def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
     t0 = time.monotonic()
     bg = subprocess.Popen(["cat", str(slow)], stdout=subprocess.PIPE)
