@@ -42,7 +42,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 # half-made dumper; the prefix is not a valid dumper name, so it never shows.
 _TMP_PREFIX = "-new-"
 
-KERNEL_BUF = 64 * 1024  # more than the seq_file buffer (8 pages): one read drains it
+KERNEL_BUF = 8 * os.sysconf("SC_PAGE_SIZE")  # bpf_seq_read's buffer: one read drains it
 MAX_EAGAIN = 10_000     # EAGAINs in a row; a million silent objects make only one
 E2BIG_HINT = ("one object's output is larger than the kernel's seq_file buffer (32 KiB); "
               "make the program print less per object")

@@ -50,7 +50,7 @@ _ffi = cffi.FFI()
 _ffi.cdef("int mallopt(int param, int value); int malloc_trim(size_t pad);")
 _libc = _ffi.dlopen(None)
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
-TRIM_EVERY = 2.0  # seconds between looks for freed buffers to give back
+TRIM_EVERY = 0.5  # seconds between looks for freed buffers to give back
 
 
 def _bound_memory() -> None:
@@ -63,14 +63,17 @@ def _bound_memory() -> None:
 
 
 async def _give_back_memory(ops: Operations) -> None:
-    """Readers' buffers come and go in bursts (64 readers of large dumps hold tens of
-    MiB at once), and glibc keeps what they leave in its heaps, in fragments, until
-    told (some 10 MiB after such a burst). Once every file is closed after reads, it
-    is told."""
+    """Readers' buffers come and go in bursts (32 streams of a large dump hold tens
+    of MiB at once), and glibc keeps what they leave in its heaps, in fragments,
+    until told. Once files were closed and none is being read ahead, it is told:
+    soon after a burst, even while other files stay open (a `less` left open must
+    not keep the daemon's memory up), but not in the middle of streams, whose
+    buffers the heap reuses and whose reads a trim (ms, holding the heap) would
+    hold up."""
     seen = ops.releases
     while True:
         await trio.sleep(TRIM_EVERY)
-        if ops.releases != seen and not ops.handles:
+        if ops.releases != seen and not ops.streaming():
             seen = ops.releases
             await trio.to_thread.run_sync(_libc.malloc_trim, 0)
 

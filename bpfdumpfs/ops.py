@@ -578,6 +578,11 @@ class Operations(pyfuse3.Operations):
                 self.uid_handles[h.uid] -= 1
         h.reader.release()
 
+    def streaming(self) -> bool:
+        """Whether any open file is being read ahead now (see Reader.streaming)."""
+        return any(isinstance(h.reader, Reader) and h.reader.streaming
+                   for h in list(self.handles.values()))
+
     async def flush(self, fh) -> None:
         # Nothing to flush; ENOSYS tells the kernel never to send FLUSH again,
         # saving a round trip on every close().

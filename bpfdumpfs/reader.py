@@ -32,7 +32,7 @@ QUICK_NS = 300_000        # a dumper is quick while its kernel reads average les
 LEARN_READS = 3           # reads before a dumper may be called quick
 STREAMING_AFTER = 2       # full reads in a row before a producer takes over
 READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader...
-MAX_AHEAD = 1 << 20       # ...but no more bytes than this, beyond one read
+MAX_AHEAD = 256 << 10      # ...but no more bytes than this, beyond one read
 MAX_PIECES = 64           # more chunks in one reply are joined (writev takes 1024)
 
 
@@ -78,6 +78,12 @@ class Reader:
         if self.producing:
             return self.ended or self.pending_len >= self.size
         return self.ended or self.pace.quick
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a producer is reading ahead now: not done, and not waiting for a
+        reader that stopped reading (a `less` left open)."""
+        return self.producing and not self.ended and self.pending_len < self.ahead
 
     def read(self, size: int) -> list:
         """Up to SIZE bytes, short only at the end, as a list of bytes-like pieces;

@@ -60,6 +60,38 @@ def one_cycle(path: str, rng: random.Random) -> int:
         os.close(fd)
 
 
+def test_memory_of_a_burst_is_given_back_while_other_files_stay_open(daemon):
+    """32 cats of kallsyms hold tens of MiB of read-ahead at once. A small file
+    left open, and a large one whose reader stopped after one read (a `less` left
+    open), must not keep that memory in the daemon once the burst is over."""
+    pid = daemon.proc.pid
+    ksyms = str(daemon.mnt / "ksym" / "kallsyms")
+    subprocess.run(["cat", ksyms], stdout=subprocess.DEVNULL, check=True)  # warm up
+    small = os.open(str(daemon.mnt / "task" / "tasks"), os.O_RDONLY)
+    paused = os.open(ksyms, os.O_RDONLY)
+    try:
+        os.read(small, 1)
+        for _ in range(3):  # streaming: its producer fills its read-ahead and waits
+            assert len(os.read(paused, 1 << 20)) == 1 << 20
+        time.sleep(1)
+        base = rss_kib(pid)
+        cats = [subprocess.Popen(["cat", ksyms], stdout=subprocess.DEVNULL) for _ in range(32)]
+        peak = 0
+        while any(c.poll() is None for c in cats):
+            peak = max(peak, rss_kib(pid))
+            time.sleep(0.01)
+        assert all(c.returncode == 0 for c in cats)
+        assert peak > base + 16 * 1024, f"the burst should have held memory: {base} -> {peak}"
+        deadline = time.monotonic() + 10
+        while rss_kib(pid) > base + 8 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rss_kib(pid) < base + 8 * 1024, f"RSS {base} -> peak {peak} -> {rss_kib(pid)} KiB"
+        assert len(os.read(paused, 1 << 20)) == 1 << 20  # and the paused reader goes on
+    finally:
+        os.close(small)
+        os.close(paused)
+
+
 def test_load_every_builtin_from_64_readers_and_back_to_baseline(daemon):
     files = [str(p) for b in builtins() for p in daemon.mnt.glob(f"*/{b.name}")]
     assert len(files) == len(builtins())
