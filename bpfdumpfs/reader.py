@@ -5,8 +5,8 @@ read of a seq_file -- which runs the BPF program and cannot be polled -- simply
 blocks the worker that got the FUSE read; the pool keeps other workers reading
 /dev/fuse for everyone else. A reader that streams (two full reads in a row)
 gets a producer thread that keeps reading the kernel, at most READ_AHEAD of its
-reads ahead (and no more than MAX_AHEAD bytes beyond one), so the kernel's work overlaps the FUSE round trips instead of waiting
-for them.
+reads ahead (and no more than MAX_AHEAD bytes beyond one), so the kernel's work
+overlaps the FUSE round trips instead of waiting for them.
 
 What a kernel read returns is handed to the FUSE reply as it is: a reply is a
 list of those chunks (or views of them), written with one writev, so no byte
@@ -32,7 +32,7 @@ QUICK_NS = 300_000        # a dumper is quick while its kernel reads average les
 LEARN_READS = 3           # reads before a dumper may be called quick
 STREAMING_AFTER = 2       # full reads in a row before a producer takes over
 READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader...
-MAX_AHEAD = 256 << 10      # ...but no more bytes than this, beyond one read
+MAX_AHEAD = 256 << 10     # ...but no more bytes than this, beyond one read
 MAX_PIECES = 64           # more chunks in one reply are joined (writev takes 1024)
 
 
