@@ -69,6 +69,7 @@ class Reader:
         self.producing = False
         self.size = 0                # the largest read so far
         self.ahead = 0               # bytes a producer may hold
+        self.want = 0                # bytes the reader waits for, if it waits
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
 
@@ -94,8 +95,10 @@ class Reader:
                     if size > self.size:  # room for this read, larger than the ones before
                         self._grow(size)
                         self.cond.notify_all()
+                    self.want = size
                     while self.pending_len < size and not self.ended:
                         self.cond.wait()
+                    self.want = 0
                     out = self._take(size)
                     self.cond.notify_all()
             else:
@@ -189,7 +192,10 @@ class Reader:
                     return
                 with self.cond:
                     self._put(data)
-                    self.cond.notify_all()
+                    # wake the reader only once its read can be answered: a wake-up
+                    # per chunk costs both threads a GIL hand-off each time
+                    if self.want and self.pending_len >= self.want:
+                        self.cond.notify_all()
         finally:
             with self.cond:
                 self.ended = True
