@@ -3,10 +3,11 @@
 FUSE reads are answered on the device's worker threads (device.py), so a kernel
 read of a seq_file -- which runs the BPF program and cannot be polled -- simply
 blocks the worker that got the FUSE read; the pool keeps other workers reading
-/dev/fuse for everyone else. A reader that streams (two full reads in a row)
-gets a producer thread that keeps reading the kernel, at most READ_AHEAD of its
-reads ahead (and no more than MAX_AHEAD bytes beyond one), so the kernel's work
-overlaps the FUSE round trips instead of waiting for them.
+/dev/fuse for everyone else. A reader that streams (two full reads in a row, or
+one larger than a kernel buffer, as cat's) gets a producer thread that keeps
+reading the kernel, at most READ_AHEAD of its reads ahead (and no more than
+MAX_AHEAD bytes beyond one), so the kernel's work overlaps the FUSE round trips
+instead of waiting for them.
 
 What a kernel read returns is handed to the FUSE reply as it is: a reply is a
 list of those chunks (or views of them), written with one writev, so no byte
@@ -24,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .dumpers import DumperError, Stream
+from .dumpers import KERNEL_BUF, DumperError, Stream
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ class Reader:
                 raise self.error
             full = sum(map(len, out)) == size
             self.full_reads = self.full_reads + 1 if full else 0
-            if self.full_reads >= STREAMING_AFTER and not self.producing and not self.ended:
+            # two full reads, or one that took several kernel reads: a large dump is
+            # being read, and the kernel had better go on while the reply travels
+            streams = self.full_reads >= STREAMING_AFTER or full and size > KERNEL_BUF
+            if streams and not self.producing and not self.ended:
                 self._start_producer(size)
             if len(out) > MAX_PIECES:
                 out = [b"".join(out)]

@@ -148,6 +148,22 @@ def test_dumps_are_read_in_1mib_blocks_like_cat_reads_them(tree, tmp_path_factor
     os.unlink(pin)
 
 
+def test_files_read_a_little_and_left_open_cost_no_thread_each(stable, tree):
+    """Read-ahead threads are for readers that stream: 100 files each read once in
+    small reads (a `less` showing its first screen) must not hold 100 threads."""
+    pin, f = stable
+    want = pin.read_bytes()
+    tasks = f"/proc/{tree.proc.pid}/task"
+    base = len(os.listdir(tasks))
+    fds = [os.open(f, os.O_RDONLY) for _ in range(100)]
+    try:
+        assert all(os.read(fd, 4096) == want[:4096] for fd in fds)
+        assert len(os.listdir(tasks)) < base + 10
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
     t0 = time.monotonic()
     bg = subprocess.Popen(["cat", str(slow)], stdout=subprocess.PIPE)
