@@ -95,7 +95,8 @@ def cmd_mount(args) -> int:
                                required=args.settings is not None)
     overrides = {k: v for k, v in (("max_handles", args.max_handles),
                                    ("max_handles_per_uid", args.max_handles_per_uid),
-                                   ("open_budget", args.open_budget)) if v is not None}
+                                   ("open_budget", args.open_budget),
+                                   ("read_ahead_mib", args.read_ahead)) if v is not None}
     opts = mount.MountOptions(mountpoint=args.mountpoint, state_dir=args.state_dir,
                               config_dir=args.config_dir, builtins=not args.no_builtins,
                               debug_fuse=args.debug_fuse, log_file=args.log_file,
@@ -289,6 +290,9 @@ def parser() -> argparse.ArgumentParser:
                    help="open dumper files per user, then EMFILE (default 1024; 0: no limit)")
     m.add_argument("--open-budget", type=float, metavar="SECONDS",
                    help="seconds one open may read, then ETIME (default 0: no budget)")
+    m.add_argument("--read-ahead", type=_count, metavar="MIB",
+                   help="MiB that all streams together may read ahead of their readers; "
+                        "beyond it reads are made on demand (default 64; 0: no limit)")
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.set_defaults(func=cmd_mount)
 

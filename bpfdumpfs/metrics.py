@@ -57,7 +57,8 @@ class Metrics:
         with self.lock:
             self.by_dumper[dumper].errors[errno_names.errorcode.get(err, str(err))] += 1
 
-    def render(self) -> bytes:
+    def render(self, read_ahead: int) -> bytes:
+        """OpenMetrics text; READ_AHEAD is what all streams hold ahead now, in bytes."""
         out = [
             "# TYPE bpfdumpfs_info gauge",
             "# HELP bpfdumpfs_info The daemon: version, mount point, state dir, pid.",
@@ -66,6 +67,11 @@ class Metrics:
             "# TYPE bpfdumpfs_start_time_seconds gauge",
             "# UNIT bpfdumpfs_start_time_seconds seconds",
             f"bpfdumpfs_start_time_seconds {self.started:.3f}",
+            "# TYPE bpfdumpfs_read_ahead_bytes gauge",
+            "# UNIT bpfdumpfs_read_ahead_bytes bytes",
+            "# HELP bpfdumpfs_read_ahead_bytes Read from the kernel ahead of their readers, "
+            "all streams (limit: read_ahead_mib).",
+            f"bpfdumpfs_read_ahead_bytes {read_ahead}",
         ]
         with self.lock:
             rows = sorted((k, copy.deepcopy(v)) for k, v in self.by_dumper.items())

@@ -162,7 +162,8 @@ def clear_dead_mount(mountpoint: str) -> None:
 
 
 DEFAULT_SETTINGS = "/etc/bpfdumpfs/bpfdumpfs.toml"
-_LIMIT_KEYS = {"max_handles": int, "max_handles_per_uid": int, "open_budget": (int, float)}
+_LIMIT_KEYS = {"max_handles": int, "max_handles_per_uid": int, "open_budget": (int, float),
+               "read_ahead_mib": int}
 
 
 def load_limits(path: str, required: bool = False) -> Limits:
@@ -172,6 +173,7 @@ def load_limits(path: str, required: bool = False) -> Limits:
         max_handles = 4096          # open dumper files in all; 0: no limit
         max_handles_per_uid = 1024  # of one user
         open_budget = 30            # seconds one open may read; 0: no budget
+        read_ahead_mib = 64         # all streams' read-ahead; 0: no limit
     """
     try:
         text = open(path).read()

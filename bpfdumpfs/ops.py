@@ -35,7 +35,7 @@ from .dumpers import (NAME_MAX, Dumper, DumperError, StateDir, Stream, check_nam
                       is_dumper_name, iter_link_info)
 from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
-from .reader import Pace, Reader
+from .reader import Budget, Pace, Reader
 from .watch import StateWatch
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Limits:
     max_handles: int = 4096          # open dumper files in all (ENFILE beyond)
     max_handles_per_uid: int = 1024  # open dumper files of one user (EMFILE beyond)
     open_budget: float = 0.0         # seconds one open may keep reading (ETIME after)
+    read_ahead_mib: int = 64         # MiB all streams may read ahead of their readers
 
 
 class _Snapshot:
@@ -178,6 +179,7 @@ class Operations(pyfuse3.Operations):
         self.unchecked_keys: set[tuple[str, str]] = set()
         self.metrics = metrics
         self.limits = limits
+        self.read_ahead = Budget(limits.read_ahead_mib << 20)
         self.uid_handles: Counter[int] = Counter()
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -455,7 +457,8 @@ class Operations(pyfuse3.Operations):
         with self.lock:
             self.metrics.opened(label)
             self.uid_handles[uid] += 1
-            return self._new_handle(Reader(Stream(fd, label), pin.pace), label, uid, pid)
+            reader = Reader(Stream(fd, label), pin.pace, self.read_ahead)
+            return self._new_handle(reader, label, uid, pid)
 
     def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:
         """Open without waiting for anything: a dumper whose link is cached, seen from
@@ -481,8 +484,8 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
         if inode == STATS_INODE:
-            return _file_info(self._new_handle(_Snapshot(self.metrics.render()), STATS_NAME,
-                                               ctx.uid, ctx.pid))
+            snapshot = _Snapshot(self.metrics.render(self.read_ahead.held))
+            return _file_info(self._new_handle(snapshot, STATS_NAME, ctx.uid, ctx.pid))
         key = self.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode in self.ino_target or inode == ROOT

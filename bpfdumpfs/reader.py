@@ -7,7 +7,11 @@ blocks the worker that got the FUSE read; the pool keeps other workers reading
 one larger than a kernel buffer, as cat's) gets a producer thread that keeps
 reading the kernel, at most READ_AHEAD of its reads ahead (and no more than
 MAX_AHEAD bytes beyond one), so the kernel's work overlaps the FUSE round trips
-instead of waiting for them.
+instead of waiting for them. All producers together hold at most a Budget of
+bytes ahead of their readers: a producer that would read beyond it while its
+reader waits for nothing stops, and that reader's reads are made on demand
+again (and get a producer again once there is budget). So readers that stop
+reading (many `less`es left open) cannot make the daemon hold their dumps.
 
 What a kernel read returns is handed to the FUSE reply as it is: a reply is a
 list of those chunks (or views of them), written with one writev, so no byte
@@ -53,12 +57,30 @@ class Pace:
         self.avg_ns = ns if ns > QUICK_NS else 0.8 * self.avg_ns + 0.2 * ns
 
 
+class Budget:
+    """Bytes that all producers together may hold ahead of their readers."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit       # 0: no limit
+        self.held = 0
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.held += n
+
+    @property
+    def spent(self) -> bool:
+        return 0 < self.limit <= self.held
+
+
 class Reader:
     """FUSE-facing reads of one Stream, from the calling thread or a producer."""
 
-    def __init__(self, stream: Stream, pace: Pace) -> None:
+    def __init__(self, stream: Stream, pace: Pace, budget: Budget) -> None:
         self.stream = stream
         self.pace = pace
+        self.budget = budget
         self.serial = threading.Lock()   # one FUSE read of this file at a time
         self.guard = threading.Lock()    # guards what follows
         self.cond: threading.Condition | None = None  # wakes reader and producer, if any
@@ -71,6 +93,8 @@ class Reader:
         self.size = 0                # the largest read so far
         self.ahead = 0               # bytes a producer may hold
         self.want = 0                # bytes the reader waits for, if it waits
+        self.counted = 0             # bytes of pending counted in the budget
+        self.held_back = False       # the producer waits for its reader to make room
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
 
@@ -85,27 +109,18 @@ class Reader:
     def streaming(self) -> bool:
         """Whether a producer is reading ahead now: not done, and not waiting for a
         reader that stopped reading (a `less` left open)."""
-        return self.producing and not self.ended and self.pending_len < self.ahead
+        return self.producing and not self.ended and not self.held_back
 
     def read(self, size: int) -> list:
         """Up to SIZE bytes, short only at the end, as a list of bytes-like pieces;
         raises DumperError from the kernel (after the output read before it)."""
         with self.serial:
-            if self.producing:
-                with self.cond:
-                    if size > self.size:  # room for this read, larger than the ones before
-                        self._grow(size)
-                        self.cond.notify_all()
-                    self.want = size
-                    while self.pending_len < size and not self.ended:
-                        self.cond.wait()
-                    self.want = 0
-                    out = self._take(size)
-                    self.cond.notify_all()
-            else:
+            out = self._read_produced(size) if self.producing else None
+            if out is None:
                 if self.pending_len < size and not self.ended:
                     self._fill(size)
-                out = self._take(size)
+                with self.guard:
+                    out = self._take(size)
             if not out and self.error:
                 raise self.error
             full = sum(map(len, out)) == size
@@ -113,10 +128,26 @@ class Reader:
             # two full reads, or one that took several kernel reads: a large dump is
             # being read, and the kernel had better go on while the reply travels
             streams = self.full_reads >= STREAMING_AFTER or full and size > KERNEL_BUF
-            if streams and not self.producing and not self.ended:
+            if streams and not self.producing and not self.ended and not self.budget.spent:
                 self._start_producer(size)
             if len(out) > MAX_PIECES:
                 out = [b"".join(out)]
+            return out
+
+    def _read_produced(self, size: int) -> list | None:
+        """A read answered from the producer's chunks; None if it stopped (budget)."""
+        with self.cond:
+            if size > self.size:  # room for this read, larger than the ones before
+                self._grow(size)
+                self.cond.notify_all()
+            self.want = size
+            while self.pending_len < size and not self.ended and self.producing:
+                self.cond.wait()
+            self.want = 0
+            if self.pending_len < size and not self.ended:
+                return None
+            out = self._take(size)
+            self.cond.notify_all()
             return out
 
     def _grow(self, size: int) -> None:
@@ -124,7 +155,8 @@ class Reader:
         self.ahead = size + min((READ_AHEAD - 1) * size, MAX_AHEAD)
 
     def _take(self, size: int) -> list:
-        """Up to SIZE bytes from the front of pending."""
+        """Up to SIZE bytes from the front of pending (under guard), given back to the
+        budget as far as the producer counted them."""
         out = []
         room = size
         while self.pending and room:
@@ -138,6 +170,9 @@ class Reader:
                 self.pending[0] = piece[room:]
                 room = 0
         self.pending_len -= size - room
+        n = min(self.counted, size - room)
+        self.counted -= n
+        self.budget.add(-n)
         return out
 
     def _put(self, data: bytes) -> None:
@@ -167,20 +202,28 @@ class Reader:
     def _start_producer(self, size: int) -> None:
         if not self._enter():
             return
-        self.cond = threading.Condition(self.guard)  # made here: most opens never stream
+        if self.cond is None:  # made here: most opens never stream
+            self.cond = threading.Condition(self.guard)
         self._grow(size)
         self.producing = True
         threading.Thread(target=self._produce, daemon=True,
                          name=f"produce {self.stream.label}").start()
 
     def _produce(self) -> None:
-        """Read ahead until the end, an error, or release."""
+        """Read ahead until the end, an error, or release; or stop early where the
+        budget is spent and the reader waits for nothing."""
+        early = False
         try:
             while True:
                 with self.cond:
                     while self.pending_len >= self.ahead and not self.released:
+                        self.held_back = True
                         self.cond.wait()
+                    self.held_back = False
                     if self.released:
+                        return
+                    if self.budget.spent and self.pending_len >= self.want:
+                        early, self.producing = True, False
                         return
                 try:
                     data = self.stream.read_chunk()
@@ -195,14 +238,18 @@ class Reader:
                 if not data:
                     return
                 with self.cond:
+                    if self.released:
+                        return
                     self._put(data)
+                    self.counted += len(data)
+                    self.budget.add(len(data))
                     # wake the reader only once its read can be answered: a wake-up
                     # per chunk costs both threads a GIL hand-off each time
                     if self.want and self.pending_len >= self.want:
                         self.cond.notify_all()
         finally:
             with self.cond:
-                self.ended = True
+                self.ended = self.ended or not early
                 self.cond.notify_all()
             self._leave()
 
@@ -225,6 +272,8 @@ class Reader:
     def release(self) -> None:
         with self.guard:
             self.released = True
+            self.budget.add(-self.counted)
+            self.counted = 0
             if self.cond is not None:
                 self.cond.notify_all()
             done = not self.busy
