@@ -12,13 +12,15 @@ from it and writes replies and notifications to it, one message each). Worker
 threads take turns reading /dev/fuse: READ and RELEASE of any open file, and the OPEN of a
 dumper whose link is cached, and the getxattrs `ls -l` makes of every file, they
 answer at once from Operations' thread-safe
-methods (ops.py); a READ blocks only the worker that took it. Everything else
+methods (ops.py); a READ blocks only the worker that took it, and a READ of a file
+being read ahead that must wait is left with its producer, which answers it. Everything else
 (lookups, listings, first opens, opens in another namespace, changes) goes to
 pyfuse3 whole, and its answers come back through the relay thread.
 """
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import queue
@@ -152,6 +154,10 @@ class Device:
                         self.ops.read_is_quick(FH_IN.unpack_from(mv, BODY)[0]):
                     self._dispatch(mv, n, head)
                     continue
+                # a read ahead answers it from its producer's thread: no hand-off
+                fh, _, size = READ_IN.unpack_from(mv, BODY)
+                if self.ops.park_read(fh, size, functools.partial(self._answer, head[2])):
+                    continue
                 with self.lock:
                     if not self.waiting and self.workers < self.max_workers:
                         self._spawn()
@@ -191,6 +197,12 @@ class Device:
         except OSError as e:
             log.error("passing a FUSE request to pyfuse3: %s", e)
             self._reply_error(unique, errno.EIO)
+
+    def _answer(self, unique: int, result: list | int) -> None:
+        """The reply to a parked read: its pieces, or an errno."""
+        if isinstance(result, int):
+            return self._reply_error(unique, result)
+        return self._reply(unique, *result)
 
     def _reply(self, unique: int, *pieces) -> None:
         size = OUT_HEADER.size + sum(map(len, pieces))

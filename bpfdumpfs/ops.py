@@ -562,6 +562,27 @@ class Operations(pyfuse3.Operations):
         self.metrics.read(h.label, sum(map(len, data)), time.monotonic() - t0)
         return data
 
+    def park_read(self, fh: int, size: int, answer) -> bool:
+        """Leave a FUSE read of a file being read ahead with its producer, which calls
+        ANSWER(pieces) -- or ANSWER(errno) -- once it can; False: read_handle() it."""
+        h = self.handles.get(fh)
+        if h is None or h.failed or not isinstance(h.reader, Reader):
+            return False
+        budget = self.limits.open_budget
+        t0 = time.monotonic()
+        if budget and t0 - h.opened > budget:
+            return False  # read_handle() fails it
+
+        def deliver(result: list | DumperError) -> None:
+            if isinstance(result, DumperError):
+                try:
+                    self._fail(h, errno.EIO, str(result))
+                except pyfuse3.FUSEError as e:
+                    return answer(e.errno)
+            self.metrics.read(h.label, sum(map(len, result)), time.monotonic() - t0)
+            return answer(result)
+        return h.reader.park(size, deliver)
+
     def _fail(self, h: Handle, err: int, why: str):
         """Fail handle H for good with ERR: one log line, EIO/ETIME to every later read."""
         h.failed = err

@@ -13,6 +13,11 @@ reader waits for nothing stops, and that reader's reads are made on demand
 again (and get a producer again once there is budget). So readers that stop
 reading (many `less`es left open) cannot make the daemon hold their dumps.
 
+A FUSE read that would wait for the producer is parked with it instead (park):
+the producer answers it from its own thread once there is enough, so streaming
+readers neither hold a worker each nor make the reader of /dev/fuse hand off its
+lead at every read -- during which every other request waits in /dev/fuse.
+
 What a kernel read returns is handed to the FUSE reply as it is: a reply is a
 list of those chunks (or views of them), written with one writev, so no byte
 is copied in the daemon.
@@ -95,6 +100,7 @@ class Reader:
         self.want = 0                # bytes the reader waits for, if it waits
         self.counted = 0             # bytes of pending counted in the budget
         self.held_back = False       # the producer waits for its reader to make room
+        self.parked: tuple | None = None  # (size, deliver): a READ the producer answers
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
 
@@ -130,9 +136,35 @@ class Reader:
             streams = self.full_reads >= STREAMING_AFTER or full and size > KERNEL_BUF
             if streams and not self.producing and not self.ended and not self.budget.spent:
                 self._start_producer(size)
-            if len(out) > MAX_PIECES:
-                out = [b"".join(out)]
-            return out
+            return _joined(out)
+
+    def park(self, size: int, deliver) -> bool:
+        """Leave a read of SIZE with the producer, which answers it with DELIVER(pieces)
+        -- or DELIVER(DumperError) -- once it can, from its own thread; False if there
+        is no producer to leave it with, or the read can be answered now."""
+        with self.guard:
+            if not self.producing or self.ended or self.released or self.parked \
+                    or self.pending_len >= size:
+                return False
+            if size > self.size:
+                self._grow(size)
+            self.parked = size, deliver
+            self.cond.notify_all()
+            return True
+
+    def _answer_parked(self) -> tuple | None:
+        """(deliver, pieces or error) for the parked read if it can be answered now
+        (under the producer's lock); the caller delivers it outside the lock."""
+        if self.parked is None:
+            return None
+        size, deliver = self.parked
+        if self.pending_len < size and not self.ended:
+            return None
+        self.parked = None
+        out = self._take(size)
+        if not out and self.error:
+            return deliver, self.error
+        return deliver, _joined(out)
 
     def _read_produced(self, size: int) -> list | None:
         """A read answered from the producer's chunks; None if it stopped (budget)."""
@@ -222,7 +254,8 @@ class Reader:
                     self.held_back = False
                     if self.released:
                         return
-                    if self.budget.spent and self.pending_len >= self.want:
+                    need = max(self.want, self.parked[0] if self.parked else 0)
+                    if self.budget.spent and self.pending_len >= need:
                         early, self.producing = True, False
                         return
                 try:
@@ -243,14 +276,20 @@ class Reader:
                     self._put(data)
                     self.counted += len(data)
                     self.budget.add(len(data))
+                    answer = self._answer_parked()
                     # wake the reader only once its read can be answered: a wake-up
                     # per chunk costs both threads a GIL hand-off each time
                     if self.want and self.pending_len >= self.want:
                         self.cond.notify_all()
+                if answer:
+                    answer[0](answer[1])
         finally:
             with self.cond:
                 self.ended = self.ended or not early
+                answer = self._answer_parked()
                 self.cond.notify_all()
+            if answer:
+                answer[0](answer[1])
             self._leave()
 
     # -- the end --------------------------------------------------------------------
@@ -279,3 +318,8 @@ class Reader:
             done = not self.busy
         if done:
             self.stream.close()
+
+
+def _joined(out: list) -> list:
+    """OUT, its pieces joined into one if they are more than writev should take."""
+    return [b"".join(out)] if len(out) > MAX_PIECES else out

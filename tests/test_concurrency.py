@@ -198,6 +198,27 @@ def test_reader_killed_mid_read_frees_its_seq_file(slow, tree):
     assert seq_fds(pid) == base
 
 
+def test_streaming_readers_killed_while_their_read_waits_free_their_seq_files(tree):
+    """8 cats of kallsyms share 2 CPUs, so each mostly waits for its producer, its READ
+    left with it. SIGKILLed there, every seq_file is closed within seconds, and the
+    tree serves on."""
+    pid = tree.proc.pid
+    base = settled_seq_fds(pid)
+    cats = [subprocess.Popen(["cat", str(tree.mnt / "ksym" / "kallsyms")],
+                             stdout=subprocess.DEVNULL) for _ in range(8)]
+    time.sleep(0.3)
+    assert seq_fds(pid) > base
+    for c in cats:
+        c.send_signal(signal.SIGKILL)
+    for c in cats:
+        c.wait()
+    deadline = time.monotonic() + 10
+    while seq_fds(pid) != base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seq_fds(pid) == base
+    assert read_all(tree.mnt / "task" / "tasks").startswith(b"    PID")
+
+
 def test_head_on_a_huge_dump_frees_its_seq_file(tree):
     pid = tree.proc.pid
     base = settled_seq_fds(pid)
