@@ -50,6 +50,7 @@ FOPEN_FLAGS = 1 << 0 | 1 << 2 | 1 << 5
 # libfuse's buffer: the largest request (a 1 MiB write) and its headers
 BUFSIZE = 256 * 4096 + 4096
 FIRST_WORKERS = 2   # workers started with the mount
+REPLIERS = 2        # threads writing the answers to parked reads
 MAX_WAITING = 4     # a worker that finds this many others waiting for the lead retires
 # a message must fit the socket's buffer whole (a READ reply of .stats, a listing)
 SOCKET_BUF = 4 << 20
@@ -84,6 +85,7 @@ class Device:
         self.waiting = 0              # workers waiting for the lead
         self.unmounted = threading.Event()  # the mount is gone: workers stop
         self.notices: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.answers: queue.SimpleQueue[tuple] = queue.SimpleQueue()  # (unique, result)
 
     def mount(self) -> str:
         """Mount the tree; returns the session path to give pyfuse3.init()."""
@@ -101,6 +103,9 @@ class Device:
     def start(self) -> None:
         threading.Thread(target=self._relay, name="fuse-relay", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
+        for _ in range(REPLIERS):
+            threading.Thread(target=self._write_answers, name="fuse-replier",
+                             daemon=True).start()
         with self.lock:
             for _ in range(FIRST_WORKERS):
                 self._spawn()
@@ -199,10 +204,17 @@ class Device:
             self._reply_error(unique, errno.EIO)
 
     def _answer(self, unique: int, result: list | int) -> None:
-        """The reply to a parked read: its pieces, or an errno."""
-        if isinstance(result, int):
-            return self._reply_error(unique, result)
-        return self._reply(unique, *result)
+        """The reply to a parked read (its pieces, or an errno), written by a replier:
+        copying a 1 MiB reply would hold up the producer's next kernel read."""
+        self.answers.put((unique, result))
+
+    def _write_answers(self) -> None:
+        while True:
+            unique, result = self.answers.get()
+            if isinstance(result, int):
+                self._reply_error(unique, result)
+            else:
+                self._reply(unique, *result)
 
     def _reply(self, unique: int, *pieces) -> None:
         size = OUT_HEADER.size + sum(map(len, pieces))
