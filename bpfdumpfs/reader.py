@@ -99,7 +99,6 @@ class Reader:
         self.ahead = 0               # bytes a producer may hold
         self.want = 0                # bytes the reader waits for, if it waits
         self.counted = 0             # bytes of pending counted in the budget
-        self.held_back = False       # the producer waits for its reader to make room
         self.parked: tuple | None = None  # (size, deliver): a READ the producer answers
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
@@ -108,14 +107,14 @@ class Reader:
     def quick(self) -> bool:
         """Whether the next read is sure to be answered without a long wait."""
         if self.producing:
-            return self.ended or self.pending_len >= self.size
+            return self._ready(self.size)
         return self.ended or self.pace.quick
 
     @property
     def streaming(self) -> bool:
         """Whether a producer is reading ahead now: not done, and not waiting for a
         reader that stopped reading (a `less` left open)."""
-        return self.producing and not self.ended and not self.held_back
+        return self.producing and not self.ended and self.pending_len < self.ahead
 
     def read(self, size: int) -> list:
         """Up to SIZE bytes, short only at the end, as a list of bytes-like pieces;
@@ -123,7 +122,7 @@ class Reader:
         with self.serial:
             out = self._read_produced(size) if self.producing else None
             if out is None:
-                if self.pending_len < size and not self.ended:
+                if not self._ready(size):
                     self._fill(size)
                 with self.guard:
                     out = self._take(size)
@@ -143,8 +142,7 @@ class Reader:
         -- or DELIVER(DumperError) -- once it can, from its own thread; False if there
         is no producer to leave it with, or the read can be answered now."""
         with self.guard:
-            if not self.producing or self.ended or self.released or self.parked \
-                    or self.pending_len >= size:
+            if not self.producing or self.released or self.parked or self._ready(size):
                 return False
             if size > self.size:
                 self._grow(size)
@@ -158,7 +156,7 @@ class Reader:
         if self.parked is None:
             return None
         size, deliver = self.parked
-        if self.pending_len < size and not self.ended:
+        if not self._ready(size):
             return None
         self.parked = None
         out = self._take(size)
@@ -173,14 +171,18 @@ class Reader:
                 self._grow(size)
                 self.cond.notify_all()
             self.want = size
-            while self.pending_len < size and not self.ended and self.producing:
+            while not self._ready(size) and self.producing:
                 self.cond.wait()
             self.want = 0
-            if self.pending_len < size and not self.ended:
+            if not self._ready(size):
                 return None
             out = self._take(size)
             self.cond.notify_all()
             return out
+
+    def _ready(self, size: int) -> bool:
+        """Whether a read of SIZE can be answered from pending now."""
+        return self.pending_len >= size or self.ended
 
     def _grow(self, size: int) -> None:
         self.size = size
@@ -249,9 +251,7 @@ class Reader:
             while True:
                 with self.cond:
                     while self.pending_len >= self.ahead and not self.released:
-                        self.held_back = True
                         self.cond.wait()
-                    self.held_back = False
                     if self.released:
                         return
                     need = max(self.want, self.parked[0] if self.parked else 0)
