@@ -550,15 +550,15 @@ class Operations(pyfuse3.Operations):
             return h.reader.read(size)
         if h.failed:
             raise pyfuse3.FUSEError(h.failed)
-        budget = self.limits.open_budget
         t0 = time.monotonic()
-        if budget and t0 - h.opened > budget:
-            return self._fail(h, errno.ETIME, f"reading dumper {h.label} stopped: the open "
-                              f"took more than its time budget of {budget:g} s (open_budget)")
+        if self._out_of_time(h, t0):
+            budget = self.limits.open_budget
+            raise self._fail(h, errno.ETIME, f"reading dumper {h.label} stopped: the open "
+                             f"took more than its time budget of {budget:g} s (open_budget)")
         try:
             data = h.reader.read(size)
         except DumperError as e:
-            return self._fail(h, errno.EIO, str(e))
+            raise self._fail(h, errno.EIO, str(e)) from None
         self.metrics.read(h.label, sum(map(len, data)), time.monotonic() - t0)
         return data
 
@@ -566,29 +566,31 @@ class Operations(pyfuse3.Operations):
         """Leave a FUSE read of a file being read ahead with its producer, which calls
         ANSWER(pieces) -- or ANSWER(errno) -- once it can; False: read_handle() it."""
         h = self.handles.get(fh)
-        if h is None or h.failed or not isinstance(h.reader, Reader):
-            return False
-        budget = self.limits.open_budget
         t0 = time.monotonic()
-        if budget and t0 - h.opened > budget:
-            return False  # read_handle() fails it
+        if h is None or h.failed or not isinstance(h.reader, Reader) or \
+                self._out_of_time(h, t0):
+            return False  # read_handle() answers (or fails) it
 
         def deliver(result: list | DumperError) -> None:
             if isinstance(result, DumperError):
-                try:
-                    self._fail(h, errno.EIO, str(result))
-                except pyfuse3.FUSEError as e:
-                    return answer(e.errno)
+                self._fail(h, errno.EIO, str(result))
+                return answer(errno.EIO)
             self.metrics.read(h.label, sum(map(len, result)), time.monotonic() - t0)
             return answer(result)
         return h.reader.park(size, deliver)
 
-    def _fail(self, h: Handle, err: int, why: str):
-        """Fail handle H for good with ERR: one log line, EIO/ETIME to every later read."""
+    def _out_of_time(self, h: Handle, now: float) -> bool:
+        """Whether H has read for longer than its open_budget."""
+        budget = self.limits.open_budget
+        return bool(budget) and now - h.opened > budget
+
+    def _fail(self, h: Handle, err: int, why: str) -> pyfuse3.FUSEError:
+        """Fail handle H for good with ERR: one log line, ERR to every later read.
+        Returns the error to raise for this read."""
         h.failed = err
         log.error("%s (reader uid %d pid %d)", why, h.uid, h.pid)
         self.metrics.error(h.label, err)
-        raise pyfuse3.FUSEError(err)
+        return pyfuse3.FUSEError(err)
 
     def release_handle(self, fh: int) -> None:
         """The last close of an open file, on a device thread."""
