@@ -36,6 +36,12 @@ def eventually(cond, timeout: float = 5.0, step: float = 0.02) -> bool:
     return True
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process PID, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+
+
 def link_exists(link_id: int) -> bool:
     return subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
                           capture_output=True).returncode == 0

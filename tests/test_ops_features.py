@@ -13,8 +13,9 @@ import pytest
 
 from bpfdumpfs import Dumper, StateDir
 from bpfdumpfs.compile import compile_source
-from helpers import ROOT, Daemon, bpfdumpfs, eventually, mount_bpffs, traversable, unmount
-from test_concurrency import STABLE
+from helpers import (ROOT, Daemon, bpfdumpfs, eventually, mount_bpffs, rss_kib, traversable,
+                     unmount)
+from test_concurrency import STABLE_HALF
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -118,30 +119,25 @@ def read_to_end(fd: int) -> bytes:
     return b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
-
-
 @pytest.mark.parametrize("daemon", [("--read-ahead", "8",)], indirect=True)
 def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon, tmp_path):
     """40 readers of a 2.5 MB dump each read 1 MiB, as cat does, and stop. Unbounded, each
     would have 1.25 MiB more read ahead for it (~50 MiB); with --read-ahead 8 the daemon
     holds about 8 MiB for them, and every reader still gets every byte."""
     src = tmp_path / "half.bpf.c"
-    src.write_text(STABLE.replace("% 10", "% 2"))
+    src.write_text(STABLE_HALF)
     with Dumper.load(compile_source(src, str(tmp_path))) as d:
         d.pin(StateDir(daemon.state), "half")
     want = (daemon.state / "ksym" / "half").read_bytes()
     assert len(want) > 2 << 20
     f = str(daemon.mnt / "ksym" / "half")
-    base = rss_mib(daemon.proc.pid)
+    base = rss_kib(daemon.proc.pid)
     fds = [os.open(f, os.O_RDONLY) for _ in range(40)]
     try:
         for fd in fds:
             assert os.read(fd, 1 << 20) == want[:1 << 20]
         time.sleep(1)  # what producers were started have read ahead all they may
-        held = rss_mib(daemon.proc.pid) - base
+        held = (rss_kib(daemon.proc.pid) - base) / 1024
         assert held < 20, f"40 stopped readers cost the daemon {held:.0f} MiB"
         ahead = metric((daemon.mnt / ".stats").read_text(), "bpfdumpfs_read_ahead_bytes")
         assert 4 << 20 < ahead < 9 << 20  # the budget, give or take a kernel read

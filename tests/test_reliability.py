@@ -15,17 +15,12 @@ import time
 import pytest
 
 from bpfdumpfs.builtins import builtins
-from helpers import Daemon, mount_bpffs, unmount
+from helpers import Daemon, mount_bpffs, rss_kib, unmount
 from test_concurrency import settled_seq_fds
 from test_tree import TASKS_OBJ, bpftool_pin, seq_fds
 
 SOAK = 10 if os.environ.get("BPFDUMPFS_SOAK") else 1
 CYCLES = 2000 * SOAK
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
 
 
 def fd_count(pid: int) -> int:
