@@ -69,8 +69,8 @@ class Metrics:
             f"bpfdumpfs_start_time_seconds {self.started:.3f}",
             "# TYPE bpfdumpfs_read_ahead_bytes gauge",
             "# UNIT bpfdumpfs_read_ahead_bytes bytes",
-            "# HELP bpfdumpfs_read_ahead_bytes Read from the kernel ahead of their readers, "
-            "all streams (limit: read_ahead_mib).",
+            ("# HELP bpfdumpfs_read_ahead_bytes Read from the kernel ahead of their readers, "
+             "all streams (limit: read_ahead_mib)."),
             f"bpfdumpfs_read_ahead_bytes {read_ahead}",
         ]
         with self.lock:
