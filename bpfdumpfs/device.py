@@ -9,13 +9,13 @@ of a seq_file also block, so in trio they need a thread hand-off each.
 So the daemon owns /dev/fuse. It mounts it itself and gives pyfuse3 one end of a
 SOCK_SEQPACKET socketpair as its session ("/dev/fd/N": libfuse reads requests
 from it and writes replies and notifications to it, one message each). Worker
-threads take turns reading /dev/fuse: READ and RELEASE of any open file, and the OPEN of a
-dumper whose link is cached, and the getxattrs `ls -l` makes of every file, they
-answer at once from Operations' thread-safe
-methods (ops.py); a READ blocks only the worker that took it, and a READ of a file
-being read ahead that must wait is left with its producer, which answers it. Everything else
-(lookups, listings, first opens, opens in another namespace, changes) goes to
-pyfuse3 whole, and its answers come back through the relay thread.
+threads take turns reading /dev/fuse: READ and RELEASE of any open file, and the
+OPEN of a dumper whose link is cached, and the getxattrs `ls -l` makes of every
+file, they answer at once from Operations' thread-safe methods (ops.py). A READ
+blocks only the worker that took it, and a READ of a file being read ahead that
+must wait is left with its producer, which answers it. Everything else (lookups,
+listings, first opens, opens in another namespace, changes) goes to pyfuse3
+whole, and its answers come back through the relay thread.
 """
 from __future__ import annotations
 
