@@ -150,14 +150,15 @@ class Daemon:
 
     def serving(self) -> bool:
         """Mounted, and answered by a live daemon. A dead mount gives ENOTCONN -- but
-        only to requests that reach the daemon: stat() may be answered from cache."""
+        only to requests that reach the daemon: stat() may be answered from cache.
+        The listing must be the tree's: a dead mount cleared between the fstype
+        check and the listing leaves the empty directory under it."""
         if fstype(self.mnt) != "fuse.bpfdumpfs":
             return False
         try:
-            os.listdir(self.mnt)
+            return ".stats" in os.listdir(self.mnt)
         except OSError:
             return False
-        return True
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
