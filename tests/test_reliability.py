@@ -121,7 +121,7 @@ def test_load_every_builtin_from_64_readers_and_back_to_baseline(daemon):
     # the buffers of 64 readers are given back once all are closed (within seconds)
     while rss_kib(pid) > base_rss + 8 * 1024 and time.monotonic() < deadline + 10:
         time.sleep(0.1)
-    assert rss_kib(pid) < base_rss + 8 * 1024, "RSS back near its baseline"
+    assert rss_kib(pid) < base_rss + 8 * 1024, f"RSS {base_rss} -> {rss_kib(pid)} KiB"
     assert daemon.serving()
     print(f"{done} cycles by 64 readers in {took:.1f}s; RSS {base_rss} -> {rss_kib(pid)} KiB")
 
