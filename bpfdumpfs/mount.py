@@ -47,10 +47,17 @@ class MountOptions:
 
 
 _ffi = cffi.FFI()
-_ffi.cdef("int mallopt(int param, int value); int malloc_trim(size_t pad);")
+_ffi.cdef("""
+int mallopt(int param, int value);
+int malloc_trim(size_t pad);
+struct mallinfo2 { size_t arena, ordblks, smblks, hblks, hblkhd, usmblks, fsmblks,
+                   uordblks, fordblks, keepcost; };
+struct mallinfo2 mallinfo2(void);
+""")
 _libc = _ffi.dlopen(None)
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
-TRIM_EVERY = 0.5  # seconds between looks for freed buffers to give back
+TRIM_EVERY = 0.5        # seconds between looks for freed buffers to give back
+TRIM_SLACK = 2 << 20    # bytes freed since the last trim that are worth a trim
 
 
 def _bound_memory() -> None:
@@ -64,20 +71,28 @@ def _bound_memory() -> None:
     _libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def _heap_free() -> int:
+    """Bytes glibc's heaps hold free (trimmed or not); a walk of their bins, µs."""
+    return _libc.mallinfo2().fordblks
+
+
 async def _give_back_memory(ops: Operations) -> None:
     """Readers' buffers come and go in bursts (32 streams of a large dump hold tens
     of MiB at once), and glibc keeps what they leave in its heaps, in fragments,
-    until told. Once files were closed and none is being read ahead, it is told:
+    until told. Once the heaps hold TRIM_SLACK more free bytes than at their
+    lowest since the last trim, and no file is being read ahead, glibc is told:
     soon after a burst, even while other files stay open (a `less` left open must
-    not keep the daemon's memory up), but not in the middle of streams, whose
-    buffers the heap reuses and whose reads a trim (ms, holding the heap) would
-    hold up."""
-    seen = ops.releases
+    not keep the daemon's memory up), and again for what is freed after that trim
+    -- but not in the middle of streams, whose buffers the heap reuses and whose
+    reads a trim (ms, holding the heap) would hold up."""
+    low = _heap_free()
     while True:
         await trio.sleep(TRIM_EVERY)
-        if ops.releases != seen and not ops.streaming():
-            seen = ops.releases
+        free = _heap_free()
+        low = min(low, free)
+        if free - low > TRIM_SLACK and not ops.streaming():
             await trio.to_thread.run_sync(_libc.malloc_trim, 0)
+            low = _heap_free()
 
 
 def pin_builtins(state: StateDir) -> list[str]:

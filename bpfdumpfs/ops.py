@@ -164,7 +164,6 @@ class Operations(pyfuse3.Operations):
         self.next_ino = FIRST_FILE_INODE
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
-        self.releases = 0   # files closed so far
         self.dirs: dict[int, _Dir] = {}
         self.pins: dict[tuple[str, str], _Pin] = {}
         self.cached_links = 0
@@ -598,7 +597,6 @@ class Operations(pyfuse3.Operations):
             h = self.handles.pop(fh, None)
             if h is None:
                 return
-            self.releases += 1
             if isinstance(h.reader, Reader):
                 self.metrics.closed(h.label)
                 self.uid_handles[h.uid] -= 1
