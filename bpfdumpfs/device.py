@@ -154,10 +154,8 @@ class Device:
                     self.lead.release()
                     break
                 head = IN_HEADER.unpack_from(mv)
-                # opens, releases and passing requests on never wait long
-                if head[1] != FUSE_READ or \
-                        self.ops.read_is_quick(FH_IN.unpack_from(mv, BODY)[0]):
-                    self._dispatch(mv, n, head)
+                # opens, releases, passing requests on and quick reads never wait long
+                if self._dispatch(mv, n, head, wait=False):
                     continue
                 # a read ahead answers it from its producer's thread: no hand-off
                 fh, _, size = READ_IN.unpack_from(mv, BODY)
@@ -167,41 +165,53 @@ class Device:
                     if not self.waiting and self.workers < self.max_workers:
                         self._spawn()
                 self.lead.release()
-                self._dispatch(mv, n, head)
+                self._dispatch(mv, n, head, wait=True)
                 break
 
-    def _dispatch(self, mv: memoryview, n: int, head: tuple) -> None:
+    def _dispatch(self, mv: memoryview, n: int, head: tuple, wait: bool) -> bool:
+        """Answer the request, or pass it on to pyfuse3; but leave a read that may wait
+        long (returning False, having done nothing) unless WAIT."""
         _, opcode, unique, nodeid, uid, _, pid, _, _ = head
         try:
             if opcode == FUSE_READ:
                 fh, _, size = READ_IN.unpack_from(mv, BODY)
-                return self._reply(unique, *self.ops.read_handle(fh, size))
+                out = self.ops.read_handle(fh, size, wait)
+                if out is None:
+                    return False
+                self._reply(unique, *out)
+                return True
             if opcode == FUSE_RELEASE:
                 self.ops.release_handle(FH_IN.unpack_from(mv, BODY)[0])
-                return self._reply(unique)
+                self._reply(unique)
+                return True
             if opcode == FUSE_OPEN:
                 fh = self.ops.open_quick(nodeid, OPEN_IN.unpack_from(mv, BODY)[0], uid, pid)
                 if fh is not None:
-                    return self._reply(unique, OPEN_OUT.pack(fh, FOPEN_FLAGS, 0))
+                    self._reply(unique, OPEN_OUT.pack(fh, FOPEN_FLAGS, 0))
+                    return True
             if opcode == FUSE_GETXATTR:
                 name = bytes(mv[BODY + GETXATTR_IN.size:n]).split(b"\0", 1)[0]
                 err = self.ops.xattr_refusal(name)
                 if err:
-                    return self._reply_error(unique, err)
+                    self._reply_error(unique, err)
+                    return True
             if opcode == FUSE_INTERRUPT:
                 # Nothing here can stop a kernel read midway, and pyfuse3's handlers do
                 # not look: the interrupted request completes (or the kernel drops it).
-                return None
+                return True
         except pyfuse3.FUSEError as e:
-            return self._reply_error(unique, e.errno)
+            self._reply_error(unique, e.errno)
+            return True
         except Exception:  # a bug must fail this request, not the mount
             log.exception("FUSE request %d failed; answering EIO", opcode)
-            return self._reply_error(unique, errno.EIO)
+            self._reply_error(unique, errno.EIO)
+            return True
         try:
             self.ours.sendall(mv[:n])
         except OSError as e:
             log.error("passing a FUSE request to pyfuse3: %s", e)
             self._reply_error(unique, errno.EIO)
+        return True
 
     def _answer(self, unique: int, result: list | int) -> None:
         """The reply to a parked read (its pieces, or an errno), written by a replier:

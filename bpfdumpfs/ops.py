@@ -533,15 +533,10 @@ class Operations(pyfuse3.Operations):
             return await self.namespaces.open_fd(d, target, reader_pid)
         return d.open_fd()
 
-    def read_is_quick(self, fh: int) -> bool:
-        """Whether a read of FH is sure not to wait long (for the device's scheduling)."""
-        h = self.handles.get(fh)
-        return h is None or h.failed != 0 or not isinstance(h.reader, Reader) or \
-            h.reader.quick
-
-    def read_handle(self, fh: int, size: int) -> list:
+    def read_handle(self, fh: int, size: int, wait: bool = True) -> list | None:
         """A FUSE read of an open file, on a device thread: it may block in the kernel.
-        Returns the reply's pieces (see reader.py)."""
+        Returns the reply's pieces (see reader.py) -- or, if not WAIT, None for a read
+        that may wait long (for the device to hand its lead over first)."""
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -549,6 +544,8 @@ class Operations(pyfuse3.Operations):
             return h.reader.read(size)
         if h.failed:
             raise pyfuse3.FUSEError(h.failed)
+        if not wait and not h.reader.quick:
+            return None
         t0 = time.monotonic()
         if self._out_of_time(h, t0):
             budget = self.limits.open_budget
