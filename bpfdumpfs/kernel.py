@@ -244,9 +244,17 @@ def link_create_iter(prog_fd: int, params: IterParams | None = None, what: str =
     return _bpf(BPF_LINK_CREATE, attr, what or f"creating an iter link for prog fd {prog_fd}")
 
 
+# link fd -> its BPF_ITER_CREATE attr, which is the same for every open of the link
+# (and right for any link that later gets the same fd number)
+_iter_attrs: dict[int, object] = {}
+
+
 def iter_create(link_fd: int, what: str = "") -> int:
     """BPF_ITER_CREATE: a fresh seq_file of the link; reading it runs the program."""
-    attr = ffi.new("struct bpf_iter_create_attr *", {"link_fd": link_fd})
+    attr = _iter_attrs.get(link_fd)
+    if attr is None:
+        attr = _iter_attrs[link_fd] = ffi.new("struct bpf_iter_create_attr *",
+                                              {"link_fd": link_fd})
     return _bpf(BPF_ITER_CREATE, attr, what or f"creating a seq_file of link fd {link_fd}")
 
 
