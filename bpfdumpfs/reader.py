@@ -205,8 +205,9 @@ class Reader:
                 room = 0
         self.pending_len -= size - room
         n = min(self.counted, size - room)
-        self.counted -= n
-        self.budget.add(-n)
+        if n:  # read ahead by a producer
+            self.counted -= n
+            self.budget.add(-n)
         return out
 
     def _put(self, data: bytes) -> None:
@@ -311,8 +312,9 @@ class Reader:
     def release(self) -> None:
         with self.guard:
             self.released = True
-            self.budget.add(-self.counted)
-            self.counted = 0
+            if self.counted:
+                self.budget.add(-self.counted)
+                self.counted = 0
             if self.cond is not None:
                 self.cond.notify_all()
             done = not self.busy
