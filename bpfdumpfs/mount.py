@@ -58,7 +58,6 @@ _libc = _ffi.dlopen(None)
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
 TRIM_EVERY = 0.5        # seconds between looks for freed buffers to give back
 TRIM_SLACK = 2 << 20    # bytes freed since the last trim that are worth a trim
-TRIM_QUIET = 5.0        # seconds without streams before a trim
 
 
 def _bound_memory() -> None:
@@ -81,21 +80,17 @@ async def _give_back_memory(ops: Operations) -> None:
     """Readers' buffers come and go in bursts (32 streams of a large dump hold tens
     of MiB at once), and glibc keeps what they leave in its heaps, in fragments,
     until told. Once the heaps hold TRIM_SLACK more free bytes than at their
-    lowest since the last trim, and no file has been read ahead for TRIM_QUIET
-    seconds, glibc is told: seconds after a burst, even while other files stay
-    open (a `less` left open must not keep the daemon's memory up), and again for
-    what is freed after that trim. Not in the middle of streams, whose buffers the
-    heap reuses and whose reads a trim (ms, holding the heap) would hold up; nor
-    between bursts that come seconds apart, each of which would otherwise fault
-    its ~40 MiB of buffers back in (13,000 page faults for 32 cats of kallsyms)."""
+    lowest since the last trim, and no file is being read ahead, glibc is told:
+    soon after a burst, even while other files stay open (a `less` left open must
+    not keep the daemon's memory up), and again for what is freed after that trim
+    -- but not in the middle of streams, whose buffers the heap reuses and whose
+    reads a trim (ms, holding the heap) would hold up."""
     low = _heap_free()
-    quiet = 0.0  # seconds without a stream
     while True:
         await trio.sleep(TRIM_EVERY)
-        quiet = 0.0 if ops.streaming() else quiet + TRIM_EVERY
         free = _heap_free()
         low = min(low, free)
-        if free - low > TRIM_SLACK and quiet >= TRIM_QUIET:
+        if free - low > TRIM_SLACK and not ops.streaming():
             await trio.to_thread.run_sync(_libc.malloc_trim, 0)
             low = _heap_free()
 
