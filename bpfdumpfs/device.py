@@ -20,7 +20,6 @@ whole, and its answers come back through the relay thread.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import queue
@@ -30,6 +29,8 @@ import threading
 
 import cffi
 import pyfuse3
+
+from .ops import PARKED
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,9 @@ class Device:
                     self.lead.release()
                     break
                 head = IN_HEADER.unpack_from(mv)
-                # opens, releases, passing requests on and quick reads never wait long
+                # opens, releases, passing requests on and quick reads never wait long,
+                # and a read of a file read ahead is left for its producer to answer
                 if self._dispatch(mv, n, head, wait=False):
-                    continue
-                # a read ahead answers it from its producer's thread: no hand-off
-                fh, _, size = READ_IN.unpack_from(mv, BODY)
-                if self.ops.park_read(fh, size, functools.partial(self._answer, head[2])):
                     continue
                 with self.lock:
                     if not self.waiting and self.workers < self.max_workers:
@@ -169,16 +167,18 @@ class Device:
                 break
 
     def _dispatch(self, mv: memoryview, n: int, head: tuple, wait: bool) -> bool:
-        """Answer the request, or pass it on to pyfuse3; but leave a read that may wait
-        long (returning False, having done nothing) unless WAIT."""
+        """Answer the request, or pass it on to pyfuse3. Unless WAIT, a read that may
+        wait long is parked with its producer, or else left (returning False, having
+        done nothing) for a worker that may wait."""
         _, opcode, unique, nodeid, uid, _, pid, _, _ = head
         try:
             if opcode == FUSE_READ:
                 fh, _, size = READ_IN.unpack_from(mv, BODY)
-                out = self.ops.read_handle(fh, size, wait)
+                out = self.ops.read_handle(fh, size, None if wait else self._answer, unique)
                 if out is None:
                     return False
-                self._reply(unique, *out)
+                if out is not PARKED:
+                    self._reply(unique, *out)
                 return True
             if opcode == FUSE_RELEASE:
                 self.ops.release_handle(FH_IN.unpack_from(mv, BODY)[0])

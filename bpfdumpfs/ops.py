@@ -88,6 +88,9 @@ class Limits:
     read_ahead_mib: int = 64         # MiB all streams may read ahead of their readers
 
 
+PARKED = object()  # read_handle(): the read was left with its producer
+
+
 class _Snapshot:
     """A small file made once at open (.stats), read like a stream."""
 
@@ -533,10 +536,13 @@ class Operations(pyfuse3.Operations):
             return await self.namespaces.open_fd(d, target, reader_pid)
         return d.open_fd()
 
-    def read_handle(self, fh: int, size: int, wait: bool = True) -> list | None:
+    def read_handle(self, fh: int, size: int, answer=None,
+                    tag: int = 0) -> list | object | None:
         """A FUSE read of an open file, on a device thread: it may block in the kernel.
-        Returns the reply's pieces (see reader.py) -- or, if not WAIT, None for a read
-        that may wait long (for the device to hand its lead over first)."""
+        Returns the reply's pieces (see reader.py). Given ANSWER, a read that may wait
+        long is instead left with the file's producer, which calls ANSWER(TAG, pieces)
+        -- or ANSWER(TAG, errno) -- once it can: PARKED; or, with no producer to leave
+        it with, None (for the device to hand its lead over and ask again)."""
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -544,36 +550,25 @@ class Operations(pyfuse3.Operations):
             return h.reader.read(size)
         if h.failed:
             raise pyfuse3.FUSEError(h.failed)
-        if not wait and not h.reader.quick:
-            return None
         t0 = time.monotonic()
         if self._out_of_time(h, t0):
             budget = self.limits.open_budget
             raise self._fail(h, errno.ETIME, f"reading dumper {h.label} stopped: the open "
                              f"took more than its time budget of {budget:g} s (open_budget)")
+        if answer is not None and not h.reader.quick:
+            def deliver(result: list | DumperError) -> None:
+                if isinstance(result, DumperError):
+                    self._fail(h, errno.EIO, str(result))
+                    return answer(tag, errno.EIO)
+                self.metrics.read(h.label, sum(map(len, result)), time.monotonic() - t0)
+                return answer(tag, result)
+            return PARKED if h.reader.park(size, deliver) else None
         try:
             data = h.reader.read(size)
         except DumperError as e:
             raise self._fail(h, errno.EIO, str(e)) from None
         self.metrics.read(h.label, sum(map(len, data)), time.monotonic() - t0)
         return data
-
-    def park_read(self, fh: int, size: int, answer) -> bool:
-        """Leave a FUSE read of a file being read ahead with its producer, which calls
-        ANSWER(pieces) -- or ANSWER(errno) -- once it can; False: read_handle() it."""
-        h = self.handles.get(fh)
-        t0 = time.monotonic()
-        if h is None or h.failed or not isinstance(h.reader, Reader) or \
-                self._out_of_time(h, t0):
-            return False  # read_handle() answers (or fails) it
-
-        def deliver(result: list | DumperError) -> None:
-            if isinstance(result, DumperError):
-                self._fail(h, errno.EIO, str(result))
-                return answer(errno.EIO)
-            self.metrics.read(h.label, sum(map(len, result)), time.monotonic() - t0)
-            return answer(result)
-        return h.reader.park(size, deliver)
 
     def _out_of_time(self, h: Handle, now: float) -> bool:
         """Whether H has read for longer than its open_budget."""
