@@ -259,24 +259,15 @@ class Reader:
                     if self.budget.spent and self.pending_len >= need:
                         early, self.producing = True, False
                         return
-                try:
-                    data = self.stream.read_chunk()
-                except DumperError as e:
-                    self.error = e
-                    return
-                except Exception as e:  # a bug here must fail this reader, not the daemon
-                    log.exception("reading %s", self.stream.label)
-                    self.error = DumperError(errno.EIO, f"reading dumper {self.stream.label}: "
-                                             f"internal error {e!r}")
-                    return
-                if not data:
-                    return
+                    room = self.ahead - self.pending_len
+                chunks, n, end = self._read_batch(room)
                 with self.cond:
                     if self.released:
                         return
-                    self._put(data)
-                    self.counted += len(data)
-                    self.budget.add(len(data))
+                    self.pending.extend(chunks)
+                    self.pending_len += n
+                    self.counted += n
+                    self.budget.add(n)
                     answer = self._answer_parked()
                     # wake the reader only once its read can be answered: a wake-up
                     # per chunk costs both threads a GIL hand-off each time
@@ -284,6 +275,8 @@ class Reader:
                         self.cond.notify_all()
                 if answer:
                     answer[0](answer[1])
+                if end:
+                    return
         finally:
             with self.cond:
                 self.ended = self.ended or not early
@@ -292,6 +285,40 @@ class Reader:
             if answer:
                 answer[0](answer[1])
             self._leave()
+
+    def _read_batch(self, room: int) -> tuple[list, int, bool]:
+        """Kernel reads until ROOM bytes, or until a waiting read can be answered:
+        (chunks, bytes, whether the stream ended, with self.error set if by an error).
+
+        No lock is taken between kernel reads, so that each holds the GIL for as
+        short a time as can be. Every kernel read gives up the GIL and takes it back,
+        and with dozens of streams, the longer it is then held, the more threads
+        queue for it. In 32 Python threads reading kallsyms, 30 us of Python per read
+        tripled the context switches and cost 9% of the throughput."""
+        chunks: list = []
+        n = 0
+        try:
+            while n < room and not self.released:
+                data = self.stream.read_chunk()
+                if not data:
+                    return chunks, n, True
+                chunks.append(data)
+                n += len(data)
+                # read without the lock: a read parked meanwhile, unseen, is answered
+                # once ROOM is read at the latest
+                parked = self.parked
+                need = max(self.want, parked[0] if parked else 0)
+                if need and self.pending_len + n >= need:
+                    break
+        except DumperError as e:
+            self.error = e
+            return chunks, n, True
+        except Exception as e:  # a bug here must fail this reader, not the daemon
+            log.exception("reading %s", self.stream.label)
+            self.error = DumperError(errno.EIO, f"reading dumper {self.stream.label}: "
+                                     f"internal error {e!r}")
+            return chunks, n, True
+        return chunks, n, False
 
     # -- the end --------------------------------------------------------------------
     def _enter(self) -> bool:
