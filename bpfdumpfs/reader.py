@@ -210,10 +210,6 @@ class Reader:
             self.budget.add(-n)
         return out
 
-    def _put(self, data: bytes) -> None:
-        self.pending.append(data)
-        self.pending_len += len(data)
-
     def _fill(self, size: int) -> None:
         """Kernel reads until SIZE bytes are pending, or the end or an error."""
         if not self._enter():
@@ -225,7 +221,8 @@ class Reader:
                 if not data:
                     self.ended = True
                     break
-                self._put(data)
+                self.pending.append(data)
+                self.pending_len += len(data)
             self.pace.record(time.monotonic_ns() - t0)
         except DumperError as e:
             self.error = e
@@ -263,11 +260,11 @@ class Reader:
                 chunks, n, end = self._read_batch(room)
                 with self.cond:
                     if self.released:
+                        self.budget.add(-n)
                         return
                     self.pending.extend(chunks)
                     self.pending_len += n
                     self.counted += n
-                    self.budget.add(n)
                     answer = self._answer_parked()
                     # wake the reader only once its read can be answered: a wake-up
                     # per chunk costs both threads a GIL hand-off each time
@@ -287,8 +284,9 @@ class Reader:
             self._leave()
 
     def _read_batch(self, room: int) -> tuple[list, int, bool]:
-        """Kernel reads until ROOM bytes, or until a waiting read can be answered:
-        (chunks, bytes, whether the stream ended, with self.error set if by an error).
+        """Kernel reads until ROOM bytes, until a waiting read can be answered, or
+        until the budget is spent: (chunks, bytes, whether the stream ended, with
+        self.error set if by an error). The bytes are counted in the budget as read.
 
         No lock is taken between kernel reads, so that each holds the GIL for as
         short a time as can be. Every kernel read gives up the GIL and takes it back,
@@ -304,11 +302,12 @@ class Reader:
                     return chunks, n, True
                 chunks.append(data)
                 n += len(data)
+                self.budget.add(len(data))
                 # read without the lock: a read parked meanwhile, unseen, is answered
                 # once ROOM is read at the latest
                 parked = self.parked
                 need = max(self.want, parked[0] if parked else 0)
-                if need and self.pending_len + n >= need:
+                if self.pending_len + n >= need and (need or self.budget.spent):
                     break
         except DumperError as e:
             self.error = e
