@@ -182,7 +182,8 @@ class Operations(pyfuse3.Operations):
         self.metrics = metrics
         self.limits = limits
         self.read_ahead = Budget(limits.read_ahead_mib << 20)
-        self.uid_handles: Counter[int] = Counter()
+        self.uid_handles: Counter[int] = Counter()  # counted from before their seq_file
+        self.opening = 0  # opens counted in the limits whose seq_file is being made
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
@@ -444,21 +445,34 @@ class Operations(pyfuse3.Operations):
             self.handles[fh] = Handle(reader, label, pid, uid, time.monotonic())
         return fh
 
-    def _refusal(self, uid: int) -> tuple[int, str] | None:
-        """(errno, why) if the limits refuse one more open by UID."""
+    def _reserve(self, uid: int) -> tuple[int, str] | None:
+        """Count one more open by UID in the limits, or (errno, why) they refuse it.
+        Counted before its seq_file is made, since making it may wait (in another
+        namespace): opens that checked first and counted after all got past the limit
+        together (16 at once from a container, against a limit of 4)."""
         lim = self.limits
-        if lim.max_handles and len(self.handles) >= lim.max_handles:
-            return errno.ENFILE, f"{len(self.handles)} files open, the limit (max_handles)"
-        if lim.max_handles_per_uid and self.uid_handles[uid] >= lim.max_handles_per_uid:
-            return errno.EMFILE, (f"the user has {self.uid_handles[uid]} files open, the "
-                                  "limit (max_handles_per_uid)")
-        return None
+        with self.lock:
+            files = len(self.handles) + self.opening
+            if lim.max_handles and files >= lim.max_handles:
+                return errno.ENFILE, f"{files} files open, the limit (max_handles)"
+            if lim.max_handles_per_uid and self.uid_handles[uid] >= lim.max_handles_per_uid:
+                return errno.EMFILE, (f"the user has {self.uid_handles[uid]} files open, "
+                                      "the limit (max_handles_per_uid)")
+            self.uid_handles[uid] += 1
+            self.opening += 1
+            return None
+
+    def _unreserve(self, uid: int) -> None:
+        """An open counted by _reserve() made no file."""
+        with self.lock:
+            self.uid_handles[uid] -= 1
+            self.opening -= 1
 
     def _opened(self, fd: int, pin: _Pin, label: str, uid: int, pid: int) -> int:
-        """A handle for the new seq_file FD."""
+        """A handle for the new seq_file FD, of an open counted by _reserve()."""
         with self.lock:
+            self.opening -= 1
             self.metrics.opened(label)
-            self.uid_handles[uid] += 1
             reader = Reader(Stream(fd, label), pin.pace, self.read_ahead)
             return self._new_handle(reader, label, uid, pid)
 
@@ -474,11 +488,12 @@ class Operations(pyfuse3.Operations):
         if pin.view == "reader" and kind and not self.namespaces.at_home(kind, pid):
             return None
         with self.lock:
-            if pin.dumper is None or self._refusal(uid):
+            if pin.dumper is None or self._reserve(uid):
                 return None
             try:
                 fd = pin.dumper.open_fd()
             except DumperError:
+                self._unreserve(uid)
                 return None
             return self._opened(fd, pin, f"{key[0]}/{key[1]}", uid, pid)
 
@@ -494,26 +509,31 @@ class Operations(pyfuse3.Operations):
                                     else errno.ENOENT)
         target, name = key
         label = f"{target}/{name}"
-        refused = self._refusal(ctx.uid)
+        refused = self._reserve(ctx.uid)
         if refused:
             log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid,
                         refused[1])
             self.metrics.error(label, refused[0])
             raise pyfuse3.FUSEError(refused[0])
-        pin = self.pins.get(key)
-        if pin is None or pin.hidden or not self.cache_timeout:
-            pin, _ = self._pin(target, name)  # while watched, a known pin needs no stat
         try:
-            if pin.view is None:
-                pin.view = self.state.meta.get(target, name, pin.link_id).get("view", "reader")
-            fd = await self._open_fd(pin, target, name, ctx.pid)
-        except DumperError as e:
-            if e.errno == errno.ENOENT:   # removed since the lookup
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
-            err = errno.EACCES if e.errno == errno.EACCES else errno.EIO
-            log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
-            self.metrics.error(label, err)
-            raise pyfuse3.FUSEError(err) from None
+            pin = self.pins.get(key)
+            if pin is None or pin.hidden or not self.cache_timeout:
+                pin, _ = self._pin(target, name)  # while watched, a known pin needs no stat
+            try:
+                if pin.view is None:
+                    pin.view = self.state.meta.get(target, name,
+                                                   pin.link_id).get("view", "reader")
+                fd = await self._open_fd(pin, target, name, ctx.pid)
+            except DumperError as e:
+                if e.errno == errno.ENOENT:   # removed since the lookup
+                    raise pyfuse3.FUSEError(errno.ENOENT) from None
+                err = errno.EACCES if e.errno == errno.EACCES else errno.EIO
+                log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
+                self.metrics.error(label, err)
+                raise pyfuse3.FUSEError(err) from None
+        except BaseException:  # refused, failed or cancelled: it made no file
+            self._unreserve(ctx.uid)
+            raise
         return _file_info(self._opened(fd, pin, label, ctx.uid, ctx.pid))
 
     async def _open_fd(self, pin: _Pin, target: str, name: str, reader_pid: int) -> int:

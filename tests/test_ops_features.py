@@ -102,6 +102,41 @@ def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
     assert metric(text, "bpfdumpfs_errors_total", dumper="task/tasks", errno="ENFILE") >= 1
 
 
+# 16 threads open FILE at once and hold what they get: "opened N refused M ERRNOS"
+CONCURRENT_OPENS = """
+import os, sys, threading
+n = int(sys.argv[2]); start = threading.Barrier(n); got = []; errs = []
+def one():
+    start.wait()
+    try:
+        got.append(os.open(sys.argv[1], os.O_RDONLY))
+    except OSError as e:
+        errs.append(e.errno)
+threads = [threading.Thread(target=one) for _ in range(n)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("opened", len(got), "refused", len(errs), sorted(set(errs)))
+"""
+
+
+@pytest.mark.parametrize("daemon", [("--max-handles-per-uid", "4",)], indirect=True)
+def test_concurrent_opens_from_a_container_stay_within_the_per_user_limit(daemon):
+    """An open from another network namespace waits while its seq_file is made there, so
+    opens that checked the limit first and counted themselves after all got past it
+    together: 12-16 of 16 at once, against a limit of 4. Each is counted before it waits."""
+    f = daemon.mnt / "tcp" / "tcp"
+
+    def stats(name: str, **labels) -> float:
+        return metric((daemon.mnt / ".stats").read_text(), name, dumper="tcp/tcp", **labels)
+    for _ in range(3):  # and again: each refusal, and each close, gave its count back
+        p = subprocess.run(["unshare", "--net", *NOBODY, "/usr/bin/python3", "-c",
+                            CONCURRENT_OPENS, str(f), "16"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.stdout.strip() == f"opened 4 refused 12 [{errno.EMFILE}]", (p.stdout, p.stderr)
+        assert eventually(lambda: stats("bpfdumpfs_open_handles") == 0)
+    assert stats("bpfdumpfs_errors_total", errno="EMFILE") == 36
+
+
 @pytest.mark.parametrize("daemon", [("--open-budget", "0.5",)], indirect=True)
 def test_open_budget_stops_a_runaway_reader(daemon):
     f = open(daemon.mnt / "ksym" / "kallsyms", "rb", buffering=0)
