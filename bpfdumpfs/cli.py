@@ -404,6 +404,8 @@ def _setup_logging(args) -> None:
             + "bpfdumpfs: %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         handlers=[handler])
+    if getattr(args, "debug_fuse", False):  # the device's request log, without -v
+        logging.getLogger("bpfdumpfs.device").setLevel(logging.DEBUG)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,16 @@ UNIQUE = struct.Struct("<Q")              # at offset 8 of fuse_out_header
 BODY = IN_HEADER.size                     # where a request's own struct starts
 GETXATTR_IN = struct.Struct("<II")        # size, padding; the name follows
 FUSE_OPEN, FUSE_READ, FUSE_RELEASE, FUSE_GETXATTR, FUSE_INTERRUPT = 14, 15, 18, 22, 36
+OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 6: "SYMLINK",
+           8: "MKNOD", 9: "MKDIR", 10: "UNLINK", 11: "RMDIR", 12: "RENAME", 13: "LINK",
+           14: "OPEN", 15: "READ", 16: "WRITE", 17: "STATFS", 18: "RELEASE", 20: "FSYNC",
+           21: "SETXATTR", 22: "GETXATTR", 23: "LISTXATTR", 24: "REMOVEXATTR", 25: "FLUSH",
+           26: "INIT", 27: "OPENDIR", 28: "READDIR", 29: "RELEASEDIR", 30: "FSYNCDIR",
+           31: "GETLK", 32: "SETLK", 33: "SETLKW", 34: "ACCESS", 35: "CREATE",
+           36: "INTERRUPT", 37: "BMAP", 38: "DESTROY", 39: "IOCTL", 40: "POLL",
+           42: "BATCH_FORGET", 43: "FALLOCATE", 44: "READDIRPLUS", 45: "RENAME2",
+           46: "LSEEK", 47: "COPY_FILE_RANGE", 48: "SETUPMAPPING", 49: "REMOVEMAPPING",
+           50: "SYNCFS", 51: "TMPFILE", 52: "STATX"}
 # direct: every read reaches us; nonseekable: a stream; noflush: close() sends no FLUSH
 FOPEN_FLAGS = 1 << 0 | 1 << 2 | 1 << 5
 
@@ -71,8 +81,10 @@ MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 class Device:
     """One FUSE mount: /dev/fuse, its worker threads, and the relay to pyfuse3."""
 
-    def __init__(self, ops, mountpoint: str, fsname: str, max_workers: int) -> None:
+    def __init__(self, ops, mountpoint: str, fsname: str, max_workers: int,
+                 debug: bool = False) -> None:
         self.ops = ops
+        self.debug = debug  # log every request and reply, in libfuse's debug format
         self.mountpoint = mountpoint
         self.fsname = fsname
         self.max_workers = max_workers
@@ -159,6 +171,8 @@ class Device:
                     self.lead.release()
                     break
                 head = IN_HEADER.unpack_from(mv)
+                if self.debug:
+                    _log_request(head, n)
                 # opens, releases, passing requests on and quick reads never wait long,
                 # and a read of a file read ahead is left for its producer to answer
                 if self._dispatch(mv, n, head, wait=False):
@@ -238,6 +252,8 @@ class Device:
         self._write([OUT_HEADER.pack(OUT_HEADER.size, -err, unique)])
 
     def _write(self, parts: list) -> None:
+        if self.debug:
+            _log_reply(parts)
         try:
             os.writev(self.fd, parts)
         except OSError as e:
@@ -268,3 +284,20 @@ class Device:
     def _notify(self) -> None:
         while (msg := self.notices.get()) is not None:
             self._write([msg])
+
+
+def _log_request(head: tuple, n: int) -> None:
+    _, opcode, unique, nodeid, _, _, pid, _, _ = head
+    log.debug("unique: %d, opcode: %s (%d), nodeid: %d, insize: %d, pid: %d", unique,
+              OPCODES.get(opcode, "UNKNOWN"), opcode, nodeid, n, pid)
+
+
+def _log_reply(parts: list) -> None:
+    size, err, unique = OUT_HEADER.unpack_from(parts[0])
+    if not unique:
+        log.debug("   notify: code %d, size: %d", err, size)
+    elif err:
+        log.debug("   unique: %d, error: %d (%s), outsize: %d", unique, err,
+                  os.strerror(-err), size)
+    else:
+        log.debug("   unique: %d, success, outsize: %d", unique, size)

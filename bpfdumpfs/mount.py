@@ -291,14 +291,16 @@ def run(opts: MountOptions, ready=None) -> None:
                      Metrics(os.path.abspath(opts.mountpoint), str(state.path)), opts.limits)
     # a worker per open file at most (each may be inside a kernel read), and some to spare
     device = Device(ops, opts.mountpoint, fsname(state),
-                    max_workers=(opts.limits.max_handles or 4096) + 8)
+                    max_workers=(opts.limits.max_handles or 4096) + 8, debug=opts.debug_fuse)
     try:
         session = device.mount()
     except OSError as e:
         raise DumperError(e.errno, f"mounting FUSE at {opts.mountpoint}",
                           "is /dev/fuse there (modprobe fuse)?") from None
     try:
-        pyfuse3.init(ops, session, {"debug"} if opts.debug_fuse else set())
+        # the device logs every request and reply (--debug-fuse); libfuse would log
+        # only the requests passed on to pyfuse3
+        pyfuse3.init(ops, session, set())
     except RuntimeError as e:
         device.unmount()
         raise DumperError(errno.EIO, f"starting FUSE at {opts.mountpoint}: {e}",

@@ -137,6 +137,25 @@ def test_concurrent_opens_from_a_container_stay_within_the_per_user_limit(daemon
     assert stats("bpfdumpfs_errors_total", errno="EMFILE") == 36
 
 
+@pytest.mark.parametrize("daemon", [("--debug-fuse",)], indirect=True)
+def test_debug_fuse_logs_every_request_and_its_reply(daemon):
+    """The device answers opens, reads and releases itself; --debug-fuse must show those
+    too, not only what reaches pyfuse3: one line per request and one per reply."""
+    f = daemon.mnt / "task" / "tasks"
+    for _ in range(2):  # the first open goes to pyfuse3, the second the device answers
+        assert subprocess.run(["cat", str(f)], capture_output=True).returncode == 0
+    assert eventually(lambda: daemon.output().count("opcode: RELEASE (18)") >= 2)
+    log = daemon.output()
+    requests = re.findall(r"unique: (\d+), opcode: (\w+) \(\d+\)", log)
+    replies = set(re.findall(r"   unique: (\d+), (?:success|error)", log))
+    ops = [op for _, op in requests]
+    assert ops.count("OPEN") == 2 and ops.count("RELEASE") == 2, ops
+    assert ops.count("READ") >= 4, ops  # the dump, then its end, per cat
+    unanswered = [(u, op) for u, op in requests
+                  if u not in replies and op not in ("FORGET", "BATCH_FORGET", "INTERRUPT")]
+    assert not unanswered, f"requests logged without a reply: {unanswered}"
+
+
 @pytest.mark.parametrize("daemon", [("--open-budget", "0.5",)], indirect=True)
 def test_open_budget_stops_a_runaway_reader(daemon):
     f = open(daemon.mnt / "ksym" / "kallsyms", "rb", buffering=0)
