@@ -73,16 +73,26 @@ def nshelpers() -> int:
 
 
 def test_pid_reader_sees_only_its_own_tasks(tree):
+    """...numbered as the namespace numbers them, as its /proc and `ps` do."""
     before = nshelpers()
-    script = f"sleep 30 & cat {tree.mnt}/task/tasks; cat {tree.mnt}/task/tasks >/dev/null; kill $!"
+    script = (f"sleep 30 & cat {tree.mnt}/task/tasks; echo ---; ps -eo pid=,ppid=,comm=; "
+              f"echo ---; cat {tree.mnt}/task_file/files {tree.mnt}/task_vma/vmas; kill $!")
     p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    lines = p.stdout.splitlines()
+    tasks, ps, files_vmas = p.stdout.split("---\n")
+    lines = tasks.splitlines()
     assert lines[0].split() == ["PID", "TGID", "PPID", "S", "UID", "COMM"]
-    comms = sorted(ln.split()[5] for ln in lines[1:])
+    rows = {ln.split()[5]: ln.split()[:3] for ln in lines[1:]}
     # the shell, sleep and cat -- and the helper that created the seq_file in there
-    assert comms == sorted(["sh", "sleep", "cat", "bpfdumpfs-ns"]), comms
+    assert sorted(rows) == sorted(["sh", "sleep", "cat", "bpfdumpfs-ns"]), rows
+    assert rows["sh"] == ["1", "1", "0"]  # the namespace's init; its parent is outside
+    procs = {comm: [pid, ppid] for pid, ppid, comm in map(str.split, ps.splitlines())}
+    for comm in ("sh", "sleep"):
+        assert [rows[comm][0], rows[comm][2]] == procs[comm], (rows, procs)
+    # files and vmas number the processes the same way (a handful; host pids run high)
+    pids = {int(ln.split()[0]) for ln in files_vmas.splitlines() if ln.split()[0] != "PID"}
+    assert 1 in pids and max(pids) < 20, pids
     host = (tree.mnt / "task" / "tasks").read_text()
     assert len(host.splitlines()) > 20
     # the namespace is gone with its init, and so is its helper

@@ -3,8 +3,9 @@
  * Format: one header line, then one line per (process, fd):
  *     PID      FD KIND   PATH
  *   "%7d %7u %-6s " PATH "\n"
- * PID  = tgid (global); only thread-group leaders are printed, so a file
- *        table shared by the threads of a process appears once.
+ * PID  = the process's id in the pid namespace the seq_file was made in; only
+ *        thread-group leaders are printed, so a file table shared by the
+ *        threads of a process appears once.
  * KIND = file dir lnk chr blk fifo pipe socket anon (from f_inode->i_mode;
  *        "pipe" is a pipefs FIFO, "anon" an anon_inode or pidfs file).
  * PATH = bpf_d_path(&file->f_path): the same text as readlink /proc/PID/fd/FD
@@ -66,9 +67,9 @@ int dump_files(struct bpf_iter__task_file *ctx)
 	/* the header goes with the first object, before the thread filter below */
 	if (ctx->meta->seq_num == 0)
 		BPF_SEQ_PRINTF(seq, "    PID      FD KIND   PATH\n");
-	pid = BPF_CORE_READ(task, tgid);
-	if (BPF_CORE_READ(task, pid) != pid)
+	if (BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid))
 		return 0;
+	pid = tgid_in(task, seq_pid_ns(seq));
 
 	kind = kind_of(BPF_CORE_READ(file, f_inode));
 

@@ -3,8 +3,9 @@
  * Format: one header line, then one line per task, in iteration (tid) order:
  *     PID    TGID    PPID S        UID COMM
  *   "%7d %7d %7d %c %10u %s\n"
- * PID  = task->pid (global tid), TGID = task->tgid (global),
- * PPID = real_parent->tgid (0 for pid 1 and kthreadd, as in /proc),
+ * PID  = the thread's id, TGID = its process's, PPID = its parent process's,
+ *        all in the pid namespace the seq_file was made in, as /proc there shows
+ *        them (PPID 0 for pid 1 and kthreadd, and for a namespace's init),
  * S    = the one-letter state of /proc/PID/stat (R S D T t X Z P I),
  * UID  = real uid (cred->uid, global / init user namespace),
  * COMM = task->comm (may contain spaces; it is the last column).
@@ -60,15 +61,17 @@ int dump_tasks(struct bpf_iter__task *ctx)
 {
 	struct seq_file *seq = ctx->meta->seq;
 	struct task_struct *task = ctx->task;
+	struct pid_namespace *ns;
 
 	if (!task)
 		return 0;
 	if (ctx->meta->seq_num == 0)
 		BPF_SEQ_PRINTF(seq, "    PID    TGID    PPID S        UID COMM\n");
 
+	ns = seq_pid_ns(seq);
 	BPF_SEQ_PRINTF(seq, "%7d %7d %7d %c %10u %s\n",
-		       BPF_CORE_READ(task, pid), BPF_CORE_READ(task, tgid),
-		       BPF_CORE_READ(task, real_parent, tgid), task_state_char(task),
+		       pid_nr_in(BPF_CORE_READ(task, thread_pid), ns), tgid_in(task, ns),
+		       tgid_in(BPF_CORE_READ(task, real_parent), ns), task_state_char(task),
 		       BPF_CORE_READ(task, cred, uid.val), task->comm);
 	return 0;
 }

@@ -4,8 +4,8 @@
  *   PID start-end perms offset major:minor inode[ path]
  *   "%d %08lx-%08lx %c%c%c%c %08llx %02x:%02x %lu" [" " path] "\n"
  * Columns 2-7 are those of /proc/PID/maps (single-space separated, no padding
- * before the path). PID is the global tgid; only thread-group leaders are
- * printed. The path is:
+ * before the path). PID is the process's id in the pid namespace the seq_file
+ * was made in; only thread-group leaders are printed. The path is:
  *  - file mappings: bpf_d_path of the file ("/usr/lib/x.so", "/x (deleted)");
  *    a newline in a path is printed as '?' (/proc prints "\012"); if d_path
  *    fails, the file name, or "-";
@@ -60,9 +60,9 @@ int dump_vmas(struct bpf_iter__task_vma *ctx)
 
 	if (!task || !vma)
 		return 0;
-	pid = BPF_CORE_READ(task, tgid);
-	if (BPF_CORE_READ(task, pid) != pid)
+	if (BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid))
 		return 0;
+	pid = tgid_in(task, seq_pid_ns(seq));
 
 	start = BPF_CORE_READ(vma, vm_start);
 	end = BPF_CORE_READ(vma, vm_end);
