@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import hashlib
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import pyfuse3
 import trio
 
 from . import config, targets
-from .builtins import builtins
+from .builtins import Builtin, builtins
 from .device import Device
 from .dumpers import Dumper, DumperError, StateDir, choose_program
 from .metrics import Metrics
@@ -96,26 +97,57 @@ async def _give_back_memory(ops: Operations) -> None:
 
 
 def pin_builtins(state: StateDir) -> list[str]:
-    """Pin each built-in dumper that is not pinned yet; returns the ones pinned now.
+    """Pin each built-in dumper that is not pinned yet, and give each one pinned by
+    an earlier version this version's program; returns what was done, a phrase each.
 
     A built-in that fails to load on this kernel is logged and skipped: the tree
     still serves everything else.
     """
-    pinned = []
+    done = []
     have = set(targets.running_kernel())
     for b in builtins():
         try:
             target = choose_program(str(b.object), None).iter_target
-            if target not in have or state.pin_path(target, b.name).exists():
+            if target not in have:
+                continue
+            sha = hashlib.sha256(b.object.read_bytes()).hexdigest()[:16]
+            if state.pin_path(target, b.name).exists():
+                if _update_builtin(state, target, b, sha):
+                    done.append(f"{target}/{b.name} updated")
                 continue
             with Dumper.load(b.object, params=b.params) as d:
                 d.pin(state, b.name, mode=b.mode)
-            pinned.append(f"{target}/{b.name}")
+                state.meta.set(target, b.name, d.link_info().id, origin="builtin", object=sha)
+            done.append(f"{target}/{b.name} pinned")
         except DumperError as e:
             log.error("built-in %s not pinned: %s", b.name, e)
             if e.log:
                 log.error("verifier log of %s:\n%s", b.name, e.log)
-    return pinned
+    return done
+
+
+def _update_builtin(state: StateDir, target: str, b: Builtin, sha: str) -> bool:
+    """Give the pinned built-in TARGET/B.name this version's program, if an earlier
+    version pinned it (LINK_UPDATE: the link, its pin, mode and open files stay; later
+    opens run the new program). Each built-in's record names the object it came from
+    (SHA), so a restart loads nothing; a pin with no record (older versions made none)
+    is taken for a built-in if its program has the built-in's name. A pin made by add,
+    a config file or adopt (recorded with their origin) is the operator's: left alone."""
+    with state.get(target, b.name) as pinned:
+        link_id = pinned.link_info().id
+        record = state.meta.get(target, b.name, link_id)
+        if record.get("origin", "builtin") != "builtin" or record.get("object") == sha:
+            return False
+        old = pinned.info()
+        with Dumper.load(b.object, params=b.params) as shipped:
+            new = shipped.info()
+            if old.prog_name != new.prog_name:
+                return False  # another tool's dumper under a built-in's name
+            changed = old.prog_tag != new.prog_tag
+            if changed:
+                pinned.replace_program(shipped)
+        state.meta.set(target, b.name, link_id, origin="builtin", object=sha)
+    return changed
 
 
 def _unescape(field: str) -> str:
@@ -280,9 +312,9 @@ def run(opts: MountOptions, ready=None) -> None:
     _bound_memory()
     state = StateDir(opts.state_dir).ensure()
     if opts.builtins:
-        pinned = pin_builtins(state)
-        if pinned:
-            log.info("pinned built-ins: %s", " ".join(pinned))
+        done = pin_builtins(state)
+        if done:
+            log.info("built-ins: %s", ", ".join(done))
     apply_config(opts, state)
     _libc.malloc_trim(0)  # libbpf's copy of the kernel BTF is freed by now
     clear_dead_mount(opts.mountpoint)

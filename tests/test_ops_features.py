@@ -232,6 +232,55 @@ def test_settings_file_sets_limits_and_bad_ones_are_refused(tmp_path):
         unmount(state)
 
 
+# a built-in's program as an earlier bpfdumpfs might have shipped it: same name, other code
+OLD_TASKS = r"""
+#include "common.h"
+SEC("iter/task")
+int dump_tasks(struct bpf_iter__task *ctx)
+{
+	if (ctx->task && ctx->meta->seq_num == 0)
+		BPF_SEQ_PRINTF(ctx->meta->seq, "an older task/tasks\n");
+	return 0;
+}
+"""
+
+
+def test_builtins_pinned_by_an_earlier_version_get_this_versions_program(tmp_path):
+    """Built-ins stay pinned across restarts, so an upgrade must give them its programs,
+    in place: the same link, its mode and any open file kept. A program an operator put
+    there with `add` is theirs, and stays."""
+    state = mount_bpffs(tmp_path / "state")
+    src = tmp_path / "old.bpf.c"
+    src.write_text(OLD_TASKS)
+    old = compile_source(src, str(tmp_path))
+    try:
+        with Dumper.load(old) as d:
+            d.pin(StateDir(state), "tasks", mode=0o444)
+            link_id = d.link_info().id
+        d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
+        try:
+            text = (d.mnt / "task" / "tasks").read_text()
+            assert text.startswith("    PID    TGID    PPID S"), text[:80]
+            assert "task/tasks updated" in d.output()
+        finally:
+            d.stop()
+        with Dumper.from_pin(state / "task" / "tasks") as pinned:
+            assert pinned.link_info().id == link_id  # the same link, given a program
+        assert (state / "task" / "tasks").stat().st_mode & 0o777 == 0o444
+        # an operator's own program of that name is left as it is
+        bpfdumpfs("add", "tasks", str(old), "--replace", "--mode", "0444",
+                  "--state-dir", str(state))
+        d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"),
+                   log=tmp_path / "second.log").start()
+        try:
+            assert (d.mnt / "task" / "tasks").read_text() == "an older task/tasks\n"
+            assert "task/tasks updated" not in d.output()
+        finally:
+            d.stop()
+    finally:
+        unmount(state)
+
+
 def test_json_logs_have_level_and_message(tmp_path):
     state = mount_bpffs(tmp_path / "state")
     mnt = tmp_path / "mnt"
@@ -242,7 +291,8 @@ def test_json_logs_have_level_and_message(tmp_path):
     try:
         lines = [json.loads(p.stderr.readline()) for _ in range(2)]
         assert [e["level"] for e in lines] == ["info", "info"]
-        assert lines[0]["message"].startswith("pinned built-ins: ")
+        assert lines[0]["message"].startswith("built-ins: ")
+        assert "task/tasks pinned" in lines[0]["message"]
         assert lines[1]["message"] == f"serving {mnt} from {state}"
         assert all(e["logger"].startswith("bpfdumpfs") and e["time"] for e in lines)
     finally:
