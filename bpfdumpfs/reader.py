@@ -180,6 +180,12 @@ class Reader:
             self.cond.notify_all()
             return out
 
+    def _waited_for(self) -> int:
+        """Bytes a waiting read needs pending (the reader's, or one parked), 0 if none
+        waits. Safe without the lock: each attribute is read once."""
+        parked = self.parked
+        return max(self.want, parked[0] if parked else 0)
+
     def _ready(self, size: int) -> bool:
         """Whether a read of SIZE can be answered from pending now."""
         return self.pending_len >= size or self.ended
@@ -252,7 +258,7 @@ class Reader:
                         self.cond.wait()
                     if self.released:
                         return
-                    need = max(self.want, self.parked[0] if self.parked else 0)
+                    need = self._waited_for()
                     if self.budget.spent and self.pending_len >= need:
                         early, self.producing = True, False
                         return
@@ -305,8 +311,7 @@ class Reader:
                 self.budget.add(len(data))
                 # read without the lock: a read parked meanwhile, unseen, is answered
                 # once ROOM is read at the latest
-                parked = self.parked
-                need = max(self.want, parked[0] if parked else 0)
+                need = self._waited_for()
                 if self.pending_len + n >= need and (need or self.budget.spent):
                     break
         except DumperError as e:
