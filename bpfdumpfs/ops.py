@@ -516,25 +516,29 @@ class Operations(pyfuse3.Operations):
             self.metrics.error(label, refused[0])
             raise pyfuse3.FUSEError(refused[0])
         try:
-            pin = self.pins.get(key)
-            if pin is None or pin.hidden or not self.cache_timeout:
-                pin, _ = self._pin(target, name)  # while watched, a known pin needs no stat
-            try:
-                if pin.view is None:
-                    pin.view = self.state.meta.get(target, name,
-                                                   pin.link_id).get("view", "reader")
-                fd = await self._open_fd(pin, target, name, ctx.pid)
-            except DumperError as e:
-                if e.errno == errno.ENOENT:   # removed since the lookup
-                    raise pyfuse3.FUSEError(errno.ENOENT) from None
-                err = errno.EACCES if e.errno == errno.EACCES else errno.EIO
-                log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
-                self.metrics.error(label, err)
-                raise pyfuse3.FUSEError(err) from None
+            pin, fd = await self._open_pin(target, name, ctx)
         except BaseException:  # refused, failed or cancelled: it made no file
             self._unreserve(ctx.uid)
             raise
         return _file_info(self._opened(fd, pin, label, ctx.uid, ctx.pid))
+
+    async def _open_pin(self, target: str, name: str, ctx) -> tuple[_Pin, int]:
+        """The pin TARGET/NAME and a new seq_file of it, for open(); FUSEError if not."""
+        label = f"{target}/{name}"
+        pin = self.pins.get((target, name))
+        if pin is None or pin.hidden or not self.cache_timeout:
+            pin, _ = self._pin(target, name)  # while watched, a known pin needs no stat
+        try:
+            if pin.view is None:
+                pin.view = self.state.meta.get(target, name, pin.link_id).get("view", "reader")
+            return pin, await self._open_fd(pin, target, name, ctx.pid)
+        except DumperError as e:
+            if e.errno == errno.ENOENT:   # removed since the lookup
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            err = errno.EACCES if e.errno == errno.EACCES else errno.EIO
+            log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
+            self.metrics.error(label, err)
+            raise pyfuse3.FUSEError(err) from None
 
     async def _open_fd(self, pin: _Pin, target: str, name: str, reader_pid: int) -> int:
         """A new seq_file of the pin's dumper, in the reader's namespaces if its view is
