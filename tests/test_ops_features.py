@@ -102,7 +102,7 @@ def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
     assert metric(text, "bpfdumpfs_errors_total", dumper="task/tasks", errno="ENFILE") >= 1
 
 
-# 16 threads open FILE at once and hold what they get: "opened N refused M ERRNOS"
+# N threads open FILE at once and hold what they get: "opened K refused M ERRNOS"
 CONCURRENT_OPENS = """
 import os, sys, threading
 n = int(sys.argv[2]); start = threading.Barrier(n); got = []; errs = []
