@@ -291,8 +291,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--open-budget", type=float, metavar="SECONDS",
                    help="seconds one open may read, then ETIME (default 0: no budget)")
     m.add_argument("--read-ahead", type=_count, metavar="MIB",
-                   help="MiB that all streams together may read ahead of their readers; "
-                        "beyond it reads are made on demand (default 64; 0: no limit)")
+                   help="MiB that all streams together may read ahead of their readers, one "
+                        "user's at most 3/4 of it; beyond it reads are made on demand "
+                        "(default 64; 0: no limit)")
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.set_defaults(func=cmd_mount)
 

@@ -473,7 +473,7 @@ class Operations(pyfuse3.Operations):
         with self.lock:
             self.opening -= 1
             self.metrics.opened(label)
-            reader = Reader(Stream(fd, label), pin.pace, self.read_ahead)
+            reader = Reader(Stream(fd, label), pin.pace, self.read_ahead.account(uid))
             return self._new_handle(reader, label, uid, pid)
 
     def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:

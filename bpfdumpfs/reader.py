@@ -8,10 +8,11 @@ one larger than a kernel buffer, as cat's) gets a producer thread that keeps
 reading the kernel, at most READ_AHEAD of its reads ahead (and no more than
 MAX_AHEAD bytes beyond one), so the kernel's work overlaps the FUSE round trips
 instead of waiting for them. All producers together hold at most a Budget of
-bytes ahead of their readers: a producer that would read beyond it while its
-reader waits for nothing stops, and that reader's reads are made on demand
-again (and get a producer again once there is budget). So readers that stop
-reading (many `less`es left open) cannot make the daemon hold their dumps.
+bytes ahead of their readers, one user's at most UID_SHARE of it: a producer
+that would read beyond it while its reader waits for nothing stops, and that
+reader's reads are made on demand again (and get a producer again once there is
+budget). So readers that stop reading (many `less`es left open) cannot make the
+daemon hold their dumps, nor one user's take every other user's read-ahead.
 
 A FUSE read that would wait for the producer is parked with it instead (park):
 the producer answers it from its own thread once there is enough, so streaming
@@ -44,6 +45,7 @@ STREAMING_AFTER = 2       # full reads in a row before a producer takes over
 READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader...
 MAX_AHEAD = 256 << 10     # ...but no more bytes than this, beyond one read
 MAX_PIECES = 64           # more chunks in one reply are joined (writev takes 1024)
+UID_SHARE = 0.75          # of the read-ahead budget one user's streams may hold
 
 
 @dataclass
@@ -63,26 +65,49 @@ class Pace:
 
 
 class Budget:
-    """Bytes that all producers together may hold ahead of their readers."""
+    """Bytes that all producers together may hold ahead of their readers; one user's
+    producers at most UID_SHARE of them, so that one user's stopped readers (a
+    container's many `less`es left open) cannot take every other user's read-ahead."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit       # 0: no limit
         self.held = 0
+        self.by_uid: dict[int, int] = {}
         self.lock = threading.Lock()
 
+    def account(self, uid: int) -> Account:
+        """UID's share, as its readers spend it."""
+        return Account(self, uid)
+
+
+class Account:
+    """One user's share of a Budget."""
+
+    def __init__(self, budget: Budget, uid: int) -> None:
+        self.budget = budget
+        self.uid = uid
+
     def add(self, n: int) -> None:
-        with self.lock:
-            self.held += n
+        b = self.budget
+        with b.lock:
+            b.held += n
+            mine = b.by_uid.get(self.uid, 0) + n
+            if mine:
+                b.by_uid[self.uid] = mine
+            else:
+                b.by_uid.pop(self.uid, None)
 
     @property
     def spent(self) -> bool:
-        return 0 < self.limit <= self.held
+        b = self.budget
+        return 0 < b.limit and (b.held >= b.limit
+                                or b.by_uid.get(self.uid, 0) >= b.limit * UID_SHARE)
 
 
 class Reader:
     """FUSE-facing reads of one Stream, from the calling thread or a producer."""
 
-    def __init__(self, stream: Stream, pace: Pace, budget: Budget) -> None:
+    def __init__(self, stream: Stream, pace: Pace, budget: Account) -> None:
         self.stream = stream
         self.pace = pace
         self.budget = budget

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -179,7 +180,8 @@ def read_to_end(fd: int) -> bytes:
 def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon, tmp_path):
     """40 readers of a 2.5 MB dump each read 1 MiB, as cat does, and stop. Unbounded, each
     would have 1.25 MiB more read ahead for it (~50 MiB); with --read-ahead 8 the daemon
-    holds about 8 MiB for them, and every reader still gets every byte."""
+    holds about 6 MiB for them (one user's share of 8), and every reader still gets every
+    byte."""
     src = tmp_path / "half.bpf.c"
     src.write_text(STABLE_HALF)
     with Dumper.load(compile_source(src, str(tmp_path))) as d:
@@ -205,6 +207,61 @@ def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon, tmp_path):
     # all given back once the files are released (the kernel sends RELEASE after close)
     assert eventually(lambda: metric((daemon.mnt / ".stats").read_text(),
                                      "bpfdumpfs_read_ahead_bytes") == 0)
+
+
+# Run as another user: N readers of PATH each read 1 MiB and stop (as `less`es left
+# open), until a line on stdin; then each reads to the end and prints its sha256.
+STOPPED_READERS = r"""
+import hashlib, os, sys
+path, n = sys.argv[1], int(sys.argv[2])
+fds = [os.open(path, os.O_RDONLY) for _ in range(n)]
+heads = [os.read(fd, 1 << 20) for fd in fds]
+print("stopped", flush=True)
+sys.stdin.readline()
+for fd, head in zip(fds, heads):
+    rest = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    print(hashlib.sha256(head + rest).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("daemon", [("--read-ahead", "8",)], indirect=True)
+def test_one_users_stopped_readers_leave_read_ahead_for_others(daemon, tmp_path):
+    """40 readers of one user read 1 MiB each and stop. They may hold no more than 3/4 of
+    the read-ahead budget (6 of 8 MiB): the streams of another user, started after them,
+    still read ahead. Every reader gets every byte."""
+    src = tmp_path / "half.bpf.c"
+    src.write_text(STABLE_HALF)
+    with Dumper.load(compile_source(src, str(tmp_path))) as d:
+        d.pin(StateDir(daemon.state), "half", mode=0o444)
+    want = (daemon.state / "ksym" / "half").read_bytes()
+    f = str(daemon.mnt / "ksym" / "half")
+
+    def ahead() -> float:
+        return metric((daemon.mnt / ".stats").read_text(), "bpfdumpfs_read_ahead_bytes")
+    p = subprocess.Popen([*NOBODY, "/usr/bin/python3", "-c", STOPPED_READERS, f, "40"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "stopped\n"
+        time.sleep(1)  # what producers were started have read ahead all they may
+        held = ahead()
+        assert 4 << 20 < held < 7 << 20, f"one user's stopped readers hold {held / 2**20:.1f} MiB"
+        fds = [os.open(f, os.O_RDONLY) for _ in range(4)]
+        try:
+            for fd in fds:
+                assert os.read(fd, 1 << 20) == want[:1 << 20]
+            # root's streams read ahead into the quarter left
+            assert eventually(lambda: ahead() > held + (1 << 20)), "root read nothing ahead"
+            for fd in fds:
+                assert want[:1 << 20] + read_to_end(fd) == want
+        finally:
+            for fd in fds:
+                os.close(fd)
+        out, _ = p.communicate("\n", timeout=60)
+        assert out.split() == [hashlib.sha256(want).hexdigest()] * 40
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_settings_file_sets_limits_and_bad_ones_are_refused(tmp_path):
