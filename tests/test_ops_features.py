@@ -176,17 +176,27 @@ def read_to_end(fd: int) -> bytes:
     return b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
 
 
+def pin_half(daemon, tmp_path) -> bytes:
+    """Pin a 2.5 MB dump, the same at every open, as ksym/half (0444); returns its bytes."""
+    src = tmp_path / "half.bpf.c"
+    src.write_text(STABLE_HALF)
+    with Dumper.load(compile_source(src, str(tmp_path))) as d:
+        d.pin(StateDir(daemon.state), "half", mode=0o444)
+    return (daemon.state / "ksym" / "half").read_bytes()
+
+
+def read_ahead(daemon) -> float:
+    """Bytes all streams hold read ahead now, from .stats."""
+    return metric((daemon.mnt / ".stats").read_text(), "bpfdumpfs_read_ahead_bytes")
+
+
 @pytest.mark.parametrize("daemon", [("--read-ahead", "8",)], indirect=True)
 def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon, tmp_path):
     """40 readers of a 2.5 MB dump each read 1 MiB, as cat does, and stop. Unbounded, each
     would have 1.25 MiB more read ahead for it (~50 MiB); with --read-ahead 8 the daemon
     holds about 6 MiB for them (one user's share of 8), and every reader still gets every
     byte."""
-    src = tmp_path / "half.bpf.c"
-    src.write_text(STABLE_HALF)
-    with Dumper.load(compile_source(src, str(tmp_path))) as d:
-        d.pin(StateDir(daemon.state), "half")
-    want = (daemon.state / "ksym" / "half").read_bytes()
+    want = pin_half(daemon, tmp_path)
     assert len(want) > 2 << 20
     f = str(daemon.mnt / "ksym" / "half")
     base = rss_kib(daemon.proc.pid)
@@ -197,16 +207,14 @@ def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon, tmp_path):
         time.sleep(1)  # what producers were started have read ahead all they may
         held = (rss_kib(daemon.proc.pid) - base) / 1024
         assert held < 20, f"40 stopped readers cost the daemon {held:.0f} MiB"
-        ahead = metric((daemon.mnt / ".stats").read_text(), "bpfdumpfs_read_ahead_bytes")
-        assert 4 << 20 < ahead < 9 << 20  # the budget, give or take a kernel read
+        assert 4 << 20 < read_ahead(daemon) < 9 << 20  # the budget, give or take a kernel read
         for fd in fds:
             assert want[:1 << 20] + read_to_end(fd) == want
     finally:
         for fd in fds:
             os.close(fd)
     # all given back once the files are released (the kernel sends RELEASE after close)
-    assert eventually(lambda: metric((daemon.mnt / ".stats").read_text(),
-                                     "bpfdumpfs_read_ahead_bytes") == 0)
+    assert eventually(lambda: read_ahead(daemon) == 0)
 
 
 # Run as another user: N readers of PATH each read 1 MiB and stop (as `less`es left
@@ -229,28 +237,22 @@ def test_one_users_stopped_readers_leave_read_ahead_for_others(daemon, tmp_path)
     """40 readers of one user read 1 MiB each and stop. They may hold no more than 3/4 of
     the read-ahead budget (6 of 8 MiB): the streams of another user, started after them,
     still read ahead. Every reader gets every byte."""
-    src = tmp_path / "half.bpf.c"
-    src.write_text(STABLE_HALF)
-    with Dumper.load(compile_source(src, str(tmp_path))) as d:
-        d.pin(StateDir(daemon.state), "half", mode=0o444)
-    want = (daemon.state / "ksym" / "half").read_bytes()
+    want = pin_half(daemon, tmp_path)
     f = str(daemon.mnt / "ksym" / "half")
-
-    def ahead() -> float:
-        return metric((daemon.mnt / ".stats").read_text(), "bpfdumpfs_read_ahead_bytes")
     p = subprocess.Popen([*NOBODY, "/usr/bin/python3", "-c", STOPPED_READERS, f, "40"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline() == "stopped\n"
         time.sleep(1)  # what producers were started have read ahead all they may
-        held = ahead()
+        held = read_ahead(daemon)
         assert 4 << 20 < held < 7 << 20, f"one user's stopped readers hold {held / 2**20:.1f} MiB"
         fds = [os.open(f, os.O_RDONLY) for _ in range(4)]
         try:
             for fd in fds:
                 assert os.read(fd, 1 << 20) == want[:1 << 20]
             # root's streams read ahead into the quarter left
-            assert eventually(lambda: ahead() > held + (1 << 20)), "root read nothing ahead"
+            assert eventually(lambda: read_ahead(daemon) > held + (1 << 20)), \
+                "root read nothing ahead"
             for fd in fds:
                 assert want[:1 << 20] + read_to_end(fd) == want
         finally:
