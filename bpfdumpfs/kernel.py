@@ -145,6 +145,9 @@ _SYS_BPF = ffi.cast("long", SYS_bpf)  # syscall() is variadic: its arguments nee
 _HINTS = {
     errno.EPERM: "run as root (loading and pinning need CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
     errno.EACCES: "check the permissions of the path or run as root",
+    errno.EMFILE: "the process has all the files open that RLIMIT_NOFILE allows: raise it "
+                  "(ulimit -n; LimitNOFILE= for a systemd service)",
+    errno.ENFILE: "the system has all the files open that it allows: raise fs.file-max",
 }
 
 

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from .builtins import Builtin, builtins
 from .device import Device
 from .dumpers import Dumper, DumperError, StateDir, choose_program
 from .metrics import Metrics
-from .ops import Limits, Operations
+from .ops import LINK_CACHE_MAX, Limits, Operations
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ _libc = _ffi.dlopen(None)
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
 TRIM_EVERY = 0.5        # seconds between looks for freed buffers to give back
 TRIM_SLACK = 2 << 20    # bytes freed since the last trim that are worth a trim
+FD_SPARE = 64           # files the daemon holds besides seq_files and cached links (~20)
 
 
 def _bound_memory() -> None:
@@ -70,6 +72,23 @@ def _bound_memory() -> None:
     one, instead of glibc raising that threshold as buffers come and go."""
     _libc.mallopt(M_ARENA_MAX, 1)
     _libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def _raise_fd_limit(limits: Limits) -> None:
+    """Let the daemon hold the files its own limits allow: a seq_file per open file
+    and a link per cached dumper. A systemd service starts with a soft RLIMIT_NOFILE
+    of 1024 (what keeps select() working; nothing here uses it), which would fail
+    opens with EIO long before max_handles; the hard limit is the one to go by. If
+    even that is too low, say so at start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = limits.max_handles + LINK_CACHE_MAX + FD_SPARE
+    if limits.max_handles and hard < need:
+        log.warning("RLIMIT_NOFILE is %d, and max_handles (%d) with the link cache (%d) "
+                    "needs %d: opens beyond it will fail with EIO; raise it (ulimit -n; "
+                    "LimitNOFILE= for the service) or lower max_handles", hard,
+                    limits.max_handles, LINK_CACHE_MAX, need)
 
 
 def _heap_free() -> int:
@@ -310,6 +329,7 @@ def run(opts: MountOptions, ready=None) -> None:
     """Mount and serve in the foreground; READY() is called once the tree is up."""
     faulthandler.enable()
     _bound_memory()
+    _raise_fd_limit(opts.limits)
     state = StateDir(opts.state_dir).ensure()
     if opts.builtins:
         done = pin_builtins(state)

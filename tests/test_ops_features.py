@@ -103,6 +103,34 @@ def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
     assert metric(text, "bpfdumpfs_errors_total", dumper="task/tasks", errno="ENFILE") >= 1
 
 
+
+@pytest.mark.parametrize("nofile", ["64:20000", "256:256"])
+def test_the_daemon_holds_the_files_its_limits_allow_whatever_its_soft_fd_limit(tmp_path,
+                                                                               nofile):
+    """A systemd service starts with a soft RLIMIT_NOFILE of 1024: the daemon raises it
+    to the hard limit, so max_handles decides how many files may be open. A hard
+    limit below what max_handles needs is named at start."""
+    soft, hard = map(int, nofile.split(":"))
+    state = mount_bpffs(tmp_path / "state")
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"),
+               prefix=["prlimit", f"--nofile={nofile}", "--"]).start()
+    try:
+        f = d.mnt / "task" / "tasks"
+        held = [open(f, "rb") for _ in range(2 * soft if soft < hard else 100)]
+        try:
+            heads = {h.read(32) for h in held}
+            assert len(heads) == 1 and heads.pop().strip()
+        finally:
+            for h in held:
+                h.close()
+        limits = open(f"/proc/{d.proc.pid}/limits").read()
+        assert re.search(rf"Max open files +{hard} +{hard} ", limits), limits
+        warned = f"RLIMIT_NOFILE is {hard}, and max_handles (4096) with the link cache"
+        assert (warned in d.output()) == (hard == 256), d.output()
+    finally:
+        d.stop()
+        unmount(state)
+
 # N threads open FILE at once and hold what they get: "opened K refused M ERRNOS"
 CONCURRENT_OPENS = """
 import os, sys, threading
