@@ -205,7 +205,9 @@ class Device:
             if opcode == FUSE_OPEN:
                 fh = self.ops.open_quick(nodeid, OPEN_IN.unpack_from(mv, BODY)[0], uid, pid)
                 if fh is not None:
+                    # answered first: the seq_file is made while the answer travels
                     self._reply(unique, OPEN_OUT.pack(fh, FOPEN_FLAGS, 0))
+                    self.ops.make_quick(fh)
                     return True
             if opcode == FUSE_GETXATTR:
                 name = bytes(mv[BODY + GETXATTR_IN.size:n]).split(b"\0", 1)[0]

@@ -9,9 +9,9 @@ reading a small dump) and the daemon invalidates them as soon as inotify says a
 pin changed -- by the CLI, bpftool or anyone (watch.py) -- so a chmod, rm or
 rename shows within milliseconds. Without a working watch nothing is cached.
 
-Most handlers run in trio under pyfuse3. The hot ones -- open_quick(),
-read_handle(), release_handle(), xattr_refusal() -- are called from the
-device's threads (device.py) and take self.lock where they share state; how
+Most handlers run in trio under pyfuse3. The hot ones -- open_quick() and
+make_quick(), read_handle(), release_handle(), xattr_refusal() -- are called from
+the device's threads (device.py) and take self.lock where they share state; how
 one open file is read (with read-ahead for streams) is reader.py's concern.
 """
 from __future__ import annotations
@@ -184,6 +184,7 @@ class Operations(pyfuse3.Operations):
         self.read_ahead = Budget(limits.read_ahead_mib << 20)
         self.uid_handles: Counter[int] = Counter()  # counted from before their seq_file
         self.opening = 0  # opens counted in the limits whose seq_file is being made
+        self.unmade: dict[int, tuple] = {}  # fh -> what make_quick() needs
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
@@ -438,10 +439,16 @@ class Operations(pyfuse3.Operations):
     # FUSE opens come to open_quick() first, on a device thread (device.py); what it
     # declines (first opens, other namespaces, refusals) comes to open() in trio.
     # Reads and releases of every file are served on device threads.
-    def _new_handle(self, reader, label: str, uid: int, pid: int) -> int:
+    def _new_fh(self) -> int:
         with self.lock:
             fh = self.next_fh
             self.next_fh += 1
+            return fh
+
+    def _new_handle(self, reader, label: str, uid: int, pid: int, fh: int = 0) -> int:
+        """Register READER as an open file, under FH if open_quick() answered with it."""
+        with self.lock:
+            fh = fh or self._new_fh()
             self.handles[fh] = Handle(reader, label, pid, uid, time.monotonic())
         return fh
 
@@ -468,17 +475,20 @@ class Operations(pyfuse3.Operations):
             self.uid_handles[uid] -= 1
             self.opening -= 1
 
-    def _opened(self, fd: int, pin: _Pin, label: str, uid: int, pid: int) -> int:
+    def _opened(self, fd: int, pin: _Pin, label: str, uid: int, pid: int, fh: int = 0) -> int:
         """A handle for the new seq_file FD, of an open counted by _reserve()."""
         with self.lock:
             self.opening -= 1
             self.metrics.opened(label)
             reader = Reader(Stream(fd, label), pin.pace, self.read_ahead.account(uid))
-            return self._new_handle(reader, label, uid, pid)
+            return self._new_handle(reader, label, uid, pid, fh)
 
     def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:
         """Open without waiting for anything: a dumper whose link is cached, seen from
-        the daemon's namespaces. Returns the new fh, or None to leave it to open()."""
+        the daemon's namespaces. Returns the fh to answer with, or None to leave it to
+        open(). The seq_file is made by make_quick(), once the answer is on its way:
+        the reader's wake-up and first READ then overlap the making instead of
+        following it (a tenth of a small dump's per-open overhead)."""
         key = self.ino_file.get(inode)
         pin = self.pins.get(key) if key else None
         if (flags & os.O_ACCMODE != os.O_RDONLY or pin is None or pin.hidden
@@ -490,12 +500,28 @@ class Operations(pyfuse3.Operations):
         with self.lock:
             if pin.dumper is None or self._reserve(uid):
                 return None
+            fh = self._new_fh()
+            self.unmade[fh] = pin, f"{key[0]}/{key[1]}", uid, pid
+            return fh
+
+    def make_quick(self, fh: int) -> None:
+        """Make the seq_file of an open that open_quick() answered with FH; if that fails
+        now, the file fails: its reads get EIO, and the log says why. No request of
+        the file can come first: the device thread that answered the open calls this
+        before it reads /dev/fuse again."""
+        pin, label, uid, pid = self.unmade.pop(fh)
+        with self.lock:  # which a cached link is dropped under
             try:
+                if pin.dumper is None:
+                    raise DumperError(errno.ENOENT, f"opening dumper {label}: it was "
+                                      "removed while being opened", "open it again")
                 fd = pin.dumper.open_fd()
-            except DumperError:
+            except DumperError as e:
                 self._unreserve(uid)
-                return None
-            return self._opened(fd, pin, f"{key[0]}/{key[1]}", uid, pid)
+                h = self.handles[self._new_handle(_Snapshot(b""), label, uid, pid, fh)]
+                self._fail(h, errno.EIO, str(e))
+                return
+            self._opened(fd, pin, label, uid, pid, fh)
 
     async def open(self, inode, flags, ctx) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -570,10 +596,10 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if isinstance(h.reader, _Snapshot):
-            return h.reader.read(size)
         if h.failed:
             raise pyfuse3.FUSEError(h.failed)
+        if isinstance(h.reader, _Snapshot):
+            return h.reader.read(size)
         t0 = time.monotonic()
         if self._out_of_time(h, t0):
             budget = self.limits.open_budget

@@ -104,6 +104,47 @@ def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
 
 
 
+@pytest.mark.parametrize("daemon", [("--max-handles-per-uid", "2",)], indirect=True)
+def test_a_seq_file_the_daemon_cannot_make_fails_the_read_says_why_and_frees_its_count(daemon):
+    """Out of file descriptors (RLIMIT_NOFILE), the daemon cannot make a seq_file. An
+    open of a cached dumper is answered before its seq_file is made, so `cat` gets
+    EIO from its read; the log names the dumper and the kernel's reason; and each
+    failed open gives its count back (the limit here is 2 files per user)."""
+    import resource
+    f = daemon.mnt / "task" / "tasks"
+    first = f.read_bytes()  # now its link is cached: opens take the device's quick path
+    pid = daemon.proc.pid
+    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, limit[1]))  # no new fd at all
+    try:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            for _ in range(2):  # and again: the file stays failed
+                with pytest.raises(OSError) as e:
+                    os.read(fd, 4096)
+                assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        for _ in range(2):
+            p = subprocess.run(["cat", str(f)], capture_output=True, text=True, timeout=30)
+            assert (p.returncode, p.stdout, p.stderr) == (
+                1, "", f"cat: {f}: Input/output error\n")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
+    held = [open(f, "rb"), open(f, "rb")]  # both counts came back
+    try:
+        assert held[0].read(64) == first[:64]
+    finally:
+        for h in held:
+            h.close()
+    log = daemon.output()
+    assert log.count("opening dumper task/tasks: Too many open files (EMFILE); the process has "
+                     "all the files open that RLIMIT_NOFILE allows") == 3, log
+    text = (daemon.mnt / ".stats").read_text()
+    assert metric(text, "bpfdumpfs_errors_total", dumper="task/tasks", errno="EIO") == 3
+    assert metric(text, "bpfdumpfs_open_handles", dumper="task/tasks") == 0
+
+
 @pytest.mark.parametrize("nofile", ["64:20000", "256:256"])
 def test_the_daemon_holds_the_files_its_limits_allow_whatever_its_soft_fd_limit(tmp_path,
                                                                                nofile):
