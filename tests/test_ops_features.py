@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -103,14 +104,12 @@ def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
     assert metric(text, "bpfdumpfs_errors_total", dumper="task/tasks", errno="ENFILE") >= 1
 
 
-
 @pytest.mark.parametrize("daemon", [("--max-handles-per-uid", "2",)], indirect=True)
 def test_a_seq_file_the_daemon_cannot_make_fails_the_read_says_why_and_frees_its_count(daemon):
     """Out of file descriptors (RLIMIT_NOFILE), the daemon cannot make a seq_file. An
     open of a cached dumper is answered before its seq_file is made, so `cat` gets
     EIO from its read; the log names the dumper and the kernel's reason; and each
     failed open gives its count back (the limit here is 2 files per user)."""
-    import resource
     f = daemon.mnt / "task" / "tasks"
     first = f.read_bytes()  # now its link is cached: opens take the device's quick path
     pid = daemon.proc.pid
