@@ -131,11 +131,23 @@ class _Pin:
     pace: Pace
     view: str | None = None         # from the pin's record, looked up at the first open
     dumper: Dumper | None = None    # cached only while watched: a removed pin must free its link
+    making: int = 0                 # answered opens whose seq_file is yet to be made with it
+    dropped: bool = False
 
     def drop(self) -> None:
-        if self.dumper is not None:
+        """Forget the cached link: close it now, or after the last seq_file being made
+        with it. An open answered before the pin went then reads a whole dump, as a
+        direct open of the pin just before its removal would."""
+        self.dropped = True
+        if not self.making and self.dumper is not None:
             self.dumper.close()
             self.dumper = None
+
+    def made(self) -> None:
+        """One seq_file less to make with the link."""
+        self.making -= 1
+        if self.dropped:
+            self.drop()
 
 
 @dataclass
@@ -502,6 +514,7 @@ class Operations(pyfuse3.Operations):
                 return None
             fh = self._new_fh()
             self.unmade[fh] = pin, f"{key[0]}/{key[1]}", uid, pid
+            pin.making += 1
             return fh
 
     def make_quick(self, fh: int) -> None:
@@ -510,17 +523,16 @@ class Operations(pyfuse3.Operations):
         the file can come first: the device thread that answered the open calls this
         before it reads /dev/fuse again."""
         pin, label, uid, pid = self.unmade.pop(fh)
-        with self.lock:  # which a cached link is dropped under
+        with self.lock:  # which pins are dropped under
             try:
-                if pin.dumper is None:
-                    raise DumperError(errno.ENOENT, f"opening dumper {label}: it was "
-                                      "removed while being opened", "open it again")
-                fd = pin.dumper.open_fd()
+                fd = pin.dumper.open_fd()  # still open, even if the pin went (see drop)
             except DumperError as e:
                 self._unreserve(uid)
                 h = self.handles[self._new_handle(_Snapshot(b""), label, uid, pid, fh)]
                 self._fail(h, errno.EIO, str(e))
                 return
+            finally:
+                pin.made()
             self._opened(fd, pin, label, uid, pid, fh)
 
     async def open(self, inode, flags, ctx) -> pyfuse3.FileInfo:

@@ -4,7 +4,9 @@ CI runs a short version; `BPFDUMPFS_SOAK=1 .venv/bin/python -m pytest tests/test
 runs the long one (ten times the cycles)."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import errno
 import os
 import random
 import signal
@@ -14,8 +16,9 @@ import time
 
 import pytest
 
+from bpfdumpfs import Dumper, StateDir
 from bpfdumpfs.builtins import builtins
-from helpers import Daemon, mount_bpffs, rss_kib, unmount
+from helpers import Daemon, eventually, mount_bpffs, rss_kib, unmount
 from test_concurrency import settled_seq_fds
 from test_tree import TASKS_OBJ, bpftool_pin, seq_fds
 
@@ -183,6 +186,50 @@ def test_dumper_removed_while_20_readers_are_mid_read(daemon):
     assert not f.exists()
     with pytest.raises(FileNotFoundError):
         open(f, "rb")
+
+
+
+def test_a_dumper_pinned_and_removed_over_and_over_under_readers(daemon):
+    """A pin removed and pinned again 300 times while 4 threads open and read it. Each
+    open fails with ENOENT or reads a whole dump, as a direct open of the pin would:
+    one answered in the microseconds before the pin went, its seq_file not made yet,
+    reads it whole too (the daemon made 1.5% of these opens fail with EIO, when it
+    closed the cached link at once). Nothing hangs, nothing is left."""
+    pid = daemon.proc.pid
+    base = settled_seq_fds(pid)
+    state = StateDir(daemon.state)
+    f = daemon.mnt / "task" / "churn"
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def read_loop() -> None:
+        while not stop.is_set():
+            try:
+                with open(f, "rb", buffering=0) as h:
+                    data = b"".join(iter(lambda: h.read(65536), b""))
+            except OSError as e:
+                outcomes.append(errno.errorcode[e.errno])
+                continue
+            whole = data.startswith(b"    PID") and data.endswith(b"\n")
+            outcomes.append("whole" if whole else f"cut {data[:16]!r}...{data[-16:]!r}")
+    with Dumper.load(TASKS_OBJ) as d:
+        readers = [threading.Thread(target=read_loop) for _ in range(4)]
+        for t in readers:
+            t.start()
+        try:
+            for _ in range(300):
+                d.pin(state, "churn", mode=0o444)
+                time.sleep(0.002)
+                os.unlink(daemon.state / "task" / "churn")
+                time.sleep(0.001)
+        finally:
+            stop.set()
+            for t in readers:
+                t.join(timeout=60)
+    assert not any(t.is_alive() for t in readers)
+    counts = collections.Counter(outcomes)
+    assert set(counts) == {"whole", "ENOENT"}, counts
+    assert eventually(lambda: seq_fds(pid) == base)
 
 
 def test_readers_that_never_read_or_vanish(daemon):
