@@ -30,6 +30,20 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def memory_summary(pid: int) -> str:
+    """Where a process's resident memory is, for a failure message: its threads, and
+    its five largest resident mappings."""
+    maps, name = [], ""
+    for line in open(f"/proc/{pid}/smaps"):
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            name = " ".join(head[5:]) or "[anon]"
+        elif head[0] == "Rss:":
+            maps.append((int(head[1]), name))
+    top = ", ".join(f"{name} {kib} KiB" for kib, name in sorted(maps, reverse=True)[:5])
+    return f"{len(os.listdir(f'/proc/{pid}/task'))} threads; largest: {top}"
+
+
 @pytest.fixture
 def daemon(tmp_path):
     state = mount_bpffs(tmp_path / "state")
@@ -124,7 +138,8 @@ def test_load_every_builtin_from_64_readers_and_back_to_baseline(daemon):
     # the buffers of 64 readers are given back once all are closed (within seconds)
     while rss_kib(pid) > base_rss + 8 * 1024 and time.monotonic() < deadline + 10:
         time.sleep(0.1)
-    assert rss_kib(pid) < base_rss + 8 * 1024, f"RSS {base_rss} -> {rss_kib(pid)} KiB"
+    assert rss_kib(pid) < base_rss + 8 * 1024, \
+        f"RSS {base_rss} -> {rss_kib(pid)} KiB; {memory_summary(pid)}"
     assert daemon.serving()
     print(f"{done} cycles by 64 readers in {took:.1f}s; RSS {base_rss} -> {rss_kib(pid)} KiB")
 
