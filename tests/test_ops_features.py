@@ -171,6 +171,7 @@ def test_the_daemon_holds_the_files_its_limits_allow_whatever_its_soft_fd_limit(
         d.stop()
         unmount(state)
 
+
 # N threads open FILE at once and hold what they get: "opened K refused M ERRNOS"
 CONCURRENT_OPENS = """
 import os, sys, threading

@@ -203,7 +203,6 @@ def test_dumper_removed_while_20_readers_are_mid_read(daemon):
         open(f, "rb")
 
 
-
 def test_a_dumper_pinned_and_removed_over_and_over_under_readers(daemon):
     """A pin removed and pinned again 300 times while 4 threads open and read it. Each
     open fails with ENOENT or reads a whole dump, as a direct open of the pin would:
