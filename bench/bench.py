@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bpfdumpfs benchmark: every figure a ratio measured side by side in one run.
 
-    .venv/bin/python bench/bench.py [--quick]
+    .venv/bin/python bench/bench.py [--quick] [--rounds N]
 
 Mounts a private tree (private bpffs, temp mount point) and compares reads
 through it with reads of the same pinned iterators straight from bpffs, and
@@ -111,7 +111,8 @@ def paired(fn, a, b, rounds: int) -> tuple[float, float, list[float]]:
         else:
             ra.append(fn(a))
             rb.append(fn(b))
-    return statistics.median(ra), statistics.median(rb), [y / x for x, y in zip(ra, rb)]
+    ratios = [y / x for x, y in zip(ra, rb, strict=True)]
+    return statistics.median(ra), statistics.median(rb), ratios
 
 
 def ratio_cells(ratios: list[float], goal: str) -> tuple[str, str]:
@@ -119,7 +120,7 @@ def ratio_cells(ratios: list[float], goal: str) -> tuple[str, str]:
     middle half, which says how far one run's median may be trusted on a machine
     this noisy."""
     q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return (f"{statistics.median(ratios):.2f} (goal {goal})",
+    return (f"{statistics.median(ratios):.3f} (goal {goal})",
             f"{q1:.2f}-{q3:.2f} ({len(ratios)} rounds)")
 
 
@@ -184,8 +185,14 @@ class Lxcfs:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    ap.add_argument("--rounds", type=int, metavar="N",
+                    help="paired rounds of each ratio (default 15, three times that for the "
+                    "large dump): more for a median that moves less from run to run")
     args = ap.parse_args()
+    if args.rounds is not None and args.rounds < 2:
+        ap.error("--rounds: at least 2, to have a middle half to print")
     rounds, opens = (5, 500) if args.quick else (15, 1000)
+    rounds = args.rounds or rounds
     rows: list[tuple[str, str, str, str, str]] = []
 
     with tempfile.TemporaryDirectory(prefix="bpfdumpfs-bench-") as tmp:
@@ -221,7 +228,8 @@ def main() -> int:
                     runs = [(direct, ds), (mounted, ms)]
                     for path, out in (runs if i % 2 else runs[::-1]):
                         out.append(per_open(path, opens))
-            ours, theirs = ([(m - d) * 1e6 for d, m in zip(*xs)] for xs in ((d_t, m_t), (p_t, l_t)))
+            ours, theirs = ([(m - d) * 1e6 for d, m in zip(*xs, strict=True)]
+                            for xs in ((d_t, m_t), (p_t, l_t)))
             med = statistics.median
             rows.append((f"small dump ({size_small} B): open-read-close, us",
                          f"{med(d_t) * 1e6:.0f}", f"{med(m_t) * 1e6:.0f}",
@@ -229,7 +237,7 @@ def main() -> int:
             rows.append(("lxcfs proc/uptime vs /proc/uptime, us", f"{med(p_t) * 1e6:.0f}",
                          f"{med(l_t) * 1e6:.0f}", f"overhead {med(theirs):.0f} us", ""))
             rows.append(("per-open overhead, bpfdumpfs / lxcfs", "", "",
-                         *ratio_cells([o / t for o, t in zip(ours, theirs)], "< 1")))
+                         *ratio_cells([o / t for o, t in zip(ours, theirs, strict=True)], "< 1")))
 
             # 3. 32 concurrent readers of the large dump: the noisiest figure, so as
             # many rounds as the small dump's (a round is ~4 s)
