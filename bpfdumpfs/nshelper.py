@@ -9,6 +9,7 @@ the answer is b"f" with the seq_file fd, or b"e<errno>".
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -34,7 +35,7 @@ def serve(sock: socket.socket) -> None:
             sock.send(b"e%d" % e.errno)
         else:
             if fd is None:
-                sock.send(b"e%d" % 22)
+                sock.send(b"e%d" % errno.EINVAL)
             else:
                 socket.send_fds(sock, [b"f"], [fd])
                 os.close(fd)
