@@ -111,7 +111,7 @@ def dumpers(served, obj):
         args += ["--group", group] if group else []
         return bpfdumpfs(*args, check=False)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for name, p in zip(ACCESS, pool.map(add, ACCESS)):
+        for name, p in zip(ACCESS, pool.map(add, ACCESS), strict=True):
             assert p.returncode == 0 and p.stdout == f"{served.mnt}/task/{name}\n", p.stderr
     yield served.mnt / "task"
     for name in ACCESS:

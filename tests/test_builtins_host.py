@@ -304,17 +304,17 @@ def test_vmas_match_proc_maps(read_builtin, children, holder):
         expect = proc_maps(pid)
         got = vmas[pid]
         # the [vsyscall] gate page is not a VMA of the process: /proc adds it
-        expect = [l for l in expect if not l.endswith(" [vsyscall]")]
+        expect = [m for m in expect if not m.endswith(" [vsyscall]")]
         assert len(got) == len(set(got)), "a mapping is listed twice (threads not filtered?)"
-        file_backed = [l for l in expect if l.split(" ", 5)[-1].startswith("/")]
+        file_backed = [m for m in expect if m.split(" ", 5)[-1].startswith("/")]
         assert file_backed, "no file-backed mappings to compare"
-        assert [l for l in got if l in file_backed] == file_backed
+        assert [m for m in got if m in file_backed] == file_backed
         # and in fact every line: anonymous, [heap], [stack], [vdso], [vvar]...
         assert got == expect
 
     sleep_bin = os.readlink(f"/proc/{sleeper.pid}/exe")
-    assert any(l.endswith(" " + sleep_bin) and " r-xp " in l for l in vmas[sleeper.pid])
-    assert any(l.endswith(" [stack]") for l in vmas[sleeper.pid])
+    assert any(m.endswith(" " + sleep_bin) and " r-xp " in m for m in vmas[sleeper.pid])
+    assert any(m.endswith(" [stack]") for m in vmas[sleeper.pid])
     # kernel threads have no mm, and threads are not repeated
     assert 2 not in vmas
     assert not set(vmas) & ({int(t) for t in os.listdir(f"/proc/{hp.pid}/task")} - {hp.pid})
@@ -384,7 +384,8 @@ def test_progs_match_bpftool(read_builtin, own_bpffs):
 
 def test_links_match_bpftool(read_builtin, own_bpffs):
     pin = own_bpffs / "tlink"
-    subprocess.run(["bpftool", "iter", "pin", str(BUILTINS / "slabinfo.bpf.o"), str(pin)], check=True)
+    subprocess.run(["bpftool", "iter", "pin", str(BUILTINS / "slabinfo.bpf.o"), str(pin)],
+                   check=True)
     try:
         mine = bpftool_json("link", "show", "pinned", str(pin))
         before = bpftool_json("link", "show")
@@ -416,7 +417,7 @@ def test_kallsyms_equals_proc(read_builtin):
         pytest.fail("/proc/kallsyms kept changing (BPF programs loading?)")
     for line in lines_of(dump)[:5000]:
         assert KSYM_RE.fullmatch(line), f"bad kallsyms line: {line!r}"
-    assert any(not l.startswith("0000000000000000") for l in lines_of(dump)[:100]), \
+    assert any(not line.startswith("0000000000000000") for line in lines_of(dump)[:100]), \
         "root should see real addresses"
     # byte for byte, module and [bpf] symbols included
     assert dump == before
@@ -427,7 +428,7 @@ def test_kallsyms_equals_proc(read_builtin):
 def proc_slabinfo() -> list[list[str]]:
     lines = Path("/proc/slabinfo").read_text().splitlines()
     assert lines[0].startswith("slabinfo - version: 2.") and lines[1].startswith("# name")
-    return [l.split() for l in lines[2:]]
+    return [line.split() for line in lines[2:]]
 
 
 def test_slabinfo_matches_proc(read_builtin):

@@ -745,7 +745,7 @@ def bad_runs(bad_state, objs, tmp_path_factory):
              "mode-999": ["add", "x", TASKS_OBJ, "--mode", "999"],
              "mode-17777": ["add", "x", TASKS_OBJ, "--mode", "17777"]}
     argvs |= {case: argv(c) for case, argv, _ in BAD}
-    for case, args in argvs.items():
+    for args in argvs.values():
         if "--state-dir" not in args:
             args += ["--state-dir", str(bad_state)]
     before = listing(bad_state)

@@ -271,7 +271,8 @@ def invalid_runs(tmp_path_factory):
     assert taken.returncode == 0, taken.stderr
     before = {c: facts(state) for c, (state, _) in cases.items()}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        runs = dict(zip(cases, pool.map(lambda sc: apply(sc[1], sc[0]), cases.values())))
+        runs = dict(zip(cases, pool.map(lambda sc: apply(sc[1], sc[0]), cases.values()),
+                        strict=True))
     yield {c: (cfg, runs[c], before[c], facts(state)) for c, (state, cfg) in cases.items()}
     for state, _ in cases.values():
         unmount(state)

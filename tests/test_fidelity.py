@@ -173,7 +173,8 @@ def diff(a: list[str], b: list[str], n: int = 12) -> str:
 
 def bytes_diff(want: bytes, got: bytes) -> str:
     """Where two byte strings part, for assertion messages (not 6 MB reprs)."""
-    i = next((k for k, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got)))
+    pairs = enumerate(zip(want, got, strict=False))  # the shorter one may end first
+    i = next((k for k, (x, y) in pairs if x != y), min(len(want), len(got)))
     return (f"pin {len(want)} bytes, mount {len(got)} bytes; first difference at byte {i}: "
             f"pin {want[max(0, i - 40):i + 40]!r} / mount {got[max(0, i - 40):i + 40]!r}")
 

@@ -311,7 +311,7 @@ def test_changes_to_pins_show_at_once_despite_caching(tree):
         assert stat.S_IMODE(os.stat(f).st_mode) == stat.S_IMODE(os.stat(pin).st_mode)
         for mode in (0o444, 0o400, 0o440):
             os.chmod(pin, mode)
-            assert soon(lambda: stat.S_IMODE(os.stat(f).st_mode) == mode)
+            assert soon(lambda mode=mode: stat.S_IMODE(os.stat(f).st_mode) == mode)
         os.chown(pin, 65534, 65534)
         assert soon(lambda: (os.stat(f).st_uid, os.stat(f).st_gid) == (65534, 65534))
         os.rename(pin, pin.with_name("cached2"))
