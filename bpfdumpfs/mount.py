@@ -52,11 +52,14 @@ _ffi = cffi.FFI()
 _ffi.cdef("""
 int mallopt(int param, int value);
 int malloc_trim(size_t pad);
+struct mallinfo2 { size_t arena, ordblks, smblks, hblks, hblkhd, usmblks, fsmblks,
+                   uordblks, fordblks, keepcost; };
+struct mallinfo2 mallinfo2(void);
 """)
 _libc = _ffi.dlopen(None)
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
 TRIM_EVERY = 0.5        # seconds between looks for freed buffers to give back
-TRIM_SLACK = 2 << 20    # RSS gained since the last trim that is worth a trim
+TRIM_SLACK = 2 << 20    # spare bytes gained since the last trim that are worth a trim
 PAGE = os.sysconf("SC_PAGE_SIZE")
 FD_SPARE = 64           # files the daemon holds besides seq_files and cached links (~20)
 
@@ -89,34 +92,41 @@ def _raise_fd_limit(limits: Limits) -> None:
                     limits.max_handles, LINK_CACHE_MAX, need)
 
 
-def _rss() -> int:
-    """The daemon's resident bytes."""
+def _spare() -> int:
+    """The daemon's resident bytes that malloc does not hold in use: what a trim could
+    give back, besides what is not malloc's (code, stacks, Python's object arenas),
+    which moves little. Its count of in-use bytes is a walk of its bins, us."""
     with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * PAGE
+        rss = int(f.read().split()[1]) * PAGE
+    m = _libc.mallinfo2()
+    return rss - m.uordblks - m.hblkhd
 
 
 async def _give_back_memory(ops: Operations) -> None:
     """Readers' buffers come and go in bursts (32 streams of a large dump hold tens
     of MiB at once), and glibc keeps what they leave in its heaps, in fragments,
-    until told. Once the daemon's RSS is TRIM_SLACK above its lowest since the last
-    trim, and no file is being read ahead, glibc is told: soon after a burst, even
-    while other files stay open (a `less` left open must not keep the daemon's
-    memory up), and again for what is faulted in after that trim -- but not in the
-    middle of streams, whose buffers the heap reuses and whose reads a trim (ms,
-    holding the heap) would hold up.
+    until told. Once the spare bytes (_spare) are TRIM_SLACK above their lowest
+    since the last trim, and no file is being read ahead, glibc is told: soon after
+    a burst, even while other files stay open (a `less` left open must not keep the
+    daemon's memory up), and again for what is freed or faulted back in after that
+    trim -- but not in the middle of streams, whose buffers the heap reuses and
+    whose reads a trim (ms, holding the heap) would hold up.
 
-    RSS, not glibc's count of free bytes: that count includes what a trim gave
-    back, so a burst shorter than TRIM_EVERY that came and went between two looks
-    left it where it was, and kept what the burst had faulted back in resident
-    (+9-11 MiB in 4 of 10 trials of 6 streams of kallsyms)."""
-    low = _rss()
+    Neither count alone will do. glibc's free bytes include what a trim gave back,
+    so a burst that came and went between two looks, faulting those pages back in,
+    left them where they were (+9-11 MiB kept in 4 of 10 trials). RSS counts what is
+    in use, so a look while paused readers held their read-ahead took that as the
+    new low, and nothing was given back when they closed (+12 MiB, every time)."""
+    low = _spare()
     while True:
         await trio.sleep(TRIM_EVERY)
-        rss = _rss()
-        low = min(low, rss)
-        if rss - low > TRIM_SLACK and not ops.streaming():
+        if ops.streaming():
+            continue
+        spare = _spare()
+        low = min(low, spare)
+        if spare - low > TRIM_SLACK:
             await trio.to_thread.run_sync(_libc.malloc_trim, 0)
-            low = _rss()
+            low = _spare()
 
 
 def pin_builtins(state: StateDir) -> list[str]:

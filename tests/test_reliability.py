@@ -137,6 +137,31 @@ def test_a_burst_too_short_to_be_seen_is_given_back_too(daemon):
             f"trial {trial}: RSS {base} -> {rss_kib(pid)} KiB; {memory_summary(pid)}"
 
 
+def test_the_read_ahead_of_paused_readers_is_given_back_when_they_close(daemon):
+    """Readers that read a little of a large dump and stop (`less`) keep their read-ahead
+    in use; the daemon may look at its memory meanwhile, and find nothing to give back.
+    Once they close, what they held must be given back. (RSS alone, as the daemon looked
+    at it for a while, had grown while they were open and did not grow again: ~13 MiB
+    stayed.)"""
+    pid = daemon.proc.pid
+    ksyms = str(daemon.mnt / "ksym" / "kallsyms")
+    subprocess.run(["cat", ksyms], stdout=subprocess.DEVNULL, check=True)  # warm up
+    time.sleep(1)
+    base = rss_kib(pid)
+    fds = [os.open(ksyms, os.O_RDONLY) for _ in range(10)]
+    try:
+        for fd in fds:  # each gets a producer, which fills its read-ahead and waits
+            assert len(os.read(fd, 1 << 20)) == 1 << 20
+        time.sleep(1.5)  # three looks at the daemon's memory while they hold it
+        held = rss_kib(pid)
+        assert held > base + 8 * 1024, f"the readers should hold memory: {base} -> {held}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert eventually(lambda: rss_kib(pid) < base + 4 * 1024, timeout=5), \
+        f"RSS {base} -> {held} -> {rss_kib(pid)} KiB; {memory_summary(pid)}"
+
+
 def test_load_every_builtin_from_64_readers_and_back_to_baseline(daemon):
     files = [str(p) for b in builtins() for p in daemon.mnt.glob(f"*/{b.name}")]
     assert len(files) == len(builtins())
