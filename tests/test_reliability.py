@@ -19,7 +19,7 @@ import pytest
 from bpfdumpfs import Dumper, StateDir
 from bpfdumpfs.builtins import builtins
 from helpers import Daemon, eventually, mount_bpffs, rss_kib, unmount
-from test_concurrency import settled_seq_fds
+from test_concurrency import read_all, settled_seq_fds
 from test_tree import TASKS_OBJ, bpftool_pin, seq_fds
 
 SOAK = 10 if os.environ.get("BPFDUMPFS_SOAK") else 1
@@ -113,19 +113,10 @@ def test_a_burst_too_short_to_be_seen_is_given_back_too(daemon):
     pid = daemon.proc.pid
     ksyms = str(daemon.mnt / "ksym" / "kallsyms")
 
-    def cat() -> int:
-        fd = os.open(ksyms, os.O_RDONLY)
-        try:
-            n = 0
-            while chunk := os.read(fd, 1 << 20):
-                n += len(chunk)
-            return n
-        finally:
-            os.close(fd)
-
     def burst(k: int) -> None:
         with concurrent.futures.ThreadPoolExecutor(k) as pool:
-            assert all(n > 1 << 20 for n in pool.map(lambda _: cat(), range(k)))
+            dumps = pool.map(lambda _: read_all(ksyms, 1 << 20), range(k))
+            assert all(len(dump) > 1 << 20 for dump in dumps)
 
     burst(32)
     time.sleep(2)  # its buffers given back
@@ -277,8 +268,7 @@ def test_a_dumper_pinned_and_removed_over_and_over_under_readers(daemon):
     def read_loop() -> None:
         while not stop.is_set():
             try:
-                with open(f, "rb", buffering=0) as h:
-                    data = b"".join(iter(lambda: h.read(65536), b""))
+                data = read_all(f)
             except OSError as e:
                 outcomes.append(errno.errorcode[e.errno])
                 continue
