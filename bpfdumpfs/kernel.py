@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -87,6 +87,40 @@ ffi.cdef(
         uint32_t d;                  /* high half of cgroup_id */
     };
 
+    /* include/uapi/linux/bpf.h, up to the members read here; the kernel fills
+       min(info_len, its own size) and zeroes nothing beyond */
+    struct bpf_link_info {
+        uint32_t type;
+        uint32_t id;
+        uint32_t prog_id;
+        uint32_t _pad;               /* the union is 8-byte aligned */
+        union {
+            struct {
+                uint64_t target_name;
+                uint32_t target_name_len;
+                union { struct { uint32_t map_id; } map; };
+                union {
+                    struct { uint64_t cgroup_id; uint32_t order; } cgroup;
+                    struct { uint32_t tid; uint32_t pid; } task;
+                };
+            } iter;
+        };
+    };
+    struct bpf_prog_info {
+        uint32_t type;
+        uint32_t id;
+        uint8_t  tag[8];
+        uint32_t jited_prog_len;
+        uint32_t xlated_prog_len;
+        uint64_t jited_prog_insns;
+        uint64_t xlated_prog_insns;
+        uint64_t load_time;
+        uint32_t created_by_uid;
+        uint32_t nr_map_ids;
+        uint64_t map_ids;
+        char     name[16];
+    };
+
     struct bpf_object;
     struct bpf_program;
     struct btf;
@@ -122,7 +156,10 @@ ffi.cdef(
 _libc = ffi.dlopen(None)
 _libbpf = None  # opened on first use: reading a pinned dumper needs no libbpf
 
-SYS_bpf = 321  # x86-64
+# bpf(2)'s number by architecture (arch/*/include/uapi/asm/unistd*.h; the generic
+# table's for arm64, riscv64 and loongarch64)
+SYSCALL_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280,
+               "ppc64le": 361, "ppc64": 361, "s390x": 351}
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM = 0, 1, 2
 BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 3, 4
 BPF_MAP_TYPE_HASH = 1
@@ -141,13 +178,18 @@ BPF_F_RDONLY = 1 << 3
 # enum bpf_cgroup_iter_order, named as bpftool and the CLI name them
 CGROUP_ORDERS = {"self": 1, "pre": 2, "post": 3, "ancestors": 4, "children": 5}
 
-_SYS_BPF = ffi.cast("long", SYS_bpf)  # syscall() is variadic: its arguments need C types
+
+# syscall() is variadic: its arguments need C types. An unknown architecture
+# calls syscall -1, which fails with ENOSYS and the hint below.
+_SYS_BPF = ffi.cast("long", SYSCALL_BPF.get(os.uname().machine, -1))
 _HINTS = {
     errno.EPERM: "run as root (loading and pinning need CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
     errno.EACCES: "check the permissions of the path or run as root",
     errno.EMFILE: "the process has all the files open that RLIMIT_NOFILE allows: raise it "
                   "(ulimit -n; LimitNOFILE= for a systemd service)",
     errno.ENFILE: "the system has all the files open that it allows: raise fs.file-max",
+    errno.ENOSYS: "this kernel has no bpf(2) (CONFIG_BPF_SYSCALL), or bpfdumpfs does not know "
+                  f"its number on {os.uname().machine} (it knows {', '.join(SYSCALL_BPF)})",
 }
 
 
@@ -379,12 +421,11 @@ def prog_ids() -> list[int]:
 
 # -- info --------------------------------------------------------------------
 
-def _info(fd: int, size: int, what: str) -> bytearray:
-    buf = ffi.new("char[]", size)
-    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": size,
-                                            "info": int(ffi.cast("uintptr_t", buf))})
+def _info(fd: int, info, what: str) -> None:
+    """OBJ_GET_INFO_BY_FD into INFO, a cffi pointer to the kernel's info struct."""
+    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": ffi.sizeof(info[0]),
+                                            "info": int(ffi.cast("uintptr_t", info))})
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
-    return bytearray(ffi.buffer(buf, size))
 
 
 TARGET_NAME_MAX = 128
@@ -409,26 +450,22 @@ class LinkInfo:
 
 def link_info(fd: int) -> LinkInfo:
     """OBJ_GET_INFO_BY_FD of a link, with the iter target and its parameters."""
-    # One call, with room for any iter target name (the longest is under 32 bytes).
-    # The info, then the name, in one buffer.
-    info = ffi.new("char[]", 48 + TARGET_NAME_MAX)
-    addr = int(ffi.cast("uintptr_t", info))
-    struct.pack_into("<QI", ffi.buffer(info), 16, addr + 48, TARGET_NAME_MAX)
-    attr = ffi.new("struct bpf_info_attr *", {"bpf_fd": fd, "info_len": 48, "info": addr})
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading the info of link fd {fd}")
-    raw = bytes(ffi.buffer(info))
-    ltype, lid, prog_id = struct.unpack_from("<III", raw, 0)
-    if ltype != BPF_LINK_TYPE_ITER:
-        return LinkInfo(ltype, lid, prog_id)
-    target = raw[48:].split(b"\0", 1)[0].decode()
-    map_id, = struct.unpack_from("<I", raw, 28)
-    cgroup_id, order = struct.unpack_from("<QI", raw, 32)
-    tid, pid = struct.unpack_from("<II", raw, 32)
+    # One call, with room for any iter target name (the longest is under 32 bytes)
+    info = ffi.new("struct bpf_link_info *")
+    name = ffi.new("char[]", TARGET_NAME_MAX)
+    info.iter.target_name = int(ffi.cast("uintptr_t", name))
+    info.iter.target_name_len = TARGET_NAME_MAX
+    _info(fd, info, f"reading the info of link fd {fd}")
+    if info.type != BPF_LINK_TYPE_ITER:
+        return LinkInfo(info.type, info.id, info.prog_id)
+    it = info.iter
+    target = ffi.string(name).decode()
+    common = (info.type, info.id, info.prog_id, target)
     if target == "cgroup":
-        return LinkInfo(ltype, lid, prog_id, target, cgroup_id=cgroup_id, cgroup_order=order)
+        return LinkInfo(*common, cgroup_id=it.cgroup.cgroup_id, cgroup_order=it.cgroup.order)
     if target.startswith("task"):
-        return LinkInfo(ltype, lid, prog_id, target, tid=tid, pid=pid)
-    return LinkInfo(ltype, lid, prog_id, target, map_id=map_id)
+        return LinkInfo(*common, tid=it.task.tid, pid=it.task.pid)
+    return LinkInfo(*common, map_id=it.map.map_id)
 
 
 @dataclass(frozen=True)
@@ -442,12 +479,10 @@ class ProgInfo:
 
 
 def prog_info(fd: int) -> ProgInfo:
-    raw = _info(fd, 232, f"reading the info of prog fd {fd}")
-    ptype, pid = struct.unpack_from("<II", raw, 0)
-    tag = raw[8:16].hex()
-    load_time, uid = struct.unpack_from("<QI", raw, 40)
-    name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    return ProgInfo(pid, ptype, name, tag, uid, load_time)
+    info = ffi.new("struct bpf_prog_info *")
+    _info(fd, info, f"reading the info of prog fd {fd}")
+    return ProgInfo(info.id, info.type, ffi.string(info.name).decode(errors="replace"),
+                    bytes(info.tag).hex(), info.created_by_uid, info.load_time)
 
 
 # -- loading objects with libbpf ---------------------------------------------
@@ -543,6 +578,26 @@ def object_programs(path: str) -> list[ProgSpec]:
             lib.bpf_object__close(obj)
 
 
+# the verifier's closing statistics, which say nothing of why it refused
+_LOG_STATS = re.compile(r"^(processed \d+ insns|verification time|stack depth|"
+                        r"Validating |-- END PROG LOAD LOG --)")
+
+
+def verifier_complaint(log: str) -> str:
+    """The verifier's reason for a refusal: the last line of LOG before its statistics."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    while lines and _LOG_STATS.match(lines[-1]):
+        lines.pop()
+    return lines[-1] if lines else ""
+
+
+# libbpf loads without a log first and fills this only to explain a failure; a
+# complex program's log runs to megabytes on kernels before 6.4, where one that
+# does not fit turns the load's error into ENOSPC
+VERIFIER_LOG_SIZE = 16 << 20
+_new_log = ffi.new_allocator(should_clear_after_alloc=False)  # untouched until written
+
+
 def load_program(path: str, prog_name: str) -> LoadedProg:
     """Load one program of an ELF object through libbpf; returns its own fd.
 
@@ -551,7 +606,6 @@ def load_program(path: str, prog_name: str) -> LoadedProg:
     A verifier rejection raises DumperError with the verifier log attached.
     """
     lib = _libbpf_lib()
-    log_size = 1 << 20
     with _load_lock:
         _messages.clear()
         obj = _open_object(lib, path)
@@ -565,12 +619,18 @@ def load_program(path: str, prog_name: str) -> LoadedProg:
             if chosen is None:
                 raise DumperError(errno.ENOENT, f"finding program {prog_name!r} in {path}")
             prog, spec = chosen
-            log = ffi.new("char[]", log_size)
-            lib.bpf_program__set_log_buf(prog, log, log_size)
+            log = _new_log("char[]", VERIFIER_LOG_SIZE)
+            log[0] = b"\0"
+            lib.bpf_program__set_log_buf(prog, log, VERIFIER_LOG_SIZE)
             if lib.bpf_object__load(obj) != 0:
                 err = ffi.errno or errno.EINVAL
                 vlog = ffi.string(log).decode(errors="replace").strip()
                 hint = _HINTS.get(err) if os.geteuid() != 0 else None
+                if not hint and err == errno.ENOSPC and vlog:
+                    # before 6.4 a log that does not fit fails the load with ENOSPC,
+                    # hiding the first attempt's errno: the program was refused all the same
+                    hint = (f"the verifier rejected it; its log is over "
+                            f"{VERIFIER_LOG_SIZE >> 20} MiB, the start is attached")
                 hint = hint or ("the verifier rejected it; see the log" if vlog
                                 else _last_messages())
                 raise DumperError(err, f"loading program {prog_name!r} of {path}", hint,
