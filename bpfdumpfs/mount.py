@@ -25,9 +25,9 @@ import pyfuse3
 import trio
 
 from . import config, targets
-from .builtins import Builtin, builtins
+from .builtins import Builtin, builtins, missing_target, reason
 from .device import Device
-from .dumpers import Dumper, DumperError, StateDir, choose_program
+from .dumpers import DumperError, StateDir
 from .metrics import Metrics
 from .ops import LINK_CACHE_MAX, Limits, Operations
 
@@ -129,57 +129,65 @@ async def _give_back_memory(ops: Operations) -> None:
             low = _spare()
 
 
-def pin_builtins(state: StateDir) -> list[str]:
-    """Pin each built-in dumper that is not pinned yet, and give each one pinned by
-    an earlier version this version's program; returns what was done, a phrase each.
+@dataclass
+class BuiltinReport:
+    done: list[str]               # "TARGET/NAME pinned" or "... updated"
+    unavailable: dict[str, str]   # TARGET/NAME -> why it is not served, one line
 
-    A built-in that fails to load on this kernel is logged and skipped: the tree
-    still serves everything else.
+
+def pin_builtins(state: StateDir) -> BuiltinReport:
+    """Pin each built-in dumper that is not pinned yet, and give each one pinned by
+    an earlier version this version's program.
+
+    A built-in that this kernel has no target for, or whose every variant the
+    verifier refuses, is reported (a warning, and in .stats and `status`) and
+    skipped: the tree still serves everything else.
     """
-    done = []
+    report = BuiltinReport([], {})
     have = set(targets.running_kernel())
     for b in builtins():
         try:
-            target = choose_program(str(b.object), None).iter_target
-            if target not in have:
-                continue
+            if b.target not in have:
+                raise missing_target(b)
             sha = hashlib.sha256(b.object.read_bytes()).hexdigest()[:16]
-            if state.pin_path(target, b.name).exists():
-                if _update_builtin(state, target, b, sha):
-                    done.append(f"{target}/{b.name} updated")
+            if state.pin_path(b.target, b.name).exists():
+                if _update_builtin(state, b, sha):
+                    report.done.append(f"{b.target}/{b.name} updated")
                 continue
-            with Dumper.load(b.object, params=b.params) as d:
+            with b.load() as d:
                 d.pin(state, b.name, mode=b.mode)
-                state.meta.set(target, b.name, d.link_info().id, origin="builtin", object=sha)
-            done.append(f"{target}/{b.name} pinned")
+                state.meta.set(b.target, b.name, d.link_info().id, origin="builtin", object=sha)
+            report.done.append(f"{b.target}/{b.name} pinned")
         except DumperError as e:
-            log.error("built-in %s not pinned: %s", b.name, e)
+            why = reason(e)
+            report.unavailable[f"{b.target}/{b.name}"] = why
+            log.warning("built-in %s/%s is not served: %s", b.target, b.name, why)
             if e.log:
-                log.error("verifier log of %s:\n%s", b.name, e.log)
-    return done
+                log.info("verifier log of %s:\n%s", b.name, e.log)
+    return report
 
 
-def _update_builtin(state: StateDir, target: str, b: Builtin, sha: str) -> bool:
-    """Give the pinned built-in TARGET/B.name this version's program, if an earlier
+def _update_builtin(state: StateDir, b: Builtin, sha: str) -> bool:
+    """Give the pinned built-in B this version's program, if an earlier
     version pinned it (LINK_UPDATE: the link, its pin, mode and open files stay; later
     opens run the new program). Each built-in's record names the object it came from
     (SHA), so a restart loads nothing; a pin with no record (older versions made none)
-    is taken for a built-in if its program has the built-in's name. A pin made by add,
-    a config file or adopt (recorded with their origin) is the operator's: left alone."""
-    with state.get(target, b.name) as pinned:
+    is taken for a built-in if its program has the name of one of the built-in's
+    variants. A pin made by add, a config file or adopt (recorded with their origin)
+    is the operator's: left alone."""
+    with state.get(b.target, b.name) as pinned:
         link_id = pinned.link_info().id
-        record = state.meta.get(target, b.name, link_id)
+        record = state.meta.get(b.target, b.name, link_id)
         if record.get("origin", "builtin") != "builtin" or record.get("object") == sha:
             return False
         old = pinned.info()
-        with Dumper.load(b.object, params=b.params) as shipped:
-            new = shipped.info()
-            if old.prog_name != new.prog_name:
-                return False  # another tool's dumper under a built-in's name
-            changed = old.prog_tag != new.prog_tag
+        if old.prog_name not in {v.name[:15] for v in b.variants}:  # the kernel keeps 15
+            return False  # another tool's dumper under a built-in's name
+        with b.load() as shipped:
+            changed = old.prog_tag != shipped.info().prog_tag
             if changed:
                 pinned.replace_program(shipped)
-        state.meta.set(target, b.name, link_id, origin="builtin", object=sha)
+        state.meta.set(b.target, b.name, link_id, origin="builtin", object=sha)
     return changed
 
 
@@ -345,16 +353,16 @@ def run(opts: MountOptions, ready=None) -> None:
     _bound_memory()
     _raise_fd_limit(opts.limits)
     state = StateDir(opts.state_dir).ensure()
-    if opts.builtins:
-        done = pin_builtins(state)
-        if done:
-            log.info("built-ins: %s", ", ".join(done))
+    report = pin_builtins(state) if opts.builtins else BuiltinReport([], {})
+    if report.done:
+        log.info("built-ins: %s", ", ".join(report.done))
     apply_config(opts, state)
     _libc.malloc_trim(0)  # libbpf's copy of the kernel BTF is freed by now
     clear_dead_mount(opts.mountpoint)
     os.makedirs(opts.mountpoint, exist_ok=True)
     ops = Operations(state, list(targets.running_kernel()),
-                     Metrics(os.path.abspath(opts.mountpoint), str(state.path)), opts.limits)
+                     Metrics(os.path.abspath(opts.mountpoint), str(state.path),
+                             report.unavailable), opts.limits)
     # a worker per open file at most (each may be inside a kernel read), and some to spare
     device = Device(ops, opts.mountpoint, fsname(state),
                     max_workers=(opts.limits.max_handles or 4096) + 8, debug=opts.debug_fuse)

@@ -75,6 +75,6 @@ int dump_files(struct bpf_iter__task_file *ctx)
 
 	BPF_SEQ_PRINTF(seq, "%7d %7u %-6s ", pid, fd, kind);
 
-	put_d_path(seq, NULL, (struct path *)&file->f_path, file);
+	put_d_path(seq, NULL, (struct path *)&file->f_path, file, true);
 	return 0;
 }

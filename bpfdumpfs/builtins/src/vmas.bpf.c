@@ -18,6 +18,10 @@
  * /proc shows the overlay path, dev and inode (file_user_path/file_user_inode);
  * here they are those of the underlying layer's file, because bpf_d_path only
  * accepts the trusted vm_file->f_path.
+ *
+ * Two variants, tried in this order: dump_vmas takes paths from bpf_d_path;
+ * dump_vmas_walk, for kernels whose verifier holds vm_file untrusted (6.18.44 and
+ * other stable kernels with that fix), walks the dentries itself (path.h).
  */
 #include "common.h"
 
@@ -43,8 +47,7 @@ struct vm_area_struct___named {
 	flags & VM_EXEC ? 'x' : '-', flags & VM_MAYSHARE ? 's' : 'p', \
 	pgoff, dev >> MINORBITS, dev & ((1U << MINORBITS) - 1), ino
 
-SEC("iter/task_vma")
-int dump_vmas(struct bpf_iter__task_vma *ctx)
+static __always_inline int dump_vma(struct bpf_iter__task_vma *ctx, const bool d_path)
 {
 	struct seq_file *seq = ctx->meta->seq;
 	struct task_struct *task = ctx->task;
@@ -71,7 +74,7 @@ int dump_vmas(struct bpf_iter__task_vma *ctx)
 	if (bpf_core_field_exists(((struct vm_area_struct___named *)vma)->anon_name))
 		anon_name = BPF_CORE_READ((struct vm_area_struct___named *)vma, anon_name);
 
-	file = vma->vm_file;	/* a BTF pointer: bpf_d_path needs it */
+	file = d_path ? vma->vm_file : BPF_CORE_READ(vma, vm_file); /* bpf_d_path: a BTF pointer */
 	if (file) {
 		struct inode *inode;
 
@@ -87,7 +90,7 @@ int dump_vmas(struct bpf_iter__task_vma *ctx)
 		}
 
 		BPF_SEQ_PRINTF(seq, VMA_FMT, VMA_ARGS);
-		put_d_path(seq, " ", path, file);
+		put_d_path(seq, " ", path, file, d_path);
 		return 0;
 	}
 
@@ -117,4 +120,16 @@ int dump_vmas(struct bpf_iter__task_vma *ctx)
 	}
 	BPF_SEQ_PRINTF(seq, VMA_FMT "\n", VMA_ARGS);
 	return 0;
+}
+
+SEC("iter/task_vma")
+int dump_vmas(struct bpf_iter__task_vma *ctx)
+{
+	return dump_vma(ctx, true);
+}
+
+SEC("iter/task_vma")
+int dump_vmas_walk(struct bpf_iter__task_vma *ctx)
+{
+	return dump_vma(ctx, false);
 }
