@@ -7,12 +7,14 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from dataclasses import asdict
 
 from . import config, mount, targets
+from .builtins import builtins
 from .dumpers import DEFAULT_STATE_DIR, VIEWS, Dumper, DumperError, Params, Spec, StateDir
 
 log = logging.getLogger("bpfdumpfs")
@@ -165,26 +167,43 @@ def cmd_info(args) -> int:
 
 def cmd_targets(args) -> int:
     found = targets.running_kernel()
+    state = StateDir(args.state_dir)
+    served: dict[str, list[dict]] = {}
+    for b in builtins():
+        served.setdefault(b.target, []).append(
+            {"name": b.name, "pinned": state.pin_path(b.target, b.name).exists()})
     if args.json:
-        print(json.dumps([{"name": t.name, "params": [asdict(p) for p in t.params]}
+        print(json.dumps([{"name": t.name, "params": [asdict(p) for p in t.params],
+                           "builtins": served.get(t.name, [])}
                           for t in found.values()], indent=2))
         return 0
     for t in found.values():
         params = "; ".join(("" if p.required else "optional ") + p.help for p in t.params)
-        print(f"{t.name:20} {params or '-'}")
+        names = ",".join(b["name"] + ("" if b["pinned"] else " (not pinned)")
+                         for b in served.get(t.name, []))
+        print(f"{t.name:20} {names or '-':24} {params or '-'}")
     return 0
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def _labels(text: str) -> dict[str, str]:
+    """The labels of an OpenMetrics sample, unescaped (values may hold ',' and '"')."""
+    return {k: re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group(0)], v)
+            for k, v in _LABEL.findall(text)}
 
 
 def _parse_stats(text: str) -> dict:
     """The few numbers `status` shows, from MOUNT/.stats."""
-    info: dict = {"dumpers_read": set(), "handles": 0, "errors": 0, "opens": 0}
+    info: dict = {"handles": 0, "errors": 0, "opens": 0, "unavailable": {}}
     for line in text.splitlines():
         if line.startswith("#") or not line:
             continue
         name, _, value = line.rpartition(" ")
         metric, _, labels = name.partition("{")
-        fields = dict(kv.split("=", 1) for kv in labels.rstrip("}").split(",") if "=" in kv)
-        fields = {k: v.strip('"') for k, v in fields.items()}
+        fields = _labels(labels)
         if metric == "bpfdumpfs_info":
             info.update(fields)
         elif metric == "bpfdumpfs_start_time_seconds":
@@ -195,7 +214,8 @@ def _parse_stats(text: str) -> dict:
             info["errors"] += int(value)
         elif metric == "bpfdumpfs_opens_total":
             info["opens"] += int(value)
-    info.pop("dumpers_read")
+        elif metric == "bpfdumpfs_builtin_unavailable":
+            info["unavailable"][fields["builtin"]] = fields["reason"]
     return info
 
 
@@ -228,6 +248,8 @@ def cmd_status(args) -> int:
         print(f"  open files  {info['handles']}")
         print(f"  opens       {info['opens']}")
         print(f"  errors      {info['errors']}")
+        for name, why in sorted(info["unavailable"].items()):
+            print(f"  not served  {name}: {why}")
     return 0
 
 
@@ -340,8 +362,9 @@ def parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("targets", help="the iterator targets of the running kernel",
-                       description="List this kernel's iterator targets (from its BTF) and "
-                       "the parameters each takes.")
+                       description="List this kernel's iterator targets (from its BTF), "
+                       "the built-in dumpers of each (marked if not pinned in the state "
+                       "dir: `bpfdumpfs status` says why) and the parameters each takes.")
     t.add_argument("--json", action="store_true", help="machine-readable output")
     _state_dir_arg(t)  # accepted like everywhere; targets are the kernel's, not the state's
     t.set_defaults(func=cmd_targets)

@@ -30,8 +30,10 @@ class _Dumper:
 
 
 class Metrics:
-    def __init__(self, mountpoint: str, state_dir: str) -> None:
+    def __init__(self, mountpoint: str, state_dir: str,
+                 unavailable: dict[str, str] | None = None) -> None:
         self.mountpoint, self.state_dir = mountpoint, state_dir
+        self.unavailable = dict(unavailable or {})  # built-in TARGET/NAME -> why not served
         self.started = time.time()
         self.by_dumper: dict[str, _Dumper] = defaultdict(_Dumper)
         self.lock = threading.Lock()  # counted from the device's threads and trio's
@@ -72,7 +74,12 @@ class Metrics:
             ("# HELP bpfdumpfs_read_ahead_bytes Read from the kernel ahead of their readers, "
              "all streams (limit: read_ahead_mib)."),
             f"bpfdumpfs_read_ahead_bytes {read_ahead}",
+            "# TYPE bpfdumpfs_builtin_unavailable gauge",
+            ("# HELP bpfdumpfs_builtin_unavailable A built-in dumper this kernel does not "
+             "serve, and why."),
         ]
+        out += [f'bpfdumpfs_builtin_unavailable{{builtin="{_esc(name)}",reason="{_esc(why)}"}} 1'
+                for name, why in sorted(self.unavailable.items())]
         with self.lock:
             rows = sorted((k, copy.deepcopy(v)) for k, v in self.by_dumper.items())
         families = [

@@ -611,6 +611,17 @@ def test_targets_lists_this_kernels_targets_and_their_parameters():
     assert "--pid" in line["task"] and "optional" in line["task"]
 
 
+def test_targets_name_the_builtin_serving_each_and_whether_it_is_pinned(tree, bare):
+    found = {t["name"]: t["builtins"] for t in json.loads(ok(cli(tree.state, "targets",
+                                                                   "--json")))}
+    assert found["task"] == [{"name": "tasks", "pinned": True}]
+    assert found["tcp"] == [{"name": "tcp", "pinned": True}, {"name": "tcp6", "pinned": True}]
+    assert found["bpf_map_elem"] == []
+    line = {ln.split()[0]: ln for ln in ok(cli(bare, "targets")).splitlines()}
+    assert line["task_vma"].split()[1:4] == ["vmas", "(not", "pinned)"]
+    assert line["bpf_map_elem"].split()[1] == "-"
+
+
 # -- --replace ---------------------------------------------------------------------------------
 
 def test_replace_swaps_the_program_atomically(served, objs):
