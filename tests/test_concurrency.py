@@ -26,19 +26,21 @@ def settled_seq_fds(pid: int) -> int:
             return now
         last = now
 
-# Each task costs SPIN empty bpf_loop iterations: a dump of ~100 tasks takes seconds,
-# all of it inside read() calls the daemon cannot interrupt or poll.
+# Each task costs SPIN_NS of the CPU, measured with bpf_ktime_get_ns so it is slow on any
+# machine: a dump of ~100 tasks takes seconds, all of it inside read() calls the daemon
+# cannot interrupt or poll. bpf_loop's bound (1 << 23 calls) is far more than 20 ms.
 SLOW = r"""
 #include "common.h"
-const volatile __u32 spin = 1 << 22;
-static long nop(__u32 i, void *ctx) { return 0; }
+const volatile __u64 spin_ns = 20 * 1000 * 1000;
+static long spin(__u32 i, void *until) { return bpf_ktime_get_ns() >= *(__u64 *)until; }
 SEC("iter/task")
 int dump_slow(struct bpf_iter__task *ctx)
 {
 	struct task_struct *t = ctx->task;
+	__u64 until = bpf_ktime_get_ns() + spin_ns;
 	if (!t)
 		return 0;
-	bpf_loop(spin, nop, NULL, 0);
+	bpf_loop(1 << 23, spin, &until, 0);
 	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\n", t->pid);
 	return 0;
 }
@@ -200,14 +202,14 @@ def test_reader_killed_mid_read_frees_its_seq_file(slow, tree):
     assert seq_fds(pid) == base
 
 
-def test_streaming_readers_killed_while_their_read_waits_free_their_seq_files(tree):
-    """8 cats of kallsyms share 2 CPUs, so each mostly waits for its producer, its READ
-    left with it. SIGKILLed there, every seq_file is closed within seconds, and the
+def test_streaming_readers_killed_while_their_read_waits_free_their_seq_files(slow, tree):
+    """8 cats of the slow dumper share 2 CPUs, so each mostly waits for its producer, its
+    READ left with it. SIGKILLed there, every seq_file is closed within seconds, and the
     tree serves on."""
     pid = tree.proc.pid
     base = settled_seq_fds(pid)
-    cats = [subprocess.Popen(["cat", str(tree.mnt / "ksym" / "kallsyms")],
-                             stdout=subprocess.DEVNULL) for _ in range(8)]
+    cats = [subprocess.Popen(["cat", str(slow)], stdout=subprocess.DEVNULL)
+            for _ in range(8)]
     time.sleep(0.3)
     assert seq_fds(pid) > base
     for c in cats:
