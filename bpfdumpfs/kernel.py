@@ -11,9 +11,11 @@ its object. Nothing here knows about dumpers, state directories or FUSE.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 import cffi
@@ -545,12 +547,60 @@ def _open_object(lib, path: str):
     if magic != b"\x7fELF":
         raise DumperError(errno.ENOEXEC, f"opening BPF object {path}",
                           "it is not an ELF file; compile it with clang -target bpf")
-    obj = lib.bpf_object__open_file(os.fsencode(path), ffi.NULL)
+    opts = ffi.new("struct bpf_object_open_opts *")
+    opts.sz = ffi.sizeof("struct bpf_object_open_opts")
+    config = kconfig()
+    if config:
+        keep = ffi.new("char[]", config.encode())
+        opts.kconfig = keep
+    obj = lib.bpf_object__open_file(os.fsencode(path), opts)
     if obj == ffi.NULL:
         err = ffi.errno or errno.EINVAL
         raise DumperError(err, f"opening BPF object {path}",
                           _last_messages() or "is it a BPF ELF object (clang -target bpf)?")
     return obj
+
+
+HZ_CHOICES = (100, 250, 300, 1000)  # the values Kconfig offers for CONFIG_HZ
+
+
+def system_kconfig() -> str | None:
+    """The Kconfig file libbpf reads for __kconfig externs, if this system has one."""
+    for path in (f"/boot/config-{os.uname().release}", "/proc/config.gz"):
+        if os.access(path, os.R_OK):
+            return path
+    return None
+
+
+def measured_hz(interval: float = 0.1) -> int | None:
+    """CONFIG_HZ, measured: jiffies (from /proc/timer_list) over INTERVAL seconds of
+    CLOCK_MONOTONIC, rounded to the nearest value Kconfig allows; None if unreadable."""
+    def sample() -> tuple[int, float]:
+        with open("/proc/timer_list") as f:
+            for line in f:
+                if line.startswith("jiffies: "):
+                    return int(line.split()[1]), time.monotonic()
+        raise ValueError("no jiffies line")
+    try:
+        j0, t0 = sample()
+        time.sleep(interval)
+        j1, t1 = sample()
+    except (OSError, ValueError):
+        return None
+    rate = (j1 - j0) / (t1 - t0)
+    return min(HZ_CHOICES, key=lambda hz: abs(hz - rate))
+
+
+@functools.cache
+def kconfig() -> str | None:
+    """Kconfig text for libbpf where the system has no Kconfig file to read (most
+    distribution kernels lack /proc/config.gz, and containers and guests /boot):
+    without it, libbpf refuses any object with a __kconfig extern. Built-ins use
+    CONFIG_HZ alone, which the running kernel shows by counting its jiffies."""
+    if system_kconfig():
+        return None
+    hz = measured_hz()
+    return f"CONFIG_HZ={hz}\n" if hz else None
 
 
 def _programs(lib, obj):

@@ -3,6 +3,7 @@ least), one command rebuilds them, and a built-in that cannot load is reported."
 from __future__ import annotations
 
 import errno
+import gzip
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfdumpfs import Dumper, DumperError, cli, mount
+from bpfdumpfs import Dumper, DumperError, cli, kernel, mount
 from bpfdumpfs.builtins import HERE, Builtin, builtins
 from bpfdumpfs.compile import compile_source
 from bpfdumpfs.dumpers import Params, StateDir
@@ -175,3 +176,32 @@ def test_a_builtin_without_its_target_is_reported(tmp_path, monkeypatch):
                                   "No such file or directory (ENOENT); "
                                   "this kernel has no task iterator target"}
 
+
+
+def system_hz() -> int:
+    path = kernel.system_kconfig()
+    need(path is not None, "a Kconfig file (/boot/config-RELEASE or /proc/config.gz)")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+        return next(int(ln.split("=")[1]) for ln in f if ln.startswith("CONFIG_HZ="))
+
+
+def test_measured_hz_is_the_kernels_config_hz():
+    need_kernel()
+    assert kernel.measured_hz() == system_hz()
+
+
+def test_builtins_with_kconfig_externs_load_where_the_system_has_no_kconfig(monkeypatch):
+    """libbpf refuses a __kconfig extern it cannot resolve, and most hosts have no
+    Kconfig to read: the daemon gives it the values it measures instead."""
+    need_kernel()
+    hz = system_hz()
+    monkeypatch.setattr(kernel, "system_kconfig", lambda: None)
+    kernel.kconfig.cache_clear()
+    try:
+        assert kernel.kconfig() == f"CONFIG_HZ={hz}\n"
+        for b in builtins():
+            if b.name in ("tcp", "tcp6"):
+                with b.load() as d:
+                    assert d.read().startswith(b"  sl  local_address")
+    finally:
+        kernel.kconfig.cache_clear()

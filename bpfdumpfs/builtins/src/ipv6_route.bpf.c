@@ -6,7 +6,8 @@
  *   DST PLEN SRC PLEN GATEWAY METRIC REFCNT USE FLAGS DEV
  * with addresses as 32 hex digits, RTF_GATEWAY added to the flags when the
  * next hop has a gateway, the source prefix printed only when the kernel is
- * built with CONFIG_IPV6_SUBTREES (zeros otherwise, as /proc does), and for
+ * built with CONFIG_IPV6_SUBTREES (zeros otherwise, as /proc does; known by
+ * whether fib6_info has fib6_src, not from Kconfig, which a host may lack), and for
  * routes using a nexthop object the first IPv6 next hop of that object
  * (nexthop_fib6_nh()). The iterator walks the same tables with the same
  * walker as /proc and takes no reference on the routes, so REFCNT is as
@@ -20,8 +21,6 @@
 
 #define AF_INET6	10
 #define RTF_GATEWAY	0x0002
-
-extern bool CONFIG_IPV6_SUBTREES __kconfig __weak;
 
 static const char zeros[] = "00000000000000000000000000000000";
 
@@ -65,7 +64,7 @@ int dump_ipv6_route(struct bpf_iter__ipv6_route *ctx)
 	flags = rt->fib6_flags;
 
 	BPF_SEQ_PRINTF(seq, "%pi6 %02x ", &rt->fib6_dst.addr, rt->fib6_dst.plen);
-	if (CONFIG_IPV6_SUBTREES)
+	if (bpf_core_field_exists(rt->fib6_src))
 		BPF_SEQ_PRINTF(seq, "%pi6 %02x ", &rt->fib6_src.addr, rt->fib6_src.plen);
 	else
 		BPF_SEQ_PRINTF(seq, "%s 00 ", zeros);
