@@ -10,11 +10,13 @@ would see the host.
   changes only the calling thread, so no other work can ever run there. A thread
   idle for NET_IDLE seconds ends (it keeps its namespace alive while it lives).
 - Pid: setns(CLONE_NEWPID) does not move the caller, only its future children,
-  so a helper process is forked inside the namespace (`python -m
-  bpfdumpfs.nshelper`); it receives the link fd over a unix socket
-  (SCM_RIGHTS), creates the seq_file and sends the fd back. A helper serves its
-  namespace until the daemon stops or the namespace's init dies (the kernel
-  then kills the helper too).
+  so a helper process (`python -I -m bpfdumpfs.nshelper`, de-privileged and
+  chrooted: see there) forks a short-lived child into the namespace for each
+  seq_file. It receives the link fd over a unix socket (SCM_RIGHTS) and sends
+  the seq_file back. A helper ends after nshelper.IDLE seconds without a
+  request; at most MAX_PID_HELPERS run at once, each answers within
+  HELPER_DEADLINE seconds or is killed, and at most MAX_PENDING opens wait for
+  one.
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 NET_TARGETS = frozenset({"tcp", "udp", "unix", "netlink", "ipv6_route"})
 PID_TARGETS = frozenset({"task", "task_file", "task_vma"})
 NET_IDLE = 30.0
+MAX_NET_THREADS = 64   # namespaces with a thread at once; beyond, opens there get EAGAIN
+MAX_PID_HELPERS = 64   # helper processes at once, likewise
+MAX_PENDING = 16       # opens waiting for one helper
+HELPER_DEADLINE = 5.0  # seconds a helper has to answer before it is killed
 CLONE_NEWNET, CLONE_NEWPID = 0x40000000, 0x20000000
 
 _ffi = cffi.FFI()
@@ -123,26 +129,41 @@ class _NetThread:
 
 
 class _PidHelper:
-    """`python -m bpfdumpfs.nshelper` forked inside one pid namespace."""
+    """`python -I -m bpfdumpfs.nshelper` for one pid namespace."""
 
     def __init__(self, ns_fd: int, ino: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # isolated (-I) and from /: nothing on the import path that another user wrote
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bpfdumpfs.nshelper", str(ns_fd), str(theirs.fileno())],
-                pass_fds=(ns_fd, theirs.fileno()), stdin=subprocess.DEVNULL)
+                [sys.executable, "-I", "-m", "bpfdumpfs.nshelper", str(ns_fd),
+                 str(theirs.fileno())],
+                pass_fds=(ns_fd, theirs.fileno()), stdin=subprocess.DEVNULL, cwd="/")
         finally:
             theirs.close()
             os.close(ns_fd)
         self.ino = ino
         self.sock = trio.socket.from_stdlib_socket(ours)
         self.lock = trio.Lock()
+        self.pending = 0
 
     async def open_fd(self, dumper: Dumper) -> int:
-        async with self.lock:
-            await self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              array.array("i", [dumper.fd]))])
-            msg, anc, _flags, _addr = await self.sock.recvmsg(64, socket.CMSG_SPACE(4))
+        if self.pending >= MAX_PENDING:
+            raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label} in pid namespace "
+                              f"{self.ino}: {self.pending} opens wait there already",
+                              "retry later")
+        self.pending += 1
+        try:
+            with trio.fail_after(HELPER_DEADLINE):
+                async with self.lock:
+                    await self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                      array.array("i", [dumper.fd]))])
+                    msg, anc, _flags, _addr = await self.sock.recvmsg(64, socket.CMSG_SPACE(4))
+        except trio.TooSlowError:
+            self.proc.kill()  # a helper that does not answer serves nobody again
+            raise ConnectionError("namespace helper did not answer") from None
+        finally:
+            self.pending -= 1
         if not msg:
             raise ConnectionError("namespace helper exited")
         if msg[:1] == b"e":
@@ -220,6 +241,11 @@ class Namespaces:
     async def _in_net(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
         with self.lock:
             t = self.net.get(ino)
+            if t is None and len(self.net) >= MAX_NET_THREADS:
+                os.close(ns_fd)
+                raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label}: "
+                                  f"{len(self.net)} network namespaces have a thread already",
+                                  "retry later (the limit is MAX_NET_THREADS)")
             if t is None:
                 try:
                     t = self.net[ino] = _NetThread(ns_fd, ino, self._net_gone)
@@ -240,21 +266,40 @@ class Namespaces:
                 del self.net[t.ino]
 
     async def _in_pid(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
-        helper = self.pid.get(ino)
-        if helper is None:
-            helper = self.pid[ino] = _PidHelper(ns_fd, ino)
-        else:
-            os.close(ns_fd)
+        """A seq_file from the namespace's helper. A helper found gone (ended when idle;
+        its namespace's inode number may since name a new namespace) is replaced once:
+        the first open in a namespace never fails for an earlier one's helper."""
+        self._reap()
         try:
-            return await helper.open_fd(dumper)
-        except (ConnectionError, OSError) as e:
-            if isinstance(e, DumperError):
-                raise
-            # the namespace (and so the helper) is gone; a later open starts a new one
-            self.pid.pop(ino, None)
-            helper.close()
-            raise DumperError(errno.ESRCH, f"opening dumper {dumper.label}: the reader's "
-                              "pid namespace is gone") from None
+            for attempt in (1, 2):
+                helper = self.pid.get(ino)
+                if helper is None:
+                    if len(self.pid) >= MAX_PID_HELPERS:
+                        raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label}: "
+                                          f"{len(self.pid)} pid namespace helpers run already",
+                                          "retry later (the limit is MAX_PID_HELPERS)")
+                    helper = self.pid[ino] = _PidHelper(os.dup(ns_fd), ino)
+                try:
+                    return await helper.open_fd(dumper)
+                except (ConnectionError, OSError) as e:
+                    if isinstance(e, DumperError):
+                        raise
+                    if self.pid.get(ino) is helper:
+                        del self.pid[ino]
+                    helper.close()
+                    if attempt == 2:
+                        raise DumperError(errno.ESRCH, f"opening dumper {dumper.label} in pid "
+                                          f"namespace {ino}", f"its helper failed: {e}"
+                                          ) from None
+        finally:
+            os.close(ns_fd)
+
+    def _reap(self) -> None:
+        """Forget helpers that ended (idle), and collect their exit status."""
+        for ino, h in list(self.pid.items()):
+            if h.proc.poll() is not None:
+                del self.pid[ino]
+                h.close()
 
     def close(self) -> None:
         with self.lock:

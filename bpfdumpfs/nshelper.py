@@ -1,11 +1,24 @@
-"""The helper process of namespaces.py: lives in a reader's pid namespace and
-creates seq_files there.
+"""The helper process of namespaces.py: creates seq_files in a reader's pid namespace.
 
-Run as `python -m bpfdumpfs.nshelper NS_FD SOCK_FD`: it joins the pid namespace
-(which only affects its children), forks the server into it, and stays outside
-as the server's parent so that a container's init never has to reap it.
-Protocol on the SEQPACKET socket: the daemon sends one link fd (SCM_RIGHTS);
-the answer is b"f" with the seq_file fd, or b"e<errno>".
+Run as `python -I -m bpfdumpfs.nshelper NS_FD SOCK_FD` (cwd /). setns() of a pid
+namespace moves only the caller's future children, so for each request the
+helper forks a child, which is born in the namespace, makes the seq_file and
+exits; the helper reaps it before answering. Nothing of bpfdumpfs lives in the
+reader's namespace between requests: a container does not see the helper in
+`ps`, in /proc or in its own task dumps, and has nothing there to attach to.
+
+Whoever reaches the helper anyway (a child, in the instant it lives) finds
+nothing worth having: before serving, the helper drops to nobody with no
+capabilities (CAP_BPF alone on kernels before 6.5, where every bpf(2) command
+needs it when unprivileged BPF is off), sets no_new_privs and dumpable 0, closes
+every fd but its socket, and chroots into an empty read-only tmpfs in a mount
+namespace of its own. It holds no link fd at rest: each request's is closed once
+its seq_file is made.
+
+Protocol on the SEQPACKET socket: the daemon sends b"c" with one link fd
+(SCM_RIGHTS); the answer is b"f" with the seq_file fd, or b"e<errno>". The
+helper exits when the daemon closes the socket, or after IDLE seconds without a
+request.
 """
 from __future__ import annotations
 
@@ -19,50 +32,141 @@ import cffi
 from . import kernel
 from .errors import DumperError
 
-CLONE_NEWPID = 0x20000000
-PR_SET_NAME = 15
-COMM = b"bpfdumpfs-ns"  # how the helper shows in the namespace's ps and task dumps
+IDLE = 5.0
+NOBODY = 65534
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
+PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_CAPBSET_DROP = 4, 8, 24
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
+CAP_BPF, CAP_LAST_CAP = 39, 63
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+ffi = cffi.FFI()
+ffi.cdef("""
+    int setns(int fd, int nstype);
+    int unshare(int flags);
+    int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
+              unsigned long a5);
+    int mount(const char *source, const char *target, const char *fstype,
+              unsigned long flags, const void *data);
+    int chroot(const char *path);
+    struct cap_header { uint32_t version; int pid; };
+    struct cap_data { uint32_t effective, permitted, inheritable; };
+    int capset(struct cap_header *header, const struct cap_data *data);
+""")
+libc = ffi.dlopen(None)
 
 
-def serve(sock: socket.socket) -> None:
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        raise OSError(ffi.errno, f"{what}: {os.strerror(ffi.errno)}")
+
+
+def kept_caps(release: str = os.uname().release) -> set[int]:
+    """The capabilities BPF_ITER_CREATE needs on kernel RELEASE: none from 6.5 on
+    (capabilities are checked at map create and program load only); before, CAP_BPF."""
+    major, minor = (int(x) for x in release.split(".")[:2])
+    return set() if (major, minor) >= (6, 5) else {CAP_BPF}
+
+
+def harden(sock_fd: int) -> None:
+    """Make this process worth nothing to anyone who reaches it (see the module doc)."""
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.closerange(3, sock_fd)
+    os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    # an empty, read-only root in a mount namespace of our own: nothing of the host's
+    # tree through /proc/PID/root, and nothing to write there either
+    _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(libc.mount(b"none", b"/", ffi.NULL, MS_REC | MS_PRIVATE, ffi.NULL), "mount --make-rprivate /")
+    _check(libc.mount(b"bpfdumpfs-empty", b"/tmp", b"tmpfs",
+                      MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=0555"),
+           "mounting an empty tmpfs")
+    os.chdir("/tmp")
+    _check(libc.chroot(b"."), "chroot")
+    os.chdir("/")
+    keep = kept_caps()
+    for cap in range(CAP_LAST_CAP + 1):
+        if cap not in keep:
+            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past this kernel's last cap
+    _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clearing ambient caps")
+    _check(libc.prctl(PR_SET_KEEPCAPS, 1 if keep else 0, 0, 0, 0), "PR_SET_KEEPCAPS")
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+    header = ffi.new("struct cap_header *", {"version": LINUX_CAPABILITY_VERSION_3})
+    data = ffi.new("struct cap_data[2]")
+    for cap in keep:
+        data[cap // 32].effective |= 1 << (cap % 32)
+        data[cap // 32].permitted |= 1 << (cap % 32)
+    _check(libc.capset(header, data), "capset")
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+
+
+def _make(link_fd: int, back: socket.socket) -> None:
+    """In the forked child: make the seq_file and hand it to the helper."""
+    try:
+        fd = kernel.iter_create(link_fd)
+    except DumperError as e:
+        back.send(b"e%d" % e.errno)
+    else:
+        socket.send_fds(back, [b"f"], [fd])
+
+
+def _request(link_fd: int, here: socket.socket, there: socket.socket) -> tuple[bytes, list[int]]:
+    try:
+        child = os.fork()
+    except OSError as e:
+        # ENOMEM: the namespace's init has died, and no task can be born there
+        return b"e%d" % (errno.ESRCH if e.errno == errno.ENOMEM else e.errno), []
+    if child == 0:
+        try:
+            _make(link_fd, there)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)  # reaped before the answer: the reader's dump never shows it
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(here, 16, 1, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b"e%d" % errno.EIO, []
+    return msg, fds
+
+
+def serve(sock: socket.socket, here: socket.socket, there: socket.socket) -> None:
+    sock.settimeout(IDLE)
     while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
+        except TimeoutError:
+            return
         if not msg:
             return
         try:
-            fd = kernel.iter_create(fds[0]) if fds else None
-        except DumperError as e:
-            sock.send(b"e%d" % e.errno)
-        else:
-            if fd is None:
-                sock.send(b"e%d" % errno.EINVAL)
-            else:
-                socket.send_fds(sock, [b"f"], [fd])
-                os.close(fd)
+            reply, out = _request(fds[0], here, there) if fds else (b"e%d" % errno.EINVAL, [])
         finally:
             for f in fds:
+                os.close(f)
+        try:
+            socket.send_fds(sock, [reply], out) if out else sock.send(reply)
+        finally:
+            for f in out:
                 os.close(f)
 
 
 def main() -> int:
     ns_fd, sock_fd = int(sys.argv[1]), int(sys.argv[2])
-    ffi = cffi.FFI()
-    ffi.cdef("int setns(int fd, int nstype); int prctl(int option, ...);")
-    libc = ffi.dlopen(None)
-    if libc.setns(ns_fd, CLONE_NEWPID) != 0:
-        print(f"bpfdumpfs nshelper: setns: {os.strerror(ffi.errno)}", file=sys.stderr)
+    try:
+        _check(libc.setns(ns_fd, CLONE_NEWPID), "setns(CLONE_NEWPID)")
+        os.close(ns_fd)
+        harden(sock_fd)
+    except OSError as e:
+        print(f"bpfdumpfs nshelper: {e}", file=sys.stderr)
         return 1
-    os.close(ns_fd)
-    sock = socket.socket(fileno=sock_fd)
-    child = os.fork()
-    if child == 0:
-        try:
-            libc.prctl(PR_SET_NAME, ffi.new("char[]", COMM))
-            serve(sock)
-        finally:
-            os._exit(0)
-    sock.close()
-    os.waitpid(child, 0)
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    serve(socket.socket(fileno=sock_fd), here, there)
     return 0
 
 

@@ -2,6 +2,7 @@
 targets their pid namespace -- not the daemon's."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from bpfdumpfs.nshelper import kept_caps
 from helpers import Daemon, bpfdumpfs, mount_bpffs, unmount
 
 TCP_OBJ = "bpfdumpfs/builtins/tcp.bpf.o"
@@ -68,8 +70,7 @@ def test_view_daemon_shows_the_daemons_namespace(tree, host_listener):
 
 
 def nshelpers() -> int:
-    out = subprocess.run(["pgrep", "-fc", "bpfdumpfs.nshelper"], capture_output=True, text=True)
-    return int(out.stdout.strip() or 0)
+    return len(helper_pids())
 
 
 def test_pid_reader_sees_only_its_own_tasks(tree):
@@ -84,8 +85,8 @@ def test_pid_reader_sees_only_its_own_tasks(tree):
     lines = tasks.splitlines()
     assert lines[0].split() == ["PID", "TGID", "PPID", "S", "UID", "COMM"]
     rows = {ln.split()[5]: ln.split()[:3] for ln in lines[1:]}
-    # the shell, sleep and cat -- and the helper that created the seq_file in there
-    assert sorted(rows) == sorted(["sh", "sleep", "cat", "bpfdumpfs-ns"]), rows
+    # the shell, sleep and cat: nothing of the daemon's lives in the namespace
+    assert sorted(rows) == sorted(["sh", "sleep", "cat"]), rows
     assert rows["sh"] == ["1", "1", "0"]  # the namespace's init; its parent is outside
     procs = {comm: [pid, ppid] for pid, ppid, comm in map(str.split, ps.splitlines())}
     for comm in ("sh", "sleep"):
@@ -95,7 +96,7 @@ def test_pid_reader_sees_only_its_own_tasks(tree):
     assert 1 in pids and max(pids) < 20, pids
     host = (tree.mnt / "task" / "tasks").read_text()
     assert len(host.splitlines()) > 20
-    # the namespace is gone with its init, and so is its helper
+    # the namespace is gone with its init, and its helper ends idle
     deadline = time.monotonic() + 10
     while nshelpers() > before and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -128,3 +129,49 @@ def test_reader_pid_invisible_to_daemon_is_refused(daemon_in_own_pidns):
     bpfdumpfs("add", "daemontcp", TCP_OBJ, "--view", "daemon", "--mode", "0444",
               "--state-dir", str(d.state))
     assert (d.mnt / "tcp" / "daemontcp").read_text().startswith("  sl  local_address")
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(ln.rstrip("\n").split(":\t", 1) for ln in f if ":\t" in ln)
+
+
+def test_the_pid_helper_is_worth_nothing_to_whoever_reaches_it(tree):
+    """It runs as nobody with no capabilities and no way to gain any, not dumpable (so
+    nobody, its own uid, cannot read its memory or attach), rooted in an empty
+    read-only tmpfs, holding its socket and nothing else: no link fd at rest."""
+    before = set(helper_pids())
+    p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "cat",
+                        str(tree.mnt / "task" / "tasks")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    new = set(helper_pids()) - before
+    assert len(new) == 1, new
+    pid = new.pop()
+    st = status_fields(pid)
+    assert st["Uid"].split() == ["65534"] * 4 and st["Gid"].split() == ["65534"] * 4
+    assert st["Groups"].strip() == ""
+    caps = sum(1 << cap for cap in kept_caps())  # none from 6.5 on, CAP_BPF before
+    for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(st[field], 16) & ~caps == 0, (field, st[field])
+    assert st["NoNewPrivs"].strip() == "1"
+    # not dumpable: its /proc files are root's, and its own uid cannot read them
+    assert os.stat(f"/proc/{pid}/environ").st_uid == 0
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                        "cat", f"/proc/{pid}/environ"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    # its root: empty, and not even root can write there
+    root = f"/proc/{pid}/root"
+    assert os.listdir(root) == []
+    with pytest.raises(OSError) as e:
+        open(f"{root}/proof", "w")
+    assert e.value.errno == errno.EROFS
+    fds = {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+    assert fds[0] == fds[1] == "/dev/null"
+    assert all(target.startswith("socket:[") for fd, target in fds.items() if fd > 2), fds
+    assert len(fds) <= 6, fds  # stdio, the daemon's socket, its own pair to its children
+
+
+def helper_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "bpfdumpfs.nshelper"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
