@@ -12,8 +12,9 @@ import time
 
 import pytest
 
+from bpfdumpfs.namespaces import HELPER_DEADLINE
 from bpfdumpfs.nshelper import kept_caps
-from helpers import Daemon, bpfdumpfs, mount_bpffs, unmount
+from helpers import Daemon, bpfdumpfs, eventually, mount_bpffs, unmount
 
 TCP_OBJ = "bpfdumpfs/builtins/tcp.bpf.o"
 
@@ -175,3 +176,44 @@ def test_the_pid_helper_is_worth_nothing_to_whoever_reaches_it(tree):
 def helper_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "bpfdumpfs.nshelper"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def test_the_first_read_in_a_new_pid_namespace_succeeds_every_time(tree):
+    """Namespaces come and go and the kernel reuses their inode numbers: a new one is
+    never taken for a dead one whose helper is gone."""
+    for _ in range(6):
+        subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], check=True)
+        p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "cat",
+                            str(tree.mnt / "task" / "tasks")], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert [ln.split()[5] for ln in p.stdout.splitlines()[1:]] == ["cat"]
+
+
+def test_a_helper_that_stops_answering_is_replaced_at_its_deadline(tree):
+    """A stopped helper is killed at its deadline and its open is retried once with a
+    new helper; other readers are served meanwhile."""
+    ns = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sleep", "60"])
+    try:
+        assert eventually(lambda: subprocess.run(["pgrep", "-P", str(ns.pid)],
+                                                 capture_output=True).returncode == 0)
+        inner = int(subprocess.run(["pgrep", "-P", str(ns.pid)], capture_output=True,
+                                   text=True).stdout.split()[0])
+        enter = ["nsenter", "-t", str(inner), "-p", "-m"]
+        before = set(helper_pids())
+        assert subprocess.run([*enter, "cat", str(tree.mnt / "task" / "tasks")],
+                              capture_output=True).returncode == 0
+        stopped = (set(helper_pids()) - before).pop()
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.monotonic()
+        slow = subprocess.Popen([*enter, "cat", str(tree.mnt / "task" / "tasks")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        assert (tree.mnt / "ksym" / "kallsyms").read_bytes()  # served meanwhile
+        assert time.monotonic() - t0 < 3
+        assert slow.wait(timeout=30) == 0, slow.stderr.read()
+        assert HELPER_DEADLINE <= time.monotonic() - t0 < HELPER_DEADLINE + 5
+        assert stopped not in helper_pids()
+    finally:
+        ns.kill()
+        ns.wait()
