@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import kernel
+from . import kernel, privilege
 from .dumpers import (NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name,
                       is_dumper_name, iter_link_info)
 from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
+from .privilege import User
 from .reader import Budget, Pace, Reader
 from .watch import StateWatch
 
@@ -118,6 +119,7 @@ class Handle:
     label: str
     pid: int
     uid: int
+    user: User        # whose limits it counts in
     opened: float
     failed: int = 0   # errno the handle failed with: logged once, answered from then on
 
@@ -194,7 +196,7 @@ class Operations(pyfuse3.Operations):
         self.metrics = metrics
         self.limits = limits
         self.read_ahead = Budget(limits.read_ahead_mib << 20)
-        self.uid_handles: Counter[int] = Counter()  # counted from before their seq_file
+        self.uid_handles: Counter[User] = Counter()  # counted from before their seq_file
         self.opening = 0  # opens counted in the limits whose seq_file is being made
         self.unmade: dict[int, tuple] = {}  # fh -> what make_quick() needs
 
@@ -457,43 +459,57 @@ class Operations(pyfuse3.Operations):
             self.next_fh += 1
             return fh
 
-    def _new_handle(self, reader, label: str, uid: int, pid: int, fh: int = 0) -> int:
-        """Register READER as an open file, under FH if open_quick() answered with it."""
+    def _new_handle(self, reader, label: str, user: User, pid: int, fh: int = 0) -> int:
+        """Register READER as an open file counted by _reserve(), under FH if
+        open_quick() answered with it."""
         with self.lock:
+            self.opening -= 1
             fh = fh or self._new_fh()
-            self.handles[fh] = Handle(reader, label, pid, uid, time.monotonic())
+            self.handles[fh] = Handle(reader, label, pid, user[0], user, time.monotonic())
         return fh
 
-    def _reserve(self, uid: int) -> tuple[int, str] | None:
+    def _reserve(self, user: User) -> tuple[int, str] | None:
         """Count one more open by UID in the limits, or (errno, why) they refuse it.
         Counted before its seq_file is made, since making it may wait (in another
         namespace): opens that checked first and counted after all got past the limit
-        together (16 at once from a container, against a limit of 4)."""
+        together (16 at once from a container, against a limit of 4). .stats opens
+        count too: each holds its snapshot."""
         lim = self.limits
         with self.lock:
             files = len(self.handles) + self.opening
             if lim.max_handles and files >= lim.max_handles:
                 return errno.ENFILE, f"{files} files open, the limit (max_handles)"
-            if lim.max_handles_per_uid and self.uid_handles[uid] >= lim.max_handles_per_uid:
-                return errno.EMFILE, (f"the user has {self.uid_handles[uid]} files open, "
+            if lim.max_handles_per_uid and self.uid_handles[user] >= lim.max_handles_per_uid:
+                return errno.EMFILE, (f"the user has {self.uid_handles[user]} files open, "
                                       "the limit (max_handles_per_uid)")
-            self.uid_handles[uid] += 1
+            self.uid_handles[user] += 1
             self.opening += 1
             return None
 
-    def _unreserve(self, uid: int) -> None:
+    def _unreserve(self, user: User) -> None:
         """An open counted by _reserve() made no file."""
         with self.lock:
-            self.uid_handles[uid] -= 1
+            self.uid_handles[user] -= 1
             self.opening -= 1
 
-    def _opened(self, fd: int, pin: _Pin, label: str, uid: int, pid: int, fh: int = 0) -> int:
+    def _opened(self, fd: int, pin: _Pin, label: str, user: User, pid: int, fh: int = 0) -> int:
         """A handle for the new seq_file FD, of an open counted by _reserve()."""
         with self.lock:
-            self.opening -= 1
             self.metrics.opened(label)
-            reader = Reader(Stream(fd, label), pin.pace, self.read_ahead.account(uid))
-            return self._new_handle(reader, label, uid, pid, fh)
+            reader = Reader(Stream(fd, label), pin.pace, self.read_ahead.account(user))
+            return self._new_handle(reader, label, user, pid, fh)
+
+    def _may_read(self, key: tuple[str, str], uid: int, pid: int) -> bool:
+        """Whether the requester may read the dumper KEY, beyond the kernel's mode check
+        (see privilege.py): uid 0 reads a dumper that is not world-readable only with
+        CAP_SYS_ADMIN."""
+        if uid != 0:
+            return True
+        try:
+            mode = os.stat(self.state.pin_str(*key)).st_mode
+        except OSError:
+            return True  # gone: the open fails on its own
+        return bool(mode & stat.S_IROTH) or privilege.capable(pid, privilege.READ_PRIVATE_CAPS)
 
     def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:
         """Open without waiting for anything: a dumper whose link is cached, seen from
@@ -509,11 +525,14 @@ class Operations(pyfuse3.Operations):
         kind = kind_of(key[0])
         if pin.view == "reader" and kind and not self.namespaces.at_home(kind, pid):
             return None
+        if not self._may_read(key, uid, pid):
+            return None
+        user = privilege.user(uid, pid)
         with self.lock:
-            if pin.dumper is None or self._reserve(uid):
+            if pin.dumper is None or self._reserve(user):
                 return None
             fh = self._new_fh()
-            self.unmade[fh] = pin, f"{key[0]}/{key[1]}", uid, pid
+            self.unmade[fh] = pin, f"{key[0]}/{key[1]}", user, pid
             pin.making += 1
             return fh
 
@@ -522,43 +541,53 @@ class Operations(pyfuse3.Operations):
         now, the file fails: its reads get EIO, and the log says why. No request of
         the file can come first: the device thread that answered the open calls this
         before it reads /dev/fuse again."""
-        pin, label, uid, pid = self.unmade.pop(fh)
+        pin, label, user, pid = self.unmade.pop(fh)
         with self.lock:  # which pins are dropped under
             try:
                 fd = pin.dumper.open_fd()  # still open, even if the pin went (see drop)
             except DumperError as e:
-                self._unreserve(uid)
-                h = self.handles[self._new_handle(_Snapshot(b""), label, uid, pid, fh)]
+                h = self.handles[self._new_handle(_Snapshot(b""), label, user, pid, fh)]
                 self._fail(h, errno.EIO, str(e))
                 return
             finally:
                 pin.made()
-            self._opened(fd, pin, label, uid, pid, fh)
+            self._opened(fd, pin, label, user, pid, fh)
 
     async def open(self, inode, flags, ctx) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
+        user = privilege.user(ctx.uid, ctx.pid)
         if inode == STATS_INODE:
+            self._reserve_or_refuse(STATS_NAME, user, ctx)
             snapshot = _Snapshot(self.metrics.render(self.read_ahead.held))
-            return _file_info(self._new_handle(snapshot, STATS_NAME, ctx.uid, ctx.pid))
+            return _file_info(self._new_handle(snapshot, STATS_NAME, user, ctx.pid))
         key = self.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode in self.ino_target or inode == ROOT
                                     else errno.ENOENT)
         target, name = key
         label = f"{target}/{name}"
-        refused = self._reserve(ctx.uid)
+        if not self._may_read(key, ctx.uid, ctx.pid):
+            log.warning("open %s by uid %d pid %d refused: a dumper that is not "
+                        "world-readable needs CAP_SYS_ADMIN (in the initial user namespace) "
+                        "of uid 0", label, ctx.uid, ctx.pid)
+            self.metrics.error(label, errno.EACCES)
+            raise pyfuse3.FUSEError(errno.EACCES)
+        self._reserve_or_refuse(label, user, ctx)
+        try:
+            pin, fd = await self._open_pin(target, name, ctx)
+        except BaseException:  # refused, failed or cancelled: it made no file
+            self._unreserve(user)
+            raise
+        return _file_info(self._opened(fd, pin, label, user, ctx.pid))
+
+    def _reserve_or_refuse(self, label: str, user: User, ctx) -> None:
+        refused = self._reserve(user)
         if refused:
             log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid,
                         refused[1])
             self.metrics.error(label, refused[0])
             raise pyfuse3.FUSEError(refused[0])
-        try:
-            pin, fd = await self._open_pin(target, name, ctx)
-        except BaseException:  # refused, failed or cancelled: it made no file
-            self._unreserve(ctx.uid)
-            raise
-        return _file_info(self._opened(fd, pin, label, ctx.uid, ctx.pid))
 
     async def _open_pin(self, target: str, name: str, ctx) -> tuple[_Pin, int]:
         """The pin TARGET/NAME and a new seq_file of it, for open(); FUSEError if not."""
@@ -653,7 +682,7 @@ class Operations(pyfuse3.Operations):
                 return
             if isinstance(h.reader, Reader):
                 self.metrics.closed(h.label)
-                self.uid_handles[h.uid] -= 1
+            self.uid_handles[h.user] -= 1
         h.reader.release()
 
     def streaming(self) -> bool:
@@ -666,13 +695,20 @@ class Operations(pyfuse3.Operations):
         # saving a round trip on every close().
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @staticmethod
+    def _may_change(ctx, err: int, what: str) -> None:
+        """FUSEError(ERR) unless the requester may change the tree (privilege.py)."""
+        if not privilege.may_change(ctx.uid, ctx.pid):
+            log.warning("%s by uid %d pid %d refused: changes need uid 0 with CAP_SYS_ADMIN "
+                        "or CAP_BPF in the initial user namespace", what, ctx.uid, ctx.pid)
+            raise pyfuse3.FUSEError(err)
+
     async def unlink(self, parent_inode, name, ctx) -> None:
-        """rm MNT/TARGET/NAME: delete the pin (root only); open readers finish their read."""
+        """rm MNT/TARGET/NAME: delete the pin (privileged); open readers finish their read."""
         target = self.ino_target.get(parent_inode)
         if target is None:
             raise pyfuse3.FUSEError(errno.EPERM)
-        if ctx.uid != 0:
-            raise pyfuse3.FUSEError(errno.EACCES)
+        self._may_change(ctx, errno.EACCES, f"rm {target}/{os.fsdecode(name)}")
         name = os.fsdecode(name)
         self._pin_stat(target, name)
         try:
@@ -683,12 +719,11 @@ class Operations(pyfuse3.Operations):
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags,
                      ctx) -> None:
-        """mv within a target directory (root only): renames the pin."""
+        """mv within a target directory (privileged): renames the pin."""
         target = self.ino_target.get(parent_inode_old)
         if target is None or parent_inode_new != parent_inode_old:
             raise pyfuse3.FUSEError(errno.EINVAL)  # a link's target is fixed
-        if ctx.uid != 0:
-            raise pyfuse3.FUSEError(errno.EPERM)
+        self._may_change(ctx, errno.EPERM, f"mv {target}/{os.fsdecode(name_old)}")
         old, new = os.fsdecode(name_old), os.fsdecode(name_new)
         try:
             check_name(new)
@@ -708,12 +743,11 @@ class Operations(pyfuse3.Operations):
             self.ino_file[ino] = (target, new)
 
     async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
-        """chmod, chown and touch of a dumper change its pin (root only)."""
+        """chmod, chown and touch of a dumper change its pin (privileged)."""
         key = self.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EPERM)
-        if ctx.uid != 0:
-            raise pyfuse3.FUSEError(errno.EPERM)
+        self._may_change(ctx, errno.EPERM, f"changing {key[0]}/{key[1]}")
         if fields.update_size:
             raise pyfuse3.FUSEError(errno.EACCES)
         path = self.state.pin_path(*key)

@@ -33,6 +33,7 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from .dumpers import KERNEL_BUF, DumperError, Stream
@@ -72,10 +73,10 @@ class Budget:
     def __init__(self, limit: int) -> None:
         self.limit = limit       # 0: no limit
         self.held = 0
-        self.by_uid: dict[int, int] = {}
+        self.by_uid: dict[Hashable, int] = {}  # by user (privilege.User: uid, pid namespace)
         self.lock = threading.Lock()
 
-    def account(self, uid: int) -> Account:
+    def account(self, uid: Hashable) -> Account:
         """UID's share, as its readers spend it."""
         return Account(self, uid)
 
@@ -83,7 +84,7 @@ class Budget:
 class Account:
     """One user's share of a Budget."""
 
-    def __init__(self, budget: Budget, uid: int) -> None:
+    def __init__(self, budget: Budget, uid: Hashable) -> None:
         self.budget = budget
         self.uid = uid
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, Daemon, bpfdumpfs, listing, mount_bpffs, need, need_kernel, unmount
+from helpers import (ROOT, Daemon, bpfdumpfs, eventually, listing, mount_bpffs, need,
+                     need_kernel, unmount)
 
 USER = "bpfdumpfs-test"
 LINES = 40
@@ -309,3 +310,94 @@ def test_the_cli_refuses_a_user_clearly(served, dumpers, obj, user_python, case)
     for w in words:
         assert w.format(**fill) in lines[0], f"{w!r} not in {lines[0]!r}"
     assert listing(state) == before
+
+
+# -- a container's root: uid 0 on the host, with podman's default capabilities ------------
+
+# podman's default set, none of them in effect beyond what they name (rootful containers
+# run in the initial user namespace, so this is what their root holds)
+CONTAINER_CAPS = "chown,dac_override,fowner,fsetid,kill,net_bind_service,setfcap,setgid," \
+                 "setpcap,setuid,sys_chroot"
+
+
+def as_container_root(*cmd: str) -> subprocess.CompletedProcess:
+    bounding = "-all," + ",".join(f"+{c}" for c in CONTAINER_CAPS.split(","))
+    return subprocess.run(["setpriv", f"--bounding-set={bounding}", *cmd],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_containers_root_reads_only_world_readable_dumpers(dumpers, served):
+    """uid 0 owns the pins, and CAP_DAC_OVERRIDE passes the kernel's mode check: the
+    daemon asks for CAP_SYS_ADMIN before it shows a dumper that is not world-readable."""
+    p = as_container_root("cat", str(dumpers / "world"))
+    assert p.returncode == 0 and p.stdout.encode() == expected(), p.stderr
+    for name in ("root_only", "owned", "group_readable"):
+        p = as_container_root("cat", str(dumpers / name))
+        assert p.returncode == 1 and p.stderr.strip().endswith("Permission denied"), name
+    assert "needs CAP_SYS_ADMIN" in served.output()
+    # real root still reads them
+    assert (dumpers / "root_only").read_bytes() == expected()
+
+
+@pytest.mark.parametrize("cmd", [["rm", "-f", "{f}"], ["mv", "{f}", "{d}/moved"],
+                                 ["chmod", "0444", "{f}"], ["chown", "nobody", "{f}"]])
+def test_a_containers_root_changes_nothing(dumpers, served, cmd):
+    before = listing(served.state)
+    f = dumpers / "root_only"
+    p = as_container_root(*(c.format(f=f, d=dumpers) for c in cmd))
+    assert p.returncode == 1
+    assert p.stderr.strip().endswith(("Operation not permitted", "Permission denied"))
+    assert listing(served.state) == before
+    assert "changes need uid 0 with CAP_SYS_ADMIN or CAP_BPF" in served.output()
+
+
+def test_stats_opens_count_in_the_users_limit(user, tmp_path):
+    """A user holding .stats open without reading spends its own handles, not everyone's."""
+    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    state = mount_bpffs(base / "state")
+    d = Daemon(base / "mnt", state, "--max-handles-per-uid", "3", "--config-dir",
+               str(tmp_path / "none")).start()
+    try:
+        stats = d.mnt / ".stats"
+        held = subprocess.Popen(["setpriv", f"--reuid={USER}", f"--regid={USER}",
+                                 "--clear-groups", "sh", "-c",
+                                 f"exec 3<{stats} 4<{stats} 5<{stats}; echo held; exec sleep 30"],
+                                stdout=subprocess.PIPE)
+        try:
+            assert held.stdout.readline() == b"held\n"
+            p = as_user("cat", str(stats))
+            assert p.returncode == 1 and "Too many open files" in p.stderr
+            assert (d.mnt / "task" / "tasks").read_bytes()  # root is not affected
+        finally:
+            held.kill()
+            held.wait()
+        assert eventually(lambda: as_user("cat", str(stats)).returncode == 0)
+    finally:
+        d.stop()
+        unmount(state)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_per_user_limits_count_root_of_each_pid_namespace_apart(tmp_path):
+    """A container's root is uid 0 too: its open files do not use up the host root's."""
+    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
+    state = mount_bpffs(base / "state")
+    d = Daemon(base / "mnt", state, "--max-handles-per-uid", "2", "--config-dir",
+               str(tmp_path / "none")).start()
+    try:
+        f = d.mnt / "ksym" / "kallsyms"
+        held = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+                                 "sh", "-c", f"exec 3<{f} 4<{f}; echo held; exec sleep 30"],
+                                stdout=subprocess.PIPE)
+        try:
+            assert held.stdout.readline() == b"held\n"
+            with open(f, "rb") as a, open(f, "rb") as b:
+                assert a.read(10) and b.read(10)
+        finally:
+            held.kill()
+            held.wait()
+    finally:
+        d.stop()
+        unmount(state)
+        shutil.rmtree(base, ignore_errors=True)
