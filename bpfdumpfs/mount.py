@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+import dataclasses
 from dataclasses import dataclass
 
 import cffi
@@ -349,6 +350,12 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations,
 
 def run(opts: MountOptions, ready=None) -> None:
     """Mount and serve in the foreground; READY() is called once the tree is up."""
+    # paths as given, then away from the caller's directory, which another user may
+    # write to: nothing is ever looked up there again (a helper's import, say)
+    opts = dataclasses.replace(opts, mountpoint=os.path.abspath(opts.mountpoint),
+                               state_dir=os.path.abspath(opts.state_dir),
+                               config_dir=os.path.abspath(opts.config_dir))
+    os.chdir("/")
     faulthandler.enable()
     _bound_memory()
     _raise_fd_limit(opts.limits)

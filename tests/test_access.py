@@ -401,3 +401,32 @@ def test_per_user_limits_count_root_of_each_pid_namespace_apart(tmp_path):
         d.stop()
         unmount(state)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_nothing_in_the_callers_directory_runs_as_root(tmp_path):
+    """Started from a directory anyone may write to, the daemon moves to / and starts its
+    helpers isolated: a cffi.py planted there is never imported."""
+    planted = Path(tempfile.mkdtemp(prefix="bpfdumpfs-cwd-", dir="/tmp"))
+    os.chmod(planted, 0o1777)
+    proof = tmp_path / "proof"
+    (planted / "cffi.py").write_text(f"open({str(proof)!r}, 'w').write('ran as root')\n")
+
+    class FromPlanted(Daemon):
+        def command(self) -> list[str]:
+            script = Path(sys.executable).parent / "bpfdumpfs"
+            return ["sh", "-c", 'cd "$0" && exec "$@"', str(planted), str(script), "mount",
+                    str(self.mnt), "--state-dir", str(self.state), *self.args]
+
+    state = mount_bpffs(tmp_path / "state")
+    d = FromPlanted(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
+    try:
+        assert os.readlink(f"/proc/{d.proc.pid}/cwd") == "/"
+        p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "cat",
+                            str(d.mnt / "task" / "tasks")], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert not proof.exists()
+    finally:
+        d.stop()
+        unmount(state)
+        shutil.rmtree(planted, ignore_errors=True)
