@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,14 +80,62 @@ class ConfigError(Exception):
         self.line = line
 
 
+MAX_FILE_BYTES = 1 << 20     # a config file, read whole
+MAX_OBJECT_BYTES = 64 << 20  # an object or source a config file names
+
+
+def untrusted(path: Path, kind: str, max_bytes: int = 0) -> str | None:
+    """Why PATH may not be used as KIND ("dir" or "file") of the root daemon's config,
+    or None. Never followed if a symlink; it must be root's, writable by nobody else,
+    and a file regular and at most MAX_BYTES: a config that another user can write
+    would have the daemon load their programs and publish what they point it at."""
+    try:
+        st = path.lstat()
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if kind == "dir" and not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if kind == "file" and not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a symlink, directory or FIFO is refused)"
+    if st.st_uid != 0:
+        return f"is owned by uid {st.st_uid}, not root: chown root {path}"
+    if st.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): chmod go-w {path}"
+    if max_bytes and st.st_size > max_bytes:
+        return f"is {st.st_size} bytes, more than {max_bytes}"
+    return None
+
+
+def _read(path: Path) -> str:
+    """A config file's text, read without following links or blocking (lstat has
+    checked it is a regular file; this open makes sure it still is)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(1, "is not a regular file")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(1, f"is more than {MAX_FILE_BYTES} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(line, f"is not UTF-8 text (byte {e.start})") from None
+
+
 def parse(path: Path) -> list[Entry]:
     """The dumpers FILE declares, checked as far as possible without the kernel."""
-    text = path.read_text()
+    try:
+        text = _read(path)
+    except OSError as e:
+        raise ConfigError(1, f"cannot be read: {e.strerror}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         raise ConfigError(int(m.group(1)) if m else 1, f"TOML syntax: {e}") from None
+    except RecursionError:
+        raise ConfigError(1, "TOML nested too deeply") from None
     unknown = set(data) - {"dumpers"}
     if unknown:
         raise ConfigError(1, f"unknown table(s) {sorted(unknown)}: declare dumpers as "
@@ -111,6 +160,9 @@ def parse(path: Path) -> list[Entry]:
         obj = obj if obj.is_absolute() else path.parent / obj
         if "source" in table and not is_source(obj):
             raise ConfigError(_line_of(text, name, "source"), "source must be a .c file")
+        why = untrusted(obj, "file", MAX_OBJECT_BYTES)
+        if why:
+            raise ConfigError(_line_of(text, name, key), f"{key} {obj} {why}")
         try:
             mode = int(table.get("mode", "0400"), 8)
         except ValueError:
@@ -150,12 +202,21 @@ def apply(config_dir: str | os.PathLike, state: StateDir) -> Report:
     """Make the state directory match the config directory (see the module doc)."""
     report = Report()
     config_dir = Path(config_dir).resolve()  # records name files by absolute path
-    files = sorted(config_dir.glob("*.toml")) if config_dir.is_dir() else []
+    if not config_dir.exists():
+        files = []
+    elif why := untrusted(config_dir, "dir"):
+        report.errors.append(f"config dir {config_dir} {why}; nothing in it is applied")
+        return report
+    else:
+        files = sorted(config_dir.glob("*.toml"))
     made = _made_from_config(state)
     declared: set[tuple[str, str]] = set()   # (origin file, name) of every valid entry
     invalid: set[str] = set()                # files whose earlier dumpers are left alone
     for path in files:
         try:
+            why = untrusted(path, "file", MAX_FILE_BYTES)
+            if why:
+                raise ConfigError(1, why)
             entries = parse(path)
             _apply_file(path, entries, state, made, report)
         except ConfigError as e:

@@ -425,9 +425,21 @@ class Entry:
     path: str
 
 
+ID_MAX = 2**32 - 2   # (uid_t)-1 means "unchanged" to chown
+PID_MAX = 1 << 22    # PID_MAX_LIMIT
+
+
+def _id(value: str | int, kind: str) -> int:
+    n = int(value)
+    if not 0 <= n <= ID_MAX and n != -1:  # -1: leave it as it is
+        raise DumperError(errno.EINVAL, f"{kind} {n} is out of range",
+                          f"give a {kind} from 0 to {ID_MAX}")
+    return n
+
+
 def _uid(owner: str | int | None) -> int:
     if owner is None or isinstance(owner, int) or str(owner).isdigit():
-        return -1 if owner is None else int(owner)
+        return -1 if owner is None else _id(owner, "uid")
     try:
         return pwd.getpwnam(owner).pw_uid
     except KeyError:
@@ -437,7 +449,7 @@ def _uid(owner: str | int | None) -> int:
 
 def _gid(group: str | int | None) -> int:
     if group is None or isinstance(group, int) or str(group).isdigit():
-        return -1 if group is None else int(group)
+        return -1 if group is None else _id(group, "gid")
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -470,6 +482,11 @@ class Spec:
             raise DumperError(errno.EINVAL, f"view {self.view!r} is unknown",
                               "use --view reader or --view daemon")
         _uid(self.owner), _gid(self.group)
+        for key in ("tid", "pid"):
+            value = getattr(self.params, key)
+            if value is not None and not 0 < value <= PID_MAX:
+                raise DumperError(errno.EINVAL, f"{key} {value} is not a process id",
+                                  f"give a {key} from 1 to {PID_MAX}")
         return self
 
 

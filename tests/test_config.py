@@ -250,6 +250,13 @@ INVALID = {
     "bad-name": ('[dumpers."a.b"]\nobject = "{tasks}"\n', {4}, ["'a.b'"]),
     "name-taken": ('[dumpers.taken]\nobject = "{tasks}"\n', {4},
                    ["task/taken", "exists", "bpfdumpfs rm"]),
+    "negative-owner": ('[dumpers.o]\nobject = "{tasks}"\nowner = -5\n', {4, 6},
+                       ["uid -5 is out of range"]),
+    "negative-tid": ('[dumpers.ti]\nobject = "{tasks}"\ntid = -1\n', {4, 6},
+                     ["tid -1 is not a process id"]),
+    "nested-5000-deep": ("deep = " + "[" * 5000 + "]" * 5000 + "\n", {1}, ["nested too deeply"]),
+    "object-a-device": ('[dumpers.z]\nobject = "/dev/zero"\n', {5},
+                        ["/dev/zero", "not a regular file"]),
 }
 
 
@@ -342,3 +349,73 @@ def test_the_daemon_applies_the_config_at_start_and_on_sighup(tmp_path, objs):
     finally:
         d.stop()
         unmount(state)
+
+
+def bad_files(cfg: Path) -> dict[str, str]:
+    """Files no config may be read from, beside a good one; name -> words of the reason."""
+    (cfg / "good.toml").write_text(f'[dumpers.good]\nobject = "{TASKS_OBJ}"\n')
+    (cfg / "latin1.toml").write_bytes(b'[dumpers.l]\nobject = "caf\xe9"\n')
+    (cfg / "dir.toml").mkdir()
+    os.mkfifo(cfg / "fifo.toml")
+    (cfg / "link.toml").symlink_to(cfg / "good.toml")
+    (cfg / "nobodys.toml").write_text(f'[dumpers.n]\nobject = "{TASKS_OBJ}"\n')
+    os.chown(cfg / "nobodys.toml", 65534, 65534)
+    (cfg / "shared.toml").write_text(f'[dumpers.sh]\nobject = "{TASKS_OBJ}"\n')
+    os.chmod(cfg / "shared.toml", 0o664)
+    return {"latin1.toml": "not UTF-8", "dir.toml": "not a regular file",
+            "fifo.toml": "not a regular file", "link.toml": "not a regular file",
+            "nobodys.toml": "owned by uid 65534, not root", "shared.toml": "writable by others"}
+
+
+def test_files_the_daemon_must_not_trust_are_reported_and_skipped(setup):
+    """Each is one line naming it and why; nothing blocks (a FIFO is never opened), and
+    the good file still applies."""
+    state, cfg = setup
+    reasons = bad_files(cfg)
+    p = apply(cfg, state)
+    assert p.returncode == 1 and p.stdout == "added task/good\n"
+    err = p.stderr.splitlines()
+    assert len(err) == len(reasons), p.stderr
+    for name, words in reasons.items():
+        line = next(ln for ln in err if f"{cfg / name}:" in ln)
+        assert words in line, line
+    assert set(dumpers(state)) == {"task/good"}
+
+
+@pytest.mark.parametrize("case", ["owned-by-nobody", "writable-by-all"])
+def test_a_config_dir_another_user_can_write_is_not_applied(setup, case):
+    state, cfg = setup
+    (cfg / "good.toml").write_text(f'[dumpers.good]\nobject = "{TASKS_OBJ}"\n')
+    if case == "owned-by-nobody":
+        os.chown(cfg, 65534, 65534)
+    else:
+        os.chmod(cfg, 0o1777)
+    p = apply(cfg, state)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith(f"bpfdumpfs: config dir {cfg} ")
+    assert p.stderr.rstrip().endswith("nothing in it is applied")
+    assert dumpers(state) == {}
+
+
+def test_bad_files_on_sighup_leave_the_daemon_serving(tmp_path):
+    state = mount_bpffs(tmp_path / "state")
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(cfg)).start()
+    try:
+        bad_files(cfg)
+        (cfg / "deep.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+        (cfg / "zero.toml").write_text('[dumpers.z]\nobject = "/dev/zero"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        assert eventually(lambda: "config: added task/good" in d.output(), timeout=30)
+        assert d.proc.poll() is None
+        assert (d.mnt / "task" / "good").read_bytes().startswith(b"    PID")
+        out = d.output()
+        for name in ("latin1", "dir", "fifo", "link", "nobodys", "shared", "deep", "zero"):
+            assert f"{cfg / name}.toml:" in out, name
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=30) == 0
+    finally:
+        d.stop()
+        unmount(state)
+
