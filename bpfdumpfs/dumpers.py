@@ -20,6 +20,7 @@ import errno
 import grp
 import io
 import json
+import logging
 import os
 import pwd
 import re
@@ -33,6 +34,8 @@ from typing import Iterator
 from . import kernel, targets
 from .compile import object_file
 from .errors import DumperError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/sys/fs/bpf/bpfdumpfs"
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -584,7 +587,22 @@ class StateDir:
             except OSError as e:
                 raise DumperError(e.errno, f"creating state dir {self.path}",
                                   "its parent must be on a bpffs (mount -t bpf bpf DIR)") from None
-        return self.check()
+        self.check()
+        self._secure()
+        return self
+
+    def _secure(self) -> None:
+        """Make the state dir and its target dirs root's alone. A bpffs mounted without
+        mode= is 1777: anyone could make a target dir there first, own it, and then
+        rename and remove the pins root puts in it."""
+        for path in [self.path, *(p for p in self.path.iterdir() if not p.is_symlink())]:
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or (st.st_uid == 0 and not st.st_mode & 0o022):
+                continue
+            os.chown(path, 0, 0, follow_symlinks=False)
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022)
+            log.warning("state dir: %s was uid %d's, mode %04o: made it root's, not writable "
+                        "by others", path, st.st_uid, stat.S_IMODE(st.st_mode))
 
     def pin_str(self, target: str, name: str) -> str:
         """Where TARGET/NAME is pinned, as a str: the tree asks it for every file it

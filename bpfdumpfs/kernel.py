@@ -222,8 +222,9 @@ def fs_magic(path: str) -> int:
 
 
 def mount_bpffs(path: str) -> None:
-    """mount -t bpf bpf PATH"""
-    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, ffi.NULL) != 0:
+    """mount -t bpf bpf -o mode=0700 PATH: a fresh bpffs is 1777 otherwise, and anyone
+    could make directories in it (as systemd does, root's alone)."""
+    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=0700") != 0:
         raise DumperError(ffi.errno, f"mounting a bpffs at {path}")
 
 

@@ -320,7 +320,7 @@ class Operations(pyfuse3.Operations):
         """The pin's record and stat, checked once per pin inode; ENOENT if not a dumper."""
         path = self.state.pin_str(target, name)
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # a symlink in the state dir is not a pin: never followed
         except OSError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         if not stat.S_ISREG(st.st_mode):

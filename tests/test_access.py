@@ -430,3 +430,35 @@ def test_nothing_in_the_callers_directory_runs_as_root(tmp_path):
         d.stop()
         unmount(state)
         shutil.rmtree(planted, ignore_errors=True)
+
+
+def test_a_state_dir_anyone_could_write_is_made_roots_before_serving(user, tmp_path):
+    """On a bpffs mounted without mode= (1777), the test user makes task/ first. The
+    daemon makes it root's: the user can no longer rename or remove root's pins there,
+    and a symlink planted earlier is not served."""
+    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    state = base / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(state)], check=True)
+    try:
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o1777
+        assert as_user("mkdir", str(state / "task")).returncode == 0
+        d = Daemon(base / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
+        try:
+            for p in (state, state / "task"):
+                st = os.lstat(p)
+                assert st.st_uid == 0 and not st.st_mode & 0o022, p
+            assert "made it root's" in d.output()
+            pin = state / "task" / "tasks"
+            assert pin.exists()
+            assert as_user("mv", str(pin), str(state / "task" / "mine")).returncode != 0
+            assert as_user("rm", "-f", str(pin)).returncode != 0 and pin.exists()
+            os.symlink(pin, state / "task" / "alias")
+            assert "alias" not in os.listdir(d.mnt / "task")
+            assert not (d.mnt / "task" / "alias").exists()
+        finally:
+            d.stop()
+    finally:
+        unmount(state)
+        shutil.rmtree(base, ignore_errors=True)
