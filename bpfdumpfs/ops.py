@@ -37,6 +37,7 @@ from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
 from .privilege import User
 from .reader import Budget, Pace, Reader
+from .refusals import Refusals
 from .watch import StateWatch
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class Operations(pyfuse3.Operations):
         self.unchecked_keys: set[tuple[str, str]] = set()
         self.metrics = metrics
         self.limits = limits
+        self.refusals = Refusals(log)
         self.read_ahead = Budget(limits.read_ahead_mib << 20)
         self.uid_handles: Counter[User] = Counter()  # counted from before their seq_file
         self.opening = 0  # opens counted in the limits whose seq_file is being made
@@ -568,9 +570,9 @@ class Operations(pyfuse3.Operations):
         target, name = key
         label = f"{target}/{name}"
         if not self._may_read(key, ctx.uid, ctx.pid):
-            log.warning("open %s by uid %d pid %d refused: a dumper that is not "
-                        "world-readable needs CAP_SYS_ADMIN (in the initial user namespace) "
-                        "of uid 0", label, ctx.uid, ctx.pid)
+            self.refusals.warn(ctx.uid, "open %s by uid %d pid %d refused: a dumper that is "
+                               "not world-readable needs CAP_SYS_ADMIN (in the initial user "
+                               "namespace) of uid 0", label, ctx.uid, ctx.pid)
             self.metrics.error(label, errno.EACCES)
             raise pyfuse3.FUSEError(errno.EACCES)
         self._reserve_or_refuse(label, user, ctx)
@@ -584,8 +586,8 @@ class Operations(pyfuse3.Operations):
     def _reserve_or_refuse(self, label: str, user: User, ctx) -> None:
         refused = self._reserve(user)
         if refused:
-            log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid,
-                        refused[1])
+            self.refusals.warn(ctx.uid, "open %s by uid %d pid %d refused: %s", label, ctx.uid,
+                               ctx.pid, refused[1])
             self.metrics.error(label, refused[0])
             raise pyfuse3.FUSEError(refused[0])
 
@@ -603,7 +605,8 @@ class Operations(pyfuse3.Operations):
             if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             err = errno.EACCES if e.errno == errno.EACCES else errno.EIO
-            log.warning("open %s by uid %d pid %d refused: %s", label, ctx.uid, ctx.pid, e)
+            self.refusals.warn(ctx.uid, "open %s by uid %d pid %d refused: %s", label, ctx.uid,
+                               ctx.pid, e)
             self.metrics.error(label, err)
             raise pyfuse3.FUSEError(err) from None
 
@@ -695,12 +698,12 @@ class Operations(pyfuse3.Operations):
         # saving a round trip on every close().
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    @staticmethod
-    def _may_change(ctx, err: int, what: str) -> None:
+    def _may_change(self, ctx, err: int, what: str) -> None:
         """FUSEError(ERR) unless the requester may change the tree (privilege.py)."""
         if not privilege.may_change(ctx.uid, ctx.pid):
-            log.warning("%s by uid %d pid %d refused: changes need uid 0 with CAP_SYS_ADMIN "
-                        "or CAP_BPF in the initial user namespace", what, ctx.uid, ctx.pid)
+            self.refusals.warn(ctx.uid, "%s by uid %d pid %d refused: changes need uid 0 with "
+                               "CAP_SYS_ADMIN or CAP_BPF in the initial user namespace", what,
+                               ctx.uid, ctx.pid)
             raise pyfuse3.FUSEError(err)
 
     async def unlink(self, parent_inode, name, ctx) -> None:

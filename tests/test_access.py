@@ -462,3 +462,27 @@ def test_a_state_dir_anyone_could_write_is_made_roots_before_serving(user, tmp_p
     finally:
         unmount(state)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_user_retrying_refused_opens_cannot_flood_the_log(user, tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    state = mount_bpffs(base / "state")
+    d = Daemon(base / "mnt", state, "--max-handles-per-uid", "1", "--config-dir",
+               str(tmp_path / "none")).start()
+    try:
+        f = d.mnt / "task" / "tasks"
+        loop = (f"import errno\nkeep = open({str(f)!r}, 'rb')\nn = 0\n"
+                f"for _ in range(2000):\n"
+                f"    try:\n        open({str(f)!r}, 'rb')\n"
+                f"    except OSError as e:\n        n += e.errno == errno.EMFILE\n"
+                f"print(n)\n")
+        p = as_user(sys.executable, "-c", loop)
+        assert p.stdout.strip() == "2000", p.stderr
+        refusals = [ln for ln in d.output().splitlines() if "refused" in ln]
+        assert len(refusals) == 10, refusals[-3:]
+        assert "counted, not logged" in refusals[-1]
+    finally:
+        d.stop()
+        unmount(state)
+        shutil.rmtree(base, ignore_errors=True)
