@@ -31,9 +31,9 @@ import sys
 import threading
 from dataclasses import dataclass
 
-import cffi
 import trio
 
+from . import libc
 from .dumpers import Dumper, DumperError
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,6 @@ MAX_PID_HELPERS = 64   # helper processes at once, likewise
 MAX_PENDING = 16       # opens waiting for one helper
 HELPER_DEADLINE = 5.0  # seconds a helper has to answer before it is killed
 CLONE_NEWNET, CLONE_NEWPID = 0x40000000, 0x20000000
-
-_ffi = cffi.FFI()
-_ffi.cdef("int setns(int fd, int nstype);")
-_libc = _ffi.dlopen(None)
-
-
-def setns(fd: int, nstype: int) -> None:
-    if _libc.setns(fd, nstype) != 0:
-        raise OSError(_ffi.errno, os.strerror(_ffi.errno))
-
 
 def kind_of(target: str) -> str | None:
     """'net' or 'pid' for targets the kernel scopes to a namespace, else None."""
@@ -95,7 +85,7 @@ class _NetThread:
 
     def _run(self, ns_fd: int) -> None:
         try:
-            setns(ns_fd, CLONE_NEWNET)
+            libc.setns(ns_fd, CLONE_NEWNET)
         except OSError as e:
             self.failed = e
             self.ready.set()

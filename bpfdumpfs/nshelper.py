@@ -27,9 +27,7 @@ import os
 import socket
 import sys
 
-import cffi
-
-from . import kernel
+from . import kernel, libc
 from .errors import DumperError
 
 IDLE = 5.0
@@ -39,28 +37,6 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 <<
 PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_CAPBSET_DROP = 4, 8, 24
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
 CAP_BPF, CAP_LAST_CAP = 39, 63
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-ffi = cffi.FFI()
-ffi.cdef("""
-    int setns(int fd, int nstype);
-    int unshare(int flags);
-    int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
-              unsigned long a5);
-    int mount(const char *source, const char *target, const char *fstype,
-              unsigned long flags, const void *data);
-    int chroot(const char *path);
-    struct cap_header { uint32_t version; int pid; };
-    struct cap_data { uint32_t effective, permitted, inheritable; };
-    int capset(struct cap_header *header, const struct cap_data *data);
-""")
-libc = ffi.dlopen(None)
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        raise OSError(ffi.errno, f"{what}: {os.strerror(ffi.errno)}")
-
 
 def kept_caps(release: str = os.uname().release) -> set[int]:
     """The capabilities BPF_ITER_CREATE needs on kernel RELEASE: none from 6.5 on
@@ -79,31 +55,29 @@ def harden(sock_fd: int) -> None:
     os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
     # an empty, read-only root in a mount namespace of our own: nothing of the host's
     # tree through /proc/PID/root, and nothing to write there either
-    _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(libc.mount(b"none", b"/", ffi.NULL, MS_REC | MS_PRIVATE, ffi.NULL), "mount --make-rprivate /")
-    _check(libc.mount(b"bpfdumpfs-empty", b"/tmp", b"tmpfs",
-                      MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=0555"),
-           "mounting an empty tmpfs")
+    libc.unshare(CLONE_NEWNS)
+    libc.mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    libc.mount("bpfdumpfs-empty", "/tmp", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               "size=4k,mode=0555")
     os.chdir("/tmp")
-    _check(libc.chroot(b"."), "chroot")
+    libc.chroot(".")
     os.chdir("/")
     keep = kept_caps()
     for cap in range(CAP_LAST_CAP + 1):
         if cap not in keep:
-            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past this kernel's last cap
-    _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clearing ambient caps")
-    _check(libc.prctl(PR_SET_KEEPCAPS, 1 if keep else 0, 0, 0, 0), "PR_SET_KEEPCAPS")
+            try:
+                libc.prctl(PR_CAPBSET_DROP, cap)
+            except OSError:
+                break  # EINVAL: past this kernel's last capability
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    libc.prctl(PR_SET_KEEPCAPS, 1 if keep else 0)
     os.setgroups([])
     os.setresgid(NOBODY, NOBODY, NOBODY)
     os.setresuid(NOBODY, NOBODY, NOBODY)
-    header = ffi.new("struct cap_header *", {"version": LINUX_CAPABILITY_VERSION_3})
-    data = ffi.new("struct cap_data[2]")
-    for cap in keep:
-        data[cap // 32].effective |= 1 << (cap % 32)
-        data[cap // 32].permitted |= 1 << (cap % 32)
-    _check(libc.capset(header, data), "capset")
-    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
-    _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+    mask = sum(1 << cap for cap in keep)
+    libc.capset(mask, mask)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
+    libc.prctl(PR_SET_DUMPABLE, 0)
 
 
 def _make(link_fd: int, back: socket.socket) -> None:
@@ -159,7 +133,7 @@ def serve(sock: socket.socket, here: socket.socket, there: socket.socket) -> Non
 def main() -> int:
     ns_fd, sock_fd = int(sys.argv[1]), int(sys.argv[2])
     try:
-        _check(libc.setns(ns_fd, CLONE_NEWPID), "setns(CLONE_NEWPID)")
+        libc.setns(ns_fd, CLONE_NEWPID)
         os.close(ns_fd)
         harden(sock_fd)
     except OSError as e:

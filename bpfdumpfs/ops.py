@@ -546,7 +546,8 @@ class Operations(pyfuse3.Operations):
         pin, label, user, pid = self.unmade.pop(fh)
         with self.lock:  # which pins are dropped under
             try:
-                fd = pin.dumper.open_fd()  # still open, even if the pin went (see drop)
+                # the dumper is still open, even if the pin went (see drop)
+                fd = self._seq_file(pin.dumper, pin, label.partition("/")[0], pid)
             except DumperError as e:
                 h = self.handles[self._new_handle(_Snapshot(b""), label, user, pid, fh)]
                 self._fail(h, errno.EIO, str(e))
@@ -626,9 +627,18 @@ class Operations(pyfuse3.Operations):
         return await self._open_in_view(pin.dumper, pin, target, reader_pid)
 
     async def _open_in_view(self, d: Dumper, pin: _Pin, target: str, reader_pid: int) -> int:
-        if pin.view == "reader":
+        if pin.view == "reader" and kind_of(target):
             return await self.namespaces.open_fd(d, target, reader_pid)
-        return d.open_fd()
+        return self._seq_file(d, pin, target, reader_pid)
+
+    @staticmethod
+    def _seq_file(d: Dumper, pin: _Pin, target: str, reader_pid: int) -> int:
+        """A seq_file of D made here, with the reader's rights where the kernel weighs
+        them (privilege.CRED_TARGETS) and the dumper's view is the reader's."""
+        if pin.view != "reader" or target not in privilege.CRED_TARGETS:
+            return d.open_fd()
+        with privilege.capabilities_of(reader_pid):
+            return d.open_fd()
 
     def read_handle(self, fh: int, size: int, answer=None,
                     tag: int = 0) -> list | object | None:

@@ -13,12 +13,18 @@ initial user namespace, as the kernel's own capable() would count them:
   file mode lets uid 0 in by identity, which a container's root shares.
 
 A requester whose pid the daemon cannot see (0: another pid namespace) or that
-has gone is unprivileged. Per-user limits count a user per pid namespace, so one
+has gone is unprivileged. Seq_files of CRED_TARGETS are made with no more
+capabilities than the reader has, so the kernel filters them for the reader as
+it would filter the reader's own open of the pin (view = daemon opts out). Per-user limits count a user per pid namespace, so one
 container's root does not spend the host root's share.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+
+from . import libc
 
 CAP_SYS_ADMIN, CAP_SYSLOG, CAP_BPF = 21, 34, 39
 CHANGE_CAPS = (CAP_SYS_ADMIN, CAP_BPF)
@@ -26,22 +32,49 @@ READ_PRIVATE_CAPS = (CAP_SYS_ADMIN,)
 
 User = tuple[int, str]  # uid, pid namespace ("pid:[N]"; "" if unknown)
 
+# iterators that weigh the credentials of the task making the seq_file: ksym shows
+# addresses only to CAP_SYSLOG (bpf_iter_ksym_init: kallsyms_show_value(current_cred()))
+CRED_TARGETS = frozenset({"ksym"})
+
 # the daemon's own user namespace: it serves as host root, so the initial one
 _INIT_USERNS = os.readlink("/proc/self/ns/user")
 
 
-def capable(pid: int, caps: tuple[int, ...]) -> bool:
-    """Whether process PID has any of CAPS, effective, in the initial user namespace."""
+def effective(pid: int) -> int:
+    """Process PID's effective capabilities in the initial user namespace, as a mask:
+    none if it is in another user namespace, gone, or not visible (0)."""
     if pid <= 0:
-        return False
+        return 0
     try:
         if os.readlink(f"/proc/{pid}/ns/user") != _INIT_USERNS:
-            return False
+            return 0
         with open(f"/proc/{pid}/status") as f:
-            eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+            return next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
     except (OSError, StopIteration):
-        return False
+        return 0
+
+
+def capable(pid: int, caps: tuple[int, ...]) -> bool:
+    """Whether process PID has any of CAPS, effective, in the initial user namespace."""
+    eff = effective(pid)
     return any(eff >> cap & 1 for cap in caps)
+
+
+@contextlib.contextmanager
+def capabilities_of(pid: int) -> Iterator[None]:
+    """The block runs on this thread with no more effective capabilities than process
+    PID has (capset is per thread: the daemon's other threads keep theirs). A seq_file
+    made inside is made with the reader's rights, for the iterators that weigh them."""
+    eff, perm = libc.capget()
+    want = eff & effective(pid)
+    if want == eff:
+        yield
+        return
+    libc.capset(want, perm)
+    try:
+        yield
+    finally:
+        libc.capset(eff, perm)
 
 
 def may_change(uid: int, pid: int) -> bool:

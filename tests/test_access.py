@@ -486,3 +486,39 @@ def test_a_user_retrying_refused_opens_cannot_flood_the_log(user, tmp_path):
         d.stop()
         unmount(state)
         shutil.rmtree(base, ignore_errors=True)
+
+
+KSYM_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "kallsyms.bpf.o")
+
+
+def addresses_shown(text: str) -> bool:
+    """Whether a kallsyms dump shows real addresses (the kernel prints 0s to those it
+    does not trust with them)."""
+    lines = text.splitlines()
+    assert len(lines) > 1000, text[:200]
+    return any(int(ln.split()[0], 16) for ln in lines[:1000])
+
+
+def test_a_world_readable_ksym_dumper_shows_each_reader_what_its_pin_would(served, user):
+    """The ksym iterator decides from its creator's credentials whether to show
+    addresses: each seq_file is made with no more capabilities than its reader has, so
+    the tree shows a user, and a container's root, the zeros the pin shows them; root
+    sees addresses. view = daemon is the explicit opt-out."""
+    state = served.state
+    bpfdumpfs("add", "pubsyms", KSYM_OBJ, "--mode", "0444", "--state-dir", str(state))
+    bpfdumpfs("add", "daemonsyms", KSYM_OBJ, "--mode", "0444", "--view", "daemon",
+              "--state-dir", str(state))
+    os.chmod(state, 0o755)  # the pin itself, read directly by the same users
+    os.chmod(state / "ksym", 0o755)
+    try:
+        f, pin = served.mnt / "ksym" / "pubsyms", state / "ksym" / "pubsyms"
+        assert addresses_shown(f.read_text())
+        for run in (as_user, as_container_root):
+            direct = run("cat", str(pin))
+            assert direct.returncode == 0 and not addresses_shown(direct.stdout), run
+            through = run("cat", str(f))
+            assert through.returncode == 0 and not addresses_shown(through.stdout), run
+        assert addresses_shown(as_user("cat", str(served.mnt / "ksym" / "daemonsyms")).stdout)
+    finally:
+        for name in ("pubsyms", "daemonsyms"):
+            (state / "ksym" / name).unlink()
