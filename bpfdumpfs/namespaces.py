@@ -128,7 +128,8 @@ class _PidHelper:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-m", "bpfdumpfs.nshelper", str(ns_fd),
                  str(theirs.fileno())],
-                pass_fds=(ns_fd, theirs.fileno()), stdin=subprocess.DEVNULL, cwd="/")
+                pass_fds=(ns_fd, theirs.fileno()), stdin=subprocess.DEVNULL, cwd="/",
+                env={})  # nothing of the daemon's environment for whoever reads its own
         finally:
             theirs.close()
             os.close(ns_fd)

@@ -470,3 +470,78 @@ def test_sidecar_serves_its_pod(image, shared, names, host_listener):
     assert fstype(tree) is None
     podman("stop", "--time", "30", side, timeout=60)
     assert wait_exited(side) == 0, podman("logs", side).stderr
+
+
+# Run as a debugging container would be, as root with CAP_SYS_PTRACE: read task dumps
+# (which made the old helper live in the container's pid namespace) while looking for
+# any process that is not the container's own, and try on it what reached host root.
+ATTACK = r"""
+import ctypes, errno, json, os, sys, threading
+tree = sys.argv[1]
+found, wrote, attached = {}, [], []
+libc = ctypes.CDLL(None, use_errno=True)
+stop = threading.Event()
+
+def read():
+    while not stop.is_set():
+        open(f"{tree}/task/tasks", "rb").read()
+
+def status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        st = dict(ln.rstrip().split(":\t", 1) for ln in f if ":\t" in ln)
+    return {"uid": st["Uid"].split()[1], "capeff": st["CapEff"], "capbnd": st["CapBnd"]}
+
+def attack(pid):
+    try:
+        found[pid] = status(pid)
+        found[pid]["environ"] = len(open(f"/proc/{pid}/environ", "rb").read())
+        found[pid]["root"] = os.listdir(f"/proc/{pid}/root")
+    except OSError:
+        pass
+    try:
+        open(f"/proc/{pid}/root/proof", "w")
+        wrote.append(pid)
+    except OSError:
+        pass
+    if libc.ptrace(16, pid, 0, 0) == 0:  # PTRACE_ATTACH: allowed by CAP_SYS_PTRACE
+        attached.append(pid)
+        libc.ptrace(17, pid, 0, 0)
+
+t = threading.Thread(target=read)
+t.start()
+for _ in range(5000):
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) not in (1, os.getpid()) and int(p) not in found:
+            attack(int(p))
+stop.set()
+t.join()
+try:
+    open(f"{tree}/ksym/kallsyms", "rb").read(1)
+    kallsyms = "read"
+except OSError as e:
+    kallsyms = errno.errorcode[e.errno]
+tasks = open(f"{tree}/task/tasks").read().splitlines()[1:]
+print(json.dumps({"found": found, "wrote": wrote, "attached": attached, "kallsyms": kallsyms,
+                  "tasks": [ln.split()[5] for ln in tasks]}))
+"""
+
+
+def test_a_ptrace_capable_container_gets_nothing_through_the_tree(image, tree, names):
+    """The critical escape: a container run with --cap-add SYS_PTRACE reached the daemon's
+    helper in its pid namespace, as root with every capability, and wrote host files
+    through /proc/PID/root. Now the only process of the daemon's ever there is the child
+    that makes one seq_file and is reaped before the open returns; whoever catches it
+    (CAP_SYS_PTRACE in the initial user namespace may attach to anything in its
+    namespace) finds nobody with no capabilities, no environment, an empty read-only
+    root, and the link of the dumper this container was allowed to open."""
+    p = podman(*RUN, "--rm", "--name", names("ptrace"), "--cap-add", "SYS_PTRACE",
+               "-v", f"{tree.mnt}:/tree:ro,rslave", "--entrypoint", "python3", image,
+               "-c", ATTACK, "/tree", timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["wrote"] == [], report
+    for pid, seen in report["found"].items():
+        assert seen["uid"] == "65534" and int(seen["capbnd"], 16) & ~(1 << 39) == 0, (pid, seen)
+        assert seen.get("environ", 0) == 0 and seen.get("root", []) == [], (pid, seen)
+    assert report["kallsyms"] == "EACCES", report
+    assert report["tasks"] == ["python3"], report  # the tree still serves it, and only it
