@@ -91,8 +91,14 @@ class Device:
         self.fd = -1
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (self.ours, self.theirs):
-            for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
-                s.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUF)
+            for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                                 (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUF)
+                except PermissionError:
+                    # FORCE needs CAP_NET_ADMIN, which the systemd unit does not grant;
+                    # up to net.core.[wr]mem_max, which fits pyfuse3's small replies
+                    s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUF)
         self.lock = threading.Lock()
         self.lead = threading.Lock()  # held by the one worker reading /dev/fuse
         self.workers = 0

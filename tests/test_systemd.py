@@ -38,9 +38,35 @@ def test_unit_keeps_the_mount_visible_and_caps_bounded():
                   "ReadOnlyPaths", "ProtectKernelModules", "ProtectKernelTunables",
                   "PrivateMounts", "MountFlags"):
         assert hides not in settings, hides
-    caps = set(settings["CapabilityBoundingSet"].split())
-    assert caps == {"CAP_SYS_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE",
-                    "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_CHOWN"}
+    assert unit_caps() == {"CAP_SYS_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE",
+                           "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_CHOWN", "CAP_SETUID",
+                           "CAP_SETGID", "CAP_SETPCAP", "CAP_SYS_CHROOT"}
+
+
+def unit_caps() -> set[str]:
+    line = next(ln for ln in UNIT.read_text().splitlines()
+                if ln.startswith("CapabilityBoundingSet="))
+    return set(line.partition("=")[2].split())
+
+
+def test_the_units_capabilities_are_enough_for_readers_in_other_namespaces(tmp_path):
+    """The daemon under the unit's bounding set and no_new_privs, as systemd starts it:
+    its pid-namespace helper can still drop to nobody in an empty root, and its network
+    threads still enter readers' namespaces."""
+    need(shutil.which("setpriv") is not None, "setpriv (util-linux)")
+    bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in unit_caps())
+    state = mount_bpffs(tmp_path / "state")
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"),
+               prefix=["setpriv", f"--bounding-set={bounding}", "--no-new-privs"]).start()
+    try:
+        for ns in (["--pid", "--fork", "--mount-proc"], ["--net"]):
+            target = "task/tasks" if "--pid" in ns else "tcp/tcp"
+            p = subprocess.run(["unshare", *ns, "cat", str(d.mnt / target)],
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stderr + d.output()
+    finally:
+        d.stop()
+        unmount(state)
 
 
 @pytest.fixture
