@@ -59,8 +59,10 @@ class Metrics:
         with self.lock:
             self.by_dumper[dumper].errors[errno_names.errorcode.get(err, str(err))] += 1
 
-    def render(self, read_ahead: int) -> bytes:
-        """OpenMetrics text; READ_AHEAD is what all streams hold ahead now, in bytes."""
+    def render(self, read_ahead: int, helpers: int = 0, net_threads: int = 0) -> bytes:
+        """OpenMetrics text; READ_AHEAD is what all streams hold ahead now, in bytes;
+        HELPERS and NET_THREADS, the pid-namespace helpers and network-namespace threads
+        running now."""
         out = [
             "# TYPE bpfdumpfs_info gauge",
             "# HELP bpfdumpfs_info The daemon: version, mount point, state dir, pid.",
@@ -74,6 +76,11 @@ class Metrics:
             ("# HELP bpfdumpfs_read_ahead_bytes Read from the kernel ahead of their readers, "
              "all streams (limit: read_ahead_mib)."),
             f"bpfdumpfs_read_ahead_bytes {read_ahead}",
+            "# TYPE bpfdumpfs_namespace_helpers gauge",
+            ("# HELP bpfdumpfs_namespace_helpers What makes seq_files in readers' namespaces: "
+             "pid-namespace helper processes and network-namespace threads."),
+            f'bpfdumpfs_namespace_helpers{{kind="pid"}} {helpers}',
+            f'bpfdumpfs_namespace_helpers{{kind="net"}} {net_threads}',
             "# TYPE bpfdumpfs_builtin_unavailable gauge",
             ("# HELP bpfdumpfs_builtin_unavailable A built-in dumper this kernel does not "
              "serve, and why."),

@@ -285,6 +285,11 @@ class Namespaces:
         finally:
             os.close(ns_fd)
 
+    def counts(self) -> tuple[int, int]:
+        """(pid-namespace helpers, network-namespace threads) running now."""
+        self._reap()
+        return len(self.pid), len(self.net)
+
     def _reap(self) -> None:
         """Forget helpers that ended (idle), and collect their exit status."""
         for ino, h in list(self.pid.items()):

@@ -562,7 +562,8 @@ class Operations(pyfuse3.Operations):
         user = privilege.user(ctx.uid, ctx.pid)
         if inode == STATS_INODE:
             self._reserve_or_refuse(STATS_NAME, user, ctx)
-            snapshot = _Snapshot(self.metrics.render(self.read_ahead.held))
+            snapshot = _Snapshot(self.metrics.render(self.read_ahead.held,
+                                                     *self.namespaces.counts()))
             return _file_info(self._new_handle(snapshot, STATS_NAME, user, ctx.pid))
         key = self.ino_file.get(inode)
         if key is None:

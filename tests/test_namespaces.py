@@ -153,6 +153,8 @@ def test_the_pid_helper_is_worth_nothing_to_whoever_reaches_it(tree):
     new = set(helper_pids()) - before
     assert len(new) == 1, new
     pid = new.pop()
+    stats = (tree.mnt / ".stats").read_text()
+    assert int(stats.split('bpfdumpfs_namespace_helpers{kind="pid"} ')[1].split()[0]) >= 1
     st = status_fields(pid)
     assert st["Uid"].split() == ["65534"] * 4 and st["Gid"].split() == ["65534"] * 4
     assert st["Groups"].strip() == ""
