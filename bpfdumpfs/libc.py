@@ -20,6 +20,8 @@ ffi.cdef("""
     struct cap_data { uint32_t effective, permitted, inheritable; };
     int capget(struct cap_header *header, struct cap_data *data);
     int capset(struct cap_header *header, const struct cap_data *data);
+    struct sock_filter { uint16_t code; uint8_t jt; uint8_t jf; uint32_t k; };
+    struct sock_fprog { unsigned short len; struct sock_filter *filter; };
 """)
 _libc = ffi.dlopen(None)
 
@@ -72,3 +74,16 @@ def capset(effective: int, permitted: int) -> None:
         data[i].effective = effective >> 32 * i & 0xFFFFFFFF
         data[i].permitted = permitted >> 32 * i & 0xFFFFFFFF
     _check(_libc.capset(header, data), "capset")
+
+
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def seccomp(program: list[tuple[int, int, int, int]]) -> None:
+    """Install a seccomp filter of classic BPF instructions (code, jt, jf, k) on the
+    calling thread and its future children; needs no_new_privs (or CAP_SYS_ADMIN)."""
+    filt = ffi.new("struct sock_filter[]", [{"code": c, "jt": t, "jf": f, "k": k}
+                                            for c, t, f, k in program])
+    prog = ffi.new("struct sock_fprog *", {"len": len(program), "filter": filt})
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, int(ffi.cast("uintptr_t", prog)))
+

@@ -11,8 +11,10 @@ Whoever reaches the helper anyway (a child, in the instant it lives) finds
 nothing worth having: before serving, the helper drops to nobody with no
 capabilities (CAP_BPF alone on kernels before 6.5, where every bpf(2) command
 needs it when unprivileged BPF is off), sets no_new_privs and dumpable 0, closes
-every fd but its socket, and chroots into an empty read-only tmpfs in a mount
-namespace of its own. It holds no link fd at rest: each request's is closed once
+every fd but its sockets, and chroots into an empty read-only tmpfs in a mount
+namespace of its own; on x86-64 a seccomp filter then allows only the calls it
+makes (sockets, fork and wait, memory, signals, and bpf(2)'s BPF_ITER_CREATE;
+EPERM for the rest). It holds no link fd at rest: each request's is closed once
 its seq_file is made.
 
 Protocol on the SEQPACKET socket: the daemon sends b"c" with one link fd
@@ -45,14 +47,54 @@ def kept_caps(release: str = os.uname().release) -> set[int]:
     return set() if (major, minor) >= (6, 5) else {CAP_BPF}
 
 
-def harden(sock_fd: int) -> None:
-    """Make this process worth nothing to anyone who reaches it (see the module doc)."""
+# What the helper and its children call once hardened: sockets, fork and wait, memory,
+# signals and the BPF_ITER_CREATE command of bpf(2); anything else fails with EPERM.
+# x86-64 numbers (arch/x86/entry/syscalls/syscall_64.tbl); elsewhere no filter is set.
+AUDIT_ARCH_X86_64 = 0xC000003E
+SYSCALLS_X86_64 = {
+    "read": 0, "write": 1, "close": 3, "fstat": 5, "poll": 7, "lseek": 8, "mmap": 9,
+    "mprotect": 10, "munmap": 11, "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14,
+    "rt_sigreturn": 15, "sched_yield": 24, "mremap": 25, "madvise": 28, "getpid": 39,
+    "sendmsg": 46, "recvmsg": 47, "getsockname": 51, "getpeername": 52, "getsockopt": 55,
+    "clone": 56, "exit": 60, "wait4": 61, "fcntl": 72, "getuid": 102, "getgid": 104,
+    "geteuid": 107, "getegid": 108, "sigaltstack": 131, "gettid": 186, "futex": 202,
+    "restart_syscall": 219, "clock_gettime": 228, "clock_nanosleep": 230, "exit_group": 231,
+    "newfstatat": 262, "ppoll": 271, "set_robust_list": 273, "getrandom": 318, "rseq": 334,
+}
+BPF_SYSCALL_X86_64 = 321
+LD_W_ABS, JEQ_K, RET_K = 0x20, 0x15, 0x06
+RET_ALLOW, RET_EPERM, RET_KILL = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x80000000
+
+
+def seccomp_program() -> list[tuple[int, int, int, int]]:
+    """The filter: allow SYSCALLS_X86_64, bpf(2) with cmd BPF_ITER_CREATE only, EPERM for
+    the rest; kill a call from another architecture's ABI."""
+    allowed = sorted(SYSCALLS_X86_64.values())
+    n = len(allowed)
+    return [(LD_W_ABS, 0, 0, 4),                      # seccomp_data.arch
+            (JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+            (RET_K, 0, 0, RET_KILL),
+            (LD_W_ABS, 0, 0, 0),                      # seccomp_data.nr
+            *[(JEQ_K, n + 3 - i, 0, nr) for i, nr in enumerate(allowed)],
+            (JEQ_K, 0, 2, BPF_SYSCALL_X86_64),
+            (LD_W_ABS, 0, 0, 16),                     # args[0], low half: the command
+            (JEQ_K, 1, 0, kernel.BPF_ITER_CREATE),
+            (RET_K, 0, 0, RET_EPERM),
+            (RET_K, 0, 0, RET_ALLOW)]
+
+
+def harden(keep: set[int]) -> None:
+    """Make this process worth nothing to anyone who reaches it (see the module doc);
+    of its fds, only stdio (/dev/null) and KEEP stay open."""
     devnull = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)
     os.close(devnull)
-    os.closerange(3, sock_fd)
-    os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    start = 3
+    for fd in sorted(keep):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, os.sysconf("SC_OPEN_MAX"))
     # an empty, read-only root in a mount namespace of our own: nothing of the host's
     # tree through /proc/PID/root, and nothing to write there either
     libc.unshare(CLONE_NEWNS)
@@ -62,22 +104,25 @@ def harden(sock_fd: int) -> None:
     os.chdir("/tmp")
     libc.chroot(".")
     os.chdir("/")
-    keep = kept_caps()
+    caps = kept_caps()
     for cap in range(CAP_LAST_CAP + 1):
-        if cap not in keep:
+        if cap not in caps:
             try:
                 libc.prctl(PR_CAPBSET_DROP, cap)
             except OSError:
                 break  # EINVAL: past this kernel's last capability
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    libc.prctl(PR_SET_KEEPCAPS, 1 if keep else 0)
+    libc.prctl(PR_SET_KEEPCAPS, 1 if caps else 0)
     os.setgroups([])
     os.setresgid(NOBODY, NOBODY, NOBODY)
     os.setresuid(NOBODY, NOBODY, NOBODY)
-    mask = sum(1 << cap for cap in keep)
+    mask = sum(1 << cap for cap in caps)
     libc.capset(mask, mask)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
     libc.prctl(PR_SET_DUMPABLE, 0)
+    os.dup2(0, 2)  # /dev/null: nothing to say from here on, and no terminal to reach
+    if os.uname().machine == "x86_64":
+        libc.seccomp(seccomp_program())
 
 
 def _make(link_fd: int, back: socket.socket) -> None:
@@ -110,7 +155,8 @@ def _request(link_fd: int, here: socket.socket, there: socket.socket) -> tuple[b
 
 
 def serve(sock: socket.socket, here: socket.socket, there: socket.socket) -> None:
-    sock.settimeout(IDLE)
+    """Answer requests on SOCK (its IDLE timeout set before hardening: seccomp refuses
+    the ioctl that sets it)."""
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
@@ -132,15 +178,17 @@ def serve(sock: socket.socket, here: socket.socket, there: socket.socket) -> Non
 
 def main() -> int:
     ns_fd, sock_fd = int(sys.argv[1]), int(sys.argv[2])
+    sock = socket.socket(fileno=sock_fd)
+    sock.settimeout(IDLE)
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         libc.setns(ns_fd, CLONE_NEWPID)
         os.close(ns_fd)
-        harden(sock_fd)
+        harden({sock_fd, here.fileno(), there.fileno()})
     except OSError as e:
         print(f"bpfdumpfs nshelper: {e}", file=sys.stderr)
         return 1
-    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    serve(socket.socket(fileno=sock_fd), here, there)
+    serve(sock, here, there)
     return 0
 
 

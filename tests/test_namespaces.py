@@ -143,8 +143,9 @@ def status_fields(pid: int) -> dict[str, str]:
 
 def test_the_pid_helper_is_worth_nothing_to_whoever_reaches_it(tree):
     """It runs as nobody with no capabilities and no way to gain any, not dumpable (so
-    nobody, its own uid, cannot read its memory or attach), rooted in an empty
-    read-only tmpfs, holding its socket and nothing else: no link fd at rest."""
+    nobody, its own uid, cannot read its memory or attach), under a seccomp filter,
+    rooted in an empty read-only tmpfs, holding its sockets and nothing else: no link
+    fd at rest."""
     before = set(helper_pids())
     p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "cat",
                         str(tree.mnt / "task" / "tasks")], capture_output=True, text=True,
@@ -162,6 +163,8 @@ def test_the_pid_helper_is_worth_nothing_to_whoever_reaches_it(tree):
     for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(st[field], 16) & ~caps == 0, (field, st[field])
     assert st["NoNewPrivs"].strip() == "1"
+    if os.uname().machine == "x86_64":  # filtered: sockets, fork, memory, BPF_ITER_CREATE
+        assert st["Seccomp"].strip() == "2", st["Seccomp"]
     # not dumpable: its /proc files are root's, and its own uid cannot read them
     assert os.stat(f"/proc/{pid}/environ").st_uid == 0
     r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
