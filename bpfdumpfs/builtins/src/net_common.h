@@ -109,15 +109,22 @@ static __always_inline int sk_drops_read(struct sock *sk)
 	return drops;
 }
 
+/* Before 6.2 every namespace shared this one UDP table (net->ipv4.udp_table came
+ * with per-namespace tables); typeless, so any kernel's symbol will do. */
+extern const void udp_table __ksym __weak;
+
 /* The slot of /proc's udp walk: udp_hashfn(net, inet_num, udptable->mask). */
 static __always_inline int udp_proc_bucket(struct sock *sk)
 {
 	struct net *net = sk->__sk_common.skc_net.net;
+	struct udp_table *table = (struct udp_table *)&udp_table;
 	__u32 mix = 0;
 
 	if (bpf_core_field_exists(net->hash_mix))
 		mix = net->hash_mix;
-	return (sk->__sk_common.skc_num + mix) & net->ipv4.udp_table->mask;
+	if (bpf_core_field_exists(net->ipv4.udp_table))
+		table = BPF_CORE_READ(net, ipv4.udp_table);
+	return (sk->__sk_common.skc_num + mix) & BPF_CORE_READ(table, mask);
 }
 
 #ifdef LINE_WIDTH

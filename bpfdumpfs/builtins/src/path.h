@@ -31,11 +31,18 @@ struct {
  * so the dump stays one line per object. */
 static __always_inline void put_path_field(struct seq_file *seq, char *buf, long n, long cap)
 {
-	if (n > 1 && n <= cap) {
-		for (long i = 0; i < n - 1 && i < cap; i++)
+	/* unsigned, and bounded by a compare on the very register passed on: verifiers
+	 * before 6.2 lose a signed bound through n - 1 ("R3 min value is negative") */
+	__u32 len = n - 1;
+
+	asm volatile("" : "+r"(len));
+	if (n > 1 && len < cap) {
+		for (__u32 i = 0; i < len && i < cap; i++)
 			if (buf[i] == '\n')
 				buf[i] = '?';
-		bpf_seq_write(seq, buf, n - 1);
+		asm volatile("" : "+r"(len));
+		if (len < cap)
+			bpf_seq_write(seq, buf, len);
 	} else {
 		bpf_seq_write(seq, "-", 1);
 	}

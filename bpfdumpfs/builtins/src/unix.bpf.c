@@ -38,6 +38,7 @@ static const char header[] = "Num       RefCount Protocol Flags    Type St Inode
 #include "net_common.h"
 
 #define UNIX_PATH_MAX	108
+#define PATH_ROOM	128	/* a power of two: a mask bounds the length for any verifier */
 #define SUN_PATH_OFF	2	/* offsetof(struct sockaddr_un, sun_path) */
 #define __SO_ACCEPTCON	(1 << 16)
 
@@ -47,7 +48,7 @@ SESSION_MAP(hdr_sessions, __u8);
 static __always_inline void put_path(struct seq_file *seq, struct unix_sock *u)
 {
 	struct unix_address *addr = u->addr;
-	char path[UNIX_PATH_MAX];
+	char path[PATH_ROOM];
 	__u64 len, i;
 
 	if (!addr)
@@ -61,16 +62,17 @@ static __always_inline void put_path(struct seq_file *seq, struct unix_sock *u)
 		return;
 	if (path[0])
 		len--;	/* a filesystem name: drop its terminating NUL */
-	for (i = 0; i < UNIX_PATH_MAX; i++) {
-		if (i >= len)
-			break;
-		if (!path[i])
+	/* unrolled (one exit, so clang can): 6.1's verifier refused this loop's back-edge */
+#pragma clang loop unroll(full)
+	for (i = 0; i < UNIX_PATH_MAX; i++)
+		if (i < len && !path[i])
 			path[i] = '@';
-	}
 	bpf_seq_write(seq, " ", 1);
 	asm volatile("" : "+r"(len));
-	if (len > 0 && len <= UNIX_PATH_MAX)
-		bpf_seq_write(seq, path, len);
+	if (len > 0 && len <= UNIX_PATH_MAX) {
+		asm volatile("" : "+r"(len));	/* so clang keeps the mask it could prove idle */
+		bpf_seq_write(seq, path, len & (PATH_ROOM - 1));
+	}
 }
 
 SEC("iter/unix")

@@ -35,9 +35,14 @@
 #define SMALL_BUF 200
 #include "path.h"	/* after SMALL_BUF, which it uses */
 
-/* Present only with CONFIG_ANON_VMA_NAME. */
+/* Present only with CONFIG_ANON_VMA_NAME. Before 6.2 it shared a union with
+ * "shared" (the file mapping's interval tree node), so it is a name only for a
+ * VMA without a file: CO-RE finds that kernel by the two fields' offsets. */
 struct vm_area_struct___named {
 	struct anon_vma_name *anon_name;
+	struct {
+		struct rb_node rb;
+	} shared;
 } __attribute__((preserve_access_index));
 
 
@@ -52,6 +57,7 @@ static __always_inline int dump_vma(struct bpf_iter__task_vma *ctx, const bool d
 	struct seq_file *seq = ctx->meta->seq;
 	struct task_struct *task = ctx->task;
 	struct vm_area_struct *vma = ctx->vma;
+	struct vm_area_struct___named *named = (void *)vma;
 	struct anon_vma_name *anon_name = NULL;
 	unsigned long start, end, flags, ino = 0;
 	unsigned long long pgoff = 0;
@@ -71,10 +77,12 @@ static __always_inline int dump_vma(struct bpf_iter__task_vma *ctx, const bool d
 	end = BPF_CORE_READ(vma, vm_end);
 	flags = BPF_CORE_READ(vma, vm_flags);
 	mm = BPF_CORE_READ(vma, vm_mm);
-	if (bpf_core_field_exists(((struct vm_area_struct___named *)vma)->anon_name))
-		anon_name = BPF_CORE_READ((struct vm_area_struct___named *)vma, anon_name);
-
 	file = d_path ? vma->vm_file : BPF_CORE_READ(vma, vm_file); /* bpf_d_path: a BTF pointer */
+	if (bpf_core_field_exists(named->anon_name) &&
+	    !(file && bpf_core_field_exists(named->shared) &&
+	      bpf_core_field_offset(named->anon_name) == bpf_core_field_offset(named->shared)))
+		anon_name = BPF_CORE_READ(named, anon_name);
+
 	if (file) {
 		struct inode *inode;
 
