@@ -38,7 +38,7 @@ def test_streams_are_independent_line_iterators():
             rest_a = a.read()
         assert first_a.split() == [b"PID", b"TGID", b"PPID", b"S", b"UID", b"COMM"]
         assert f"{os.getpid():>7}" in "".join(lines_b)
-        assert rest_a.count(b"\n") > 10
+        assert f"{os.getpid():>7}".encode() in rest_a  # a's own whole dump, after b's
 
 
 def test_info_names_target_link_prog_and_params():

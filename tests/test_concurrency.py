@@ -26,12 +26,25 @@ def settled_seq_fds(pid: int) -> int:
             return now
         last = now
 
-# Each task costs SPIN_NS of the CPU, measured with bpf_ktime_get_ns so it is slow on any
-# machine: a dump of ~100 tasks takes seconds, all of it inside read() calls the daemon
-# cannot interrupt or poll. bpf_loop's bound (1 << 23 calls) is far more than 20 ms.
+# Each task costs SPIN_MS of the CPU, measured with bpf_ktime_get_ns so it is slow on any
+# machine: the dump takes about 3 s however many tasks there are (20 ms each at least),
+# all of it inside read() calls the daemon cannot interrupt or poll. bpf_loop's bound
+# (1 << 23 calls) is far more than that per task.
+def threads() -> int:
+    """The tasks a task iterator visits from here: every thread /proc shows."""
+    n = 0
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            n += len(os.listdir(f"/proc/{p}/task"))
+        except FileNotFoundError:
+            pass  # gone meanwhile
+    return n
+
+
+SPIN_MS = max(20, 3000 // max(threads(), 1))
 SLOW = r"""
 #include "common.h"
-const volatile __u64 spin_ns = 20 * 1000 * 1000;
+const volatile __u64 spin_ns = SPIN_MS * 1000 * 1000;
 static long spin(__u32 i, void *until) { return bpf_ktime_get_ns() >= *(__u64 *)until; }
 SEC("iter/task")
 int dump_slow(struct bpf_iter__task *ctx)
@@ -44,7 +57,7 @@ int dump_slow(struct bpf_iter__task *ctx)
 	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\n", t->pid);
 	return 0;
 }
-"""
+""".replace("SPIN_MS", str(SPIN_MS))
 
 
 # Every tenth symbol of the core kernel (not modules, not BPF programs, which come

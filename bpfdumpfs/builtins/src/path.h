@@ -48,8 +48,8 @@ static __always_inline void put_path_field(struct seq_file *seq, char *buf, long
 	}
 }
 
-/* The path of FILE found by walking its dentries and mounts up to the root of
- * the mount namespace (what d_path shows the daemon, whose root is that root),
+/* The path of FILE found by walking its dentries and mounts up to the reading
+ * task's root, or the top of its mount tree, where d_path stops too,
  * for kernels whose verifier refuses bpf_d_path on the pointer at hand (6.18.44
  * made vma->vm_file untrusted). The names are laid right to left into S->walk,
  * then copied to S->buf; returns the length counting the NUL, as bpf_d_path
@@ -61,6 +61,11 @@ static __always_inline long walk_path(struct file *file, struct scratch *s)
 {
 	struct dentry *d = BPF_CORE_READ(file, f_path.dentry), *leaf = d;
 	struct mount *mnt = container_of(BPF_CORE_READ(file, f_path.mnt), struct mount, mnt);
+	/* d_path's root is the reading task's (in a container, its root, not the mount
+	 * namespace's): the walk stops there too */
+	struct task_struct *me = bpf_get_current_task_btf();
+	struct dentry *root = BPF_CORE_READ(me, fs, root.dentry);
+	struct vfsmount *root_mnt = BPF_CORE_READ(me, fs, root.mnt);
 	long off = PATH_BUF - 1, end;
 	int top = 0;
 	__u32 len;
@@ -76,6 +81,10 @@ static __always_inline long walk_path(struct file *file, struct scratch *s)
 	for (int i = 0; i < 2 * WALK_DEPTH && !top; i++) {
 		struct dentry *parent;
 
+		if (d == root && &mnt->mnt == root_mnt) {
+			top = 1;
+			break;
+		}
 		if (d == BPF_CORE_READ(mnt, mnt.mnt_root)) {
 			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
 
