@@ -179,3 +179,13 @@ class Daemon:
                 self.kill()
         unmount(self.mnt)
         return code
+
+
+def maps_comparable(lines: list[str]) -> list[str]:
+    """Lines of /proc/PID/maps or of a vmas dump (PID dropped), made comparable: where /
+    is an overlayfs (a container) the device column goes, since for a file mapped
+    through it the dump shows the backing layer's device and /proc the overlay's (a
+    documented difference, vmas.bpf.c)."""
+    if fstype("/") != "overlay":
+        return lines
+    return [" ".join(f for i, f in enumerate(ln.split(" ")) if i != 3) for ln in lines]

@@ -193,7 +193,7 @@ def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
     out, _ = bg.communicate(timeout=120)
     slow_took = time.monotonic() - t0
     assert slow_took > 1.0, "the slow dumper should take seconds"
-    assert len(out.splitlines()) > 20
+    assert str(os.getpid()).encode() in out.split()  # the whole dump, this process too
     assert len(latencies) >= 10
     assert max(latencies) < 0.5, f"small reads waited behind the slow one: {max(latencies):.2f}s"
 
