@@ -15,8 +15,8 @@ would see the host.
   seq_file. It receives the link fd over a unix socket (SCM_RIGHTS) and sends
   the seq_file back. A helper ends after nshelper.IDLE seconds without a
   request; at most MAX_PID_HELPERS run at once, each answers within
-  HELPER_DEADLINE seconds or is killed, and at most MAX_PENDING opens wait for
-  one.
+  HELPER_DEADLINE seconds or is killed (its open fails with EAGAIN), and at most
+  MAX_PENDING opens wait for one.
 """
 from __future__ import annotations
 
@@ -152,7 +152,10 @@ class _PidHelper:
                     msg, anc, _flags, _addr = await self.sock.recvmsg(64, socket.CMSG_SPACE(4))
         except trio.TooSlowError:
             self.proc.kill()  # a helper that does not answer serves nobody again
-            raise ConnectionError("namespace helper did not answer") from None
+            raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label} in pid namespace "
+                              f"{self.ino}: its helper did not answer within "
+                              f"{HELPER_DEADLINE:g} s", "retry: a new helper serves the next "
+                              "open (a host this busy answers late)") from None
         finally:
             self.pending -= 1
         if not msg:
@@ -274,16 +277,21 @@ class Namespaces:
                     return await helper.open_fd(dumper)
                 except (ConnectionError, OSError) as e:
                     if isinstance(e, DumperError):
+                        if e.errno == errno.EAGAIN and helper.proc.poll() is not None:
+                            self._forget(ino, helper)  # killed at its deadline
                         raise
-                    if self.pid.get(ino) is helper:
-                        del self.pid[ino]
-                    helper.close()
+                    self._forget(ino, helper)
                     if attempt == 2:
                         raise DumperError(errno.ESRCH, f"opening dumper {dumper.label} in pid "
                                           f"namespace {ino}", f"its helper failed: {e}"
                                           ) from None
         finally:
             os.close(ns_fd)
+
+    def _forget(self, ino: int, helper: _PidHelper) -> None:
+        if self.pid.get(ino) is helper:
+            del self.pid[ino]
+        helper.close()
 
     def counts(self) -> tuple[int, int]:
         """(pid-namespace helpers, network-namespace threads) running now."""

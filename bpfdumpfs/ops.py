@@ -606,7 +606,8 @@ class Operations(pyfuse3.Operations):
         except DumperError as e:
             if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
-            err = errno.EACCES if e.errno == errno.EACCES else errno.EIO
+            # permission and "try again" (a limit, a helper late) mean what they say
+            err = e.errno if e.errno in (errno.EACCES, errno.EAGAIN) else errno.EIO
             self.refusals.warn(ctx.uid, "open %s by uid %d pid %d refused: %s", label, ctx.uid,
                                ctx.pid, e)
             self.metrics.error(label, err)
