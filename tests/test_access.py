@@ -2,6 +2,7 @@
 changes nothing; root chmods, chowns, renames and removes through the mount."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,18 +78,29 @@ def obj(tmp_path_factory) -> str:
     return str(where / "access.bpf.o")
 
 
-@pytest.fixture(scope="module")
-def served(user):
-    """A daemon on a mount point the test user can reach (pytest's tmp dirs are 0700)."""
+@contextlib.contextmanager
+def reachable_daemon(*args: str) -> Iterator[Daemon]:
+    """A daemon with ARGS on a mount point the test user can reach (pytest's tmp dirs
+    are 0700), on a bpffs of its own; all of it gone afterwards."""
+    need_kernel()
     base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
     os.chmod(base, 0o755)
     state = mount_bpffs(base / "state")
-    (base / "cfg").mkdir()
-    d = Daemon(base / "mnt", state, "--no-builtins", "--config-dir", str(base / "cfg")).start()
-    yield d
-    d.stop()
-    unmount(state)
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        d = Daemon(base / "mnt", state, "--config-dir", str(base / "none"), *args).start()
+        try:
+            yield d
+        finally:
+            d.stop()
+    finally:
+        unmount(state)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(user):
+    with reachable_daemon("--no-builtins") as d:
+        yield d
 
 
 # name -> (mode, owner, group, may the test user read it?)
@@ -351,14 +364,9 @@ def test_a_containers_root_changes_nothing(dumpers, served, cmd):
     assert "changes need uid 0 with CAP_SYS_ADMIN or CAP_BPF" in served.output()
 
 
-def test_stats_opens_count_in_the_users_limit(user, tmp_path):
+def test_stats_opens_count_in_the_users_limit(user):
     """A user holding .stats open without reading spends its own handles, not everyone's."""
-    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    state = mount_bpffs(base / "state")
-    d = Daemon(base / "mnt", state, "--max-handles-per-uid", "3", "--config-dir",
-               str(tmp_path / "none")).start()
-    try:
+    with reachable_daemon("--max-handles-per-uid", "3") as d:
         stats = d.mnt / ".stats"
         held = subprocess.Popen(["setpriv", f"--reuid={USER}", f"--regid={USER}",
                                  "--clear-groups", "sh", "-c",
@@ -373,19 +381,11 @@ def test_stats_opens_count_in_the_users_limit(user, tmp_path):
             held.kill()
             held.wait()
         assert eventually(lambda: as_user("cat", str(stats)).returncode == 0)
-    finally:
-        d.stop()
-        unmount(state)
-        shutil.rmtree(base, ignore_errors=True)
 
 
-def test_per_user_limits_count_root_of_each_pid_namespace_apart(tmp_path):
+def test_per_user_limits_count_root_of_each_pid_namespace_apart():
     """A container's root is uid 0 too: its open files do not use up the host root's."""
-    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
-    state = mount_bpffs(base / "state")
-    d = Daemon(base / "mnt", state, "--max-handles-per-uid", "2", "--config-dir",
-               str(tmp_path / "none")).start()
-    try:
+    with reachable_daemon("--max-handles-per-uid", "2") as d:
         f = d.mnt / "ksym" / "kallsyms"
         held = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
                                  "sh", "-c", f"exec 3<{f} 4<{f}; echo held; exec sleep 30"],
@@ -397,10 +397,6 @@ def test_per_user_limits_count_root_of_each_pid_namespace_apart(tmp_path):
         finally:
             held.kill()
             held.wait()
-    finally:
-        d.stop()
-        unmount(state)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_nothing_in_the_callers_directory_runs_as_root(tmp_path):
@@ -464,13 +460,8 @@ def test_a_state_dir_anyone_could_write_is_made_roots_before_serving(user, tmp_p
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_a_user_retrying_refused_opens_cannot_flood_the_log(user, tmp_path):
-    base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    state = mount_bpffs(base / "state")
-    d = Daemon(base / "mnt", state, "--max-handles-per-uid", "1", "--config-dir",
-               str(tmp_path / "none")).start()
-    try:
+def test_a_user_retrying_refused_opens_cannot_flood_the_log(user):
+    with reachable_daemon("--max-handles-per-uid", "1") as d:
         f = d.mnt / "task" / "tasks"
         loop = (f"import errno\nkeep = open({str(f)!r}, 'rb')\nn = 0\n"
                 f"for _ in range(2000):\n"
@@ -482,10 +473,6 @@ def test_a_user_retrying_refused_opens_cannot_flood_the_log(user, tmp_path):
         refusals = [ln for ln in d.output().splitlines() if "refused" in ln]
         assert len(refusals) == 10, refusals[-3:]
         assert "counted, not logged" in refusals[-1]
-    finally:
-        d.stop()
-        unmount(state)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 KSYM_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "kallsyms.bpf.o")
