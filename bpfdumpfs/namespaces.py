@@ -45,6 +45,9 @@ MAX_NET_THREADS = 64   # namespaces with a thread at once; beyond, opens there g
 MAX_PID_HELPERS = 64   # helper processes at once, likewise
 MAX_PENDING = 16       # opens waiting for one helper
 HELPER_DEADLINE = 5.0  # seconds a helper has to answer before it is killed
+# opens waiting for another namespace, all told: each holds one of pyfuse3's 64 tasks,
+# and the rest must stay free for lookups, listings and host readers (mount.py)
+MAX_WAITING = 32
 CLONE_NEWNET, CLONE_NEWPID = 0x40000000, 0x20000000
 
 def kind_of(target: str) -> str | None:
@@ -187,6 +190,7 @@ class Namespaces:
         self.mine = {"net": ns_name("self", "net"), "pid": ns_name("self", "pid")}
         self.net: dict[int, _NetThread] = {}
         self.pid: dict[int, _PidHelper] = {}
+        self.waiting = 0  # opens waiting for a helper or a thread now (trio's thread only)
         self.lock = threading.Lock()  # net threads remove themselves from another thread
 
     def at_home(self, kind: str, reader_pid: int) -> bool:
@@ -225,12 +229,20 @@ class Namespaces:
         if found is None:
             return dumper.open_fd()
         ns_fd, ino = found
+        if self.waiting >= MAX_WAITING:
+            os.close(ns_fd)
+            raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label}: {self.waiting} "
+                              "opens wait for other namespaces already", "retry later")
         # the open now waits for another thread or process, and the caller's dumper may
         # be closed meanwhile (a cached one, when its pin changes): use a handle of our own
-        with dumper.dup() as mine:
-            if kind == "net":
-                return await self._in_net(ns_fd, ino, mine)
-            return await self._in_pid(ns_fd, ino, mine)
+        self.waiting += 1
+        try:
+            with dumper.dup() as mine:
+                if kind == "net":
+                    return await self._in_net(ns_fd, ino, mine)
+                return await self._in_pid(ns_fd, ino, mine)
+        finally:
+            self.waiting -= 1
 
     async def _in_net(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
         with self.lock:

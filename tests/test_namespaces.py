@@ -2,6 +2,7 @@
 targets their pid namespace -- not the daemon's."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from bpfdumpfs.namespaces import HELPER_DEADLINE, MAX_PID_HELPERS
+from bpfdumpfs.namespaces import HELPER_DEADLINE, MAX_PID_HELPERS, MAX_WAITING
 from bpfdumpfs.nshelper import IDLE, kept_caps
 from helpers import Daemon, bpfdumpfs, eventually, mount_bpffs, unmount
 
@@ -235,8 +236,9 @@ def test_a_helper_that_stops_answering_fails_its_open_alone(tree):
 
 def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
     """80 readers at once, each in a pid namespace of its own: at most MAX_PID_HELPERS
-    helpers run (a reader beyond gets EAGAIN, never a hang), and once idle every helper
-    ends, is reaped, and leaves no fd behind."""
+    helpers run and MAX_WAITING opens wait (a reader beyond gets EAGAIN, never a hang),
+    the tree's other requests are served meanwhile, and once idle every helper ends, is
+    reaped, and leaves no fd behind."""
     state = mount_bpffs(tmp_path / "state")
     d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
     try:
@@ -246,11 +248,15 @@ def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
         readers = [subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "cat", str(f)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for _ in range(80)]
-        peak = 0
+        peak, slowest = 0, 0.0
         while any(r.poll() is None for r in readers):
+            t = time.monotonic()  # an open and a listing, served while the flood waits
             stats = (d.mnt / ".stats").read_text()
+            assert "tasks" in os.listdir(d.mnt / "task")
+            slowest = max(slowest, time.monotonic() - t)
             peak = max(peak, int(stats.split('namespace_helpers{kind="pid"} ')[1].split()[0]))
             time.sleep(0.05)
+        assert slowest < 2.0, f"the flood held the tree's other requests {slowest:.1f} s"
         for r in readers:
             err = r.stderr.read()
             assert r.returncode == 0 or "Resource temporarily unavailable" in err, err
@@ -264,5 +270,60 @@ def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
             return not kids and len(os.listdir(f"/proc/{d.proc.pid}/fd")) <= fds_before
         assert eventually(cleaned, timeout=IDLE + 10, step=0.5)
     finally:
+        d.stop()
+        unmount(state)
+
+
+def test_opens_waiting_on_stuck_helpers_never_hold_the_tree(tmp_path):
+    """Five namespaces whose helpers are stopped, sixteen opens waiting in each: more than
+    pyfuse3's 64 tasks. MAX_WAITING of them wait (the rest get EAGAIN at once), so
+    listings and .stats stay quick; an open waiting on a killed helper fails with EAGAIN
+    or is served by the next one, and none hangs."""
+    state = mount_bpffs(tmp_path / "state")
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
+    f = d.mnt / "task" / "tasks"
+    spaces, stopped, cats = [], [], []
+    try:
+        for _ in range(5):
+            ns = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+                                   "sleep", "60"])
+            spaces.append(ns)
+            assert eventually(lambda ns=ns: subprocess.run(["pgrep", "-P", str(ns.pid)],
+                                                           capture_output=True).returncode == 0)
+            inner = subprocess.run(["pgrep", "-P", str(ns.pid)], capture_output=True,
+                                   text=True).stdout.split()[0]
+            enter = ["nsenter", "-t", inner, "-p", "-m"]
+            before = set(helper_pids())
+            assert subprocess.run([*enter, "cat", str(f)], capture_output=True).returncode == 0
+            helper = (set(helper_pids()) - before).pop()
+            os.kill(helper, signal.SIGSTOP)
+            stopped.append((enter, helper))
+        cats = [subprocess.Popen([*enter, "cat", str(f)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+                for enter, _ in stopped for _ in range(16)]
+        t0, slowest = time.monotonic(), 0.0
+        while time.monotonic() - t0 < HELPER_DEADLINE - 1:
+            t = time.monotonic()
+            assert "tasks" in os.listdir(d.mnt / "task")
+            assert (d.mnt / ".stats").read_bytes()
+            slowest = max(slowest, time.monotonic() - t)
+            time.sleep(0.1)
+        assert slowest < 1.0, f"stuck helpers held the tree {slowest:.1f} s"
+        refused = 0
+        for c in cats:
+            if c.wait(timeout=30):
+                assert "Resource temporarily unavailable" in c.stderr.read()
+                refused += 1
+        assert refused >= len(cats) - MAX_WAITING
+    finally:
+        for c in cats:
+            c.kill()
+            c.wait()
+        for _, h in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(h, signal.SIGKILL)
+        for ns in spaces:
+            ns.kill()
+            ns.wait()
         d.stop()
         unmount(state)
