@@ -14,7 +14,8 @@ would see the host.
   chrooted: see there) forks a short-lived child into the namespace for each
   seq_file. It receives the link fd over a unix socket (SCM_RIGHTS) and sends
   the seq_file back. A helper ends after nshelper.IDLE seconds without a
-  request; at most MAX_PID_HELPERS run at once, each answers within
+  request; at most MAX_PID_HELPERS run at once (MAX_PER_UID started for one
+  user's readers, likewise network threads), each answers within
   HELPER_DEADLINE seconds or is killed (its open fails with EAGAIN), and at most
   MAX_PENDING opens wait for one.
 """
@@ -43,6 +44,7 @@ PID_TARGETS = frozenset({"task", "task_file", "task_vma"})
 NET_IDLE = 30.0
 MAX_NET_THREADS = 64   # namespaces with a thread at once; beyond, opens there get EAGAIN
 MAX_PID_HELPERS = 64   # helper processes at once, likewise
+MAX_PER_UID = 16       # of each, started for one user's readers
 MAX_PENDING = 16       # opens waiting for one helper
 HELPER_DEADLINE = 5.0  # seconds a helper has to answer before it is killed
 # opens waiting for another namespace, all told: each holds one of pyfuse3's 64 tasks,
@@ -73,9 +75,10 @@ class _Job:
 class _NetThread:
     """A thread living in one network namespace, creating seq_files there."""
 
-    def __init__(self, ns_fd: int, ino: int, on_exit) -> None:
+    def __init__(self, ns_fd: int, ino: int, on_exit, owner: int) -> None:
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.ino = ino
+        self.owner = owner  # the uid whose reader started it
         self.ready = threading.Event()
         self.failed: OSError | None = None
         self.on_exit = on_exit
@@ -121,10 +124,22 @@ class _NetThread:
         job.token.run_sync_soon(job.done.set)
 
 
+def _room(running, owner: int, dumper: Dumper, what: str, limit: int) -> None:
+    """DumperError(EAGAIN) unless one more of RUNNING (helpers or threads) may start for a
+    reader of uid OWNER: LIMIT in all, MAX_PER_UID for one user's readers."""
+    running = list(running)
+    mine = sum(r.owner == owner for r in running)
+    if len(running) >= limit or mine >= MAX_PER_UID:
+        raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label}: {len(running)} {what} "
+                          f"run, {mine} of them for uid {owner}",
+                          f"retry later (at most {limit}, {MAX_PER_UID} a user)")
+
+
 class _PidHelper:
     """`python -I -m bpfdumpfs.nshelper` for one pid namespace."""
 
-    def __init__(self, ns_fd: int, ino: int) -> None:
+    def __init__(self, ns_fd: int, ino: int, owner: int) -> None:
+        self.owner = owner  # the uid whose reader started it
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # isolated (-I) and from /: nothing on the import path that another user wrote
@@ -235,26 +250,32 @@ class Namespaces:
                               "opens wait for other namespaces already", "retry later")
         # the open now waits for another thread or process, and the caller's dumper may
         # be closed meanwhile (a cached one, when its pin changes): use a handle of our own
+        try:
+            owner = os.stat(f"/proc/{reader_pid}").st_uid
+        except OSError:
+            os.close(ns_fd)
+            raise DumperError(errno.EACCES, f"reader pid {reader_pid} is gone") from None
         self.waiting += 1
         try:
             with dumper.dup() as mine:
                 if kind == "net":
-                    return await self._in_net(ns_fd, ino, mine)
-                return await self._in_pid(ns_fd, ino, mine)
+                    return await self._in_net(ns_fd, ino, mine, owner)
+                return await self._in_pid(ns_fd, ino, mine, owner)
         finally:
             self.waiting -= 1
 
-    async def _in_net(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
+    async def _in_net(self, ns_fd: int, ino: int, dumper: Dumper, owner: int) -> int:
         with self.lock:
             t = self.net.get(ino)
-            if t is None and len(self.net) >= MAX_NET_THREADS:
-                os.close(ns_fd)
-                raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label}: "
-                                  f"{len(self.net)} network namespaces have a thread already",
-                                  "retry later (the limit is MAX_NET_THREADS)")
             if t is None:
                 try:
-                    t = self.net[ino] = _NetThread(ns_fd, ino, self._net_gone)
+                    _room(self.net.values(), owner, dumper, "network namespace threads",
+                          MAX_NET_THREADS)
+                except DumperError:
+                    os.close(ns_fd)
+                    raise
+                try:
+                    t = self.net[ino] = _NetThread(ns_fd, ino, self._net_gone, owner)
                 except OSError as e:
                     raise DumperError(e.errno, f"entering network namespace {ino}") from None
             else:
@@ -271,7 +292,7 @@ class Namespaces:
             if self.net.get(t.ino) is t:
                 del self.net[t.ino]
 
-    async def _in_pid(self, ns_fd: int, ino: int, dumper: Dumper) -> int:
+    async def _in_pid(self, ns_fd: int, ino: int, dumper: Dumper, owner: int) -> int:
         """A seq_file from the namespace's helper. A helper found gone (ended when idle;
         its namespace's inode number may since name a new namespace) is replaced once:
         the first open in a namespace never fails for an earlier one's helper."""
@@ -280,11 +301,9 @@ class Namespaces:
             for attempt in (1, 2):
                 helper = self.pid.get(ino)
                 if helper is None:
-                    if len(self.pid) >= MAX_PID_HELPERS:
-                        raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label}: "
-                                          f"{len(self.pid)} pid namespace helpers run already",
-                                          "retry later (the limit is MAX_PID_HELPERS)")
-                    helper = self.pid[ino] = _PidHelper(os.dup(ns_fd), ino)
+                    _room(self.pid.values(), owner, dumper, "pid namespace helpers",
+                          MAX_PID_HELPERS)
+                    helper = self.pid[ino] = _PidHelper(os.dup(ns_fd), ino, owner)
                 try:
                     return await helper.open_fd(dumper)
                 except (ConnectionError, OSError) as e:
