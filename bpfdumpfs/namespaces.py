@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import trio
 
 from . import libc
+from .nshelper import IDLE
 from .dumpers import Dumper, DumperError
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,13 @@ class Namespaces:
         """(pid-namespace helpers, network-namespace threads) running now."""
         self._reap()
         return len(self.pid), len(self.net)
+
+    async def reap_idle(self) -> None:
+        """Collect helpers that ended idle, every IDLE seconds, until cancelled: neither
+        a zombie nor its socket outlives a quiet namespace for long."""
+        while True:
+            await trio.sleep(IDLE)
+            self._reap()
 
     def _reap(self) -> None:
         """Forget helpers that ended (idle), and collect their exit status."""

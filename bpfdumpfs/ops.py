@@ -207,6 +207,7 @@ class Operations(pyfuse3.Operations):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._check_new)
+                nursery.start_soon(self.namespaces.reap_idle)
                 task_status.started()
                 await self._watch_state()
         finally:
