@@ -1,11 +1,13 @@
 """Test helpers: a real bpfdumpfs daemon on a private bpffs, started and ended by pid."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,16 @@ def maps_comparable(lines: list[str]) -> list[str]:
     if fstype("/") != "overlay":
         return lines
     return [" ".join(f for i, f in enumerate(ln.split(" ")) if i != 3) for ln in lines]
+
+
+@contextlib.contextmanager
+def own_daemon(base: Path, *args: str, prefix: list[str] | None = None) -> Iterator[Daemon]:
+    """A daemon with ARGS on a bpffs of its own below BASE, with no config; stopped and
+    its bpffs unmounted afterwards, even if it never started."""
+    state = mount_bpffs(base / "state")
+    d = Daemon(base / "mnt", state, "--config-dir", str(base / "none"), *args, prefix=prefix)
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+        unmount(state)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (ROOT, Daemon, bpfdumpfs, eventually, listing, mount_bpffs, need,
-                     need_kernel, unmount)
+                     need_kernel, own_daemon, unmount)
 
 USER = "bpfdumpfs-test"
 LINES = 40
@@ -85,15 +85,10 @@ def reachable_daemon(*args: str) -> Iterator[Daemon]:
     need_kernel()
     base = Path(tempfile.mkdtemp(prefix="bpfdumpfs-access-", dir="/tmp"))
     os.chmod(base, 0o755)
-    state = mount_bpffs(base / "state")
     try:
-        d = Daemon(base / "mnt", state, "--config-dir", str(base / "none"), *args).start()
-        try:
+        with own_daemon(base, *args) as d:
             yield d
-        finally:
-            d.stop()
     finally:
-        unmount(state)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -401,8 +401,9 @@ def test_bad_files_on_sighup_leave_the_daemon_serving(tmp_path):
     state = mount_bpffs(tmp_path / "state")
     cfg = tmp_path / "cfg"
     cfg.mkdir()
-    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(cfg)).start()
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(cfg))
     try:
+        d.start()
         bad_files(cfg)
         (cfg / "deep.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
         (cfg / "zero.toml").write_text('[dumpers.z]\nobject = "/dev/zero"\n')

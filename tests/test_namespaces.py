@@ -240,8 +240,9 @@ def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
     the tree's other requests are served meanwhile, and once idle every helper ends, is
     reaped, and leaves no fd behind."""
     state = mount_bpffs(tmp_path / "state")
-    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"))
     try:
+        d.start()
         f = d.mnt / "task" / "tasks"
         f.read_bytes()  # its link cached, as it stays
         fds_before = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
@@ -279,10 +280,11 @@ def test_opens_waiting_on_stuck_helpers_never_hold_the_tree(tmp_path):
     listings and .stats stay quick; an open waiting on a killed helper fails with EAGAIN
     or is served by the next one, and none hangs."""
     state = mount_bpffs(tmp_path / "state")
-    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"))
     f = d.mnt / "task" / "tasks"
     spaces, stopped, cats = [], [], []
     try:
+        d.start()
         for _ in range(5):
             ns = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
                                    "sleep", "60"])
@@ -332,8 +334,9 @@ def test_a_flood_of_network_namespaces_is_bounded(tmp_path):
     """40 readers of one user at once, each in a network namespace of its own: at most
     MAX_PER_UID threads enter them for that user; the others get EAGAIN, never a hang."""
     state = mount_bpffs(tmp_path / "state")
-    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
+    d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"))
     try:
+        d.start()
         readers = [subprocess.Popen(["unshare", "--net", "cat", str(d.mnt / "tcp" / "tcp")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for _ in range(40)]

@@ -57,8 +57,9 @@ def test_the_units_capabilities_are_enough_for_readers_in_other_namespaces(tmp_p
     bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in unit_caps())
     state = mount_bpffs(tmp_path / "state")
     d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"),
-               prefix=["setpriv", f"--bounding-set={bounding}", "--no-new-privs"]).start()
+               prefix=["setpriv", f"--bounding-set={bounding}", "--no-new-privs"])
     try:
+        d.start()
         for ns in (["--pid", "--fork", "--mount-proc"], ["--net"]):
             target = "task/tasks" if "--pid" in ns else "tcp/tcp"
             p = subprocess.run(["unshare", *ns, "cat", str(d.mnt / target)],
