@@ -171,6 +171,7 @@ class _PidHelper:
                     msg, anc, _flags, _addr = await self.sock.recvmsg(64, socket.CMSG_SPACE(4))
         except trio.TooSlowError:
             self.proc.kill()  # a helper that does not answer serves nobody again
+            self.proc.wait(timeout=1)  # SIGKILL: gone in a moment, and then forgotten
             raise DumperError(errno.EAGAIN, f"opening dumper {dumper.label} in pid namespace "
                               f"{self.ino}: its helper did not answer within "
                               f"{HELPER_DEADLINE:g} s", "retry: a new helper serves the next "
