@@ -54,7 +54,8 @@ int dump_slow(struct bpf_iter__task *ctx)
 	if (!t)
 		return 0;
 	bpf_loop(1 << 23, spin, &until, 0);
-	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\n", t->pid);
+	/* numbered as the seq_file's pid namespace numbers it, as the test sees itself */
+	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\n", tgid_in(t, seq_pid_ns(ctx->meta->seq)));
 	return 0;
 }
 """.replace("SPIN_MS", str(SPIN_MS))
