@@ -595,8 +595,8 @@ class StateDir:
         """Make the state dir and its target dirs root's alone. A bpffs mounted without
         mode= is 1777: anyone could make a target dir there first, own it, and then
         rename and remove the pins root puts in it."""
-        for path in [self.path, *(p for p in self.path.iterdir() if not p.is_symlink())]:
-            st = path.lstat()
+        for path in [self.path, *self.path.iterdir()]:
+            st = path.lstat()  # a symlink is no directory here: never followed
             if not stat.S_ISDIR(st.st_mode) or (st.st_uid == 0 and not st.st_mode & 0o022):
                 continue
             os.chown(path, 0, 0, follow_symlinks=False)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import cffi
 
+from . import libc
 from .errors import DumperError
 
 ffi = cffi.FFI()
@@ -28,8 +29,6 @@ ffi.cdef(
     long syscall(long number, ...);
     struct statfs { long f_type; long _rest[15]; };
     int statfs(const char *path, struct statfs *buf);
-    int mount(const char *source, const char *target, const char *fstype,
-              unsigned long flags, const void *data);
     int vsnprintf(char *str, size_t size, const char *format, void *ap);
 
     struct bpf_obj_attr {            /* OBJ_PIN, OBJ_GET */
@@ -224,8 +223,10 @@ def fs_magic(path: str) -> int:
 def mount_bpffs(path: str) -> None:
     """mount -t bpf bpf -o mode=0700 PATH: a fresh bpffs is 1777 otherwise, and anyone
     could make directories in it (as systemd does, root's alone)."""
-    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=0700") != 0:
-        raise DumperError(ffi.errno, f"mounting a bpffs at {path}")
+    try:
+        libc.mount("bpf", path, "bpf", 0, "mode=0700")
+    except OSError as e:
+        raise DumperError(e.errno, f"mounting a bpffs at {path}") from None
 
 
 # -- pins --------------------------------------------------------------------

@@ -47,7 +47,7 @@ def prctl(option: int, a2: int = 0, a3: int = 0) -> None:
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    _check(_libc.mount(source.encode(), target.encode(),
+    _check(_libc.mount(os.fsencode(source), os.fsencode(target),
                        fstype.encode() if fstype else ffi.NULL, flags,
                        data.encode() if data else ffi.NULL), f"mount {target}")
 
@@ -86,4 +86,3 @@ def seccomp(program: list[tuple[int, int, int, int]]) -> None:
                                             for c, t, f, k in program])
     prog = ffi.new("struct sock_fprog *", {"len": len(program), "filter": filt})
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, int(ffi.cast("uintptr_t", prog)))
-

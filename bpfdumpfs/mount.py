@@ -6,6 +6,7 @@ clearing the dead FUSE mount a killed daemon leaves behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import faulthandler
 import hashlib
@@ -18,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tomllib
-import dataclasses
 from dataclasses import dataclass
 
 import cffi

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import trio
 
 from . import libc
-from .nshelper import IDLE
 from .dumpers import Dumper, DumperError
+from .nshelper import IDLE
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ initial user namespace, as the kernel's own capable() would count them:
 A requester whose pid the daemon cannot see (0: another pid namespace) or that
 has gone is unprivileged. Seq_files of CRED_TARGETS are made with no more
 capabilities than the reader has, so the kernel filters them for the reader as
-it would filter the reader's own open of the pin (view = daemon opts out). Per-user limits count a user per pid namespace, so one
-container's root does not spend the host root's share.
+it would filter the reader's own open of the pin (view = daemon opts out).
+Per-user limits count a user per pid namespace, so one container's root does
+not spend the host root's share.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 
 from . import libc
 
-CAP_SYS_ADMIN, CAP_SYSLOG, CAP_BPF = 21, 34, 39
+CAP_SYS_ADMIN, CAP_BPF = 21, 39
 CHANGE_CAPS = (CAP_SYS_ADMIN, CAP_BPF)
 READ_PRIVATE_CAPS = (CAP_SYS_ADMIN,)
 
