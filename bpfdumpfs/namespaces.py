@@ -239,8 +239,9 @@ class Namespaces:
                               f"{reader_pid}", os.strerror(e.errno)) from None
         return fd, os.fstat(fd).st_ino
 
-    async def open_fd(self, dumper: Dumper, target: str, reader_pid: int) -> int:
-        """A seq_file of DUMPER (of TARGET) as READER_PID would create it itself."""
+    async def open_fd(self, dumper: Dumper, target: str, reader_pid: int, owner: int) -> int:
+        """A seq_file of DUMPER (of TARGET) as READER_PID would create it itself; OWNER,
+        the reader's uid as FUSE gives it, is whose share a new helper or thread spends."""
         kind = kind_of(target)
         found = self.foreign(kind, reader_pid) if kind else None
         if found is None:
@@ -252,11 +253,6 @@ class Namespaces:
                               "opens wait for other namespaces already", "retry later")
         # the open now waits for another thread or process, and the caller's dumper may
         # be closed meanwhile (a cached one, when its pin changes): use a handle of our own
-        try:
-            owner = os.stat(f"/proc/{reader_pid}").st_uid
-        except OSError:
-            os.close(ns_fd)
-            raise DumperError(errno.EACCES, f"reader pid {reader_pid} is gone") from None
         self.waiting += 1
         try:
             with dumper.dup() as mine:

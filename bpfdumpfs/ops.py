@@ -603,7 +603,7 @@ class Operations(pyfuse3.Operations):
         try:
             if pin.view is None:
                 pin.view = self.state.meta.get(target, name, pin.link_id).get("view", "reader")
-            return pin, await self._open_fd(pin, target, name, ctx.pid)
+            return pin, await self._open_fd(pin, target, name, ctx)
         except DumperError as e:
             if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
@@ -614,7 +614,7 @@ class Operations(pyfuse3.Operations):
             self.metrics.error(label, err)
             raise pyfuse3.FUSEError(err) from None
 
-    async def _open_fd(self, pin: _Pin, target: str, name: str, reader_pid: int) -> int:
+    async def _open_fd(self, pin: _Pin, target: str, name: str, ctx) -> int:
         """A new seq_file of the pin's dumper, in the reader's namespaces if its view is
         the reader's. The dumper is cached while the state dir is watched (a change
         event drops it, so a removed pin never keeps its link alive)."""
@@ -623,16 +623,17 @@ class Operations(pyfuse3.Operations):
                        f"{target}/{name}")
             if not self.cache_timeout or self.cached_links >= LINK_CACHE_MAX:
                 with d:
-                    return await self._open_in_view(d, pin, target, reader_pid)
+                    return await self._open_in_view(d, pin, target, ctx)
             with self.lock:
                 pin.dumper = d
                 self.cached_links += 1
-        return await self._open_in_view(pin.dumper, pin, target, reader_pid)
+        return await self._open_in_view(pin.dumper, pin, target, ctx)
 
-    async def _open_in_view(self, d: Dumper, pin: _Pin, target: str, reader_pid: int) -> int:
+    async def _open_in_view(self, d: Dumper, pin: _Pin, target: str, ctx) -> int:
+        """A seq_file of D as the reader of request CTX would make it (its view)."""
         if pin.view == "reader" and kind_of(target):
-            return await self.namespaces.open_fd(d, target, reader_pid)
-        return self._seq_file(d, pin, target, reader_pid)
+            return await self.namespaces.open_fd(d, target, ctx.pid, ctx.uid)
+        return self._seq_file(d, pin, target, ctx.pid)
 
     @staticmethod
     def _seq_file(d: Dumper, pin: _Pin, target: str, reader_pid: int) -> int:
