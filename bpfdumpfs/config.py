@@ -124,7 +124,11 @@ def _read(path: Path) -> str:
 
 
 def parse(path: Path) -> list[Entry]:
-    """The dumpers FILE declares, checked as far as possible without the kernel."""
+    """The dumpers FILE declares, checked as far as possible without the kernel; a file
+    root alone may not have written is refused before it is read."""
+    why = untrusted(path, "file", MAX_FILE_BYTES)
+    if why:
+        raise ConfigError(1, why)
     try:
         text = _read(path)
     except OSError as e:
@@ -214,9 +218,6 @@ def apply(config_dir: str | os.PathLike, state: StateDir) -> Report:
     invalid: set[str] = set()                # files whose earlier dumpers are left alone
     for path in files:
         try:
-            why = untrusted(path, "file", MAX_FILE_BYTES)
-            if why:
-                raise ConfigError(1, why)
             entries = parse(path)
             _apply_file(path, entries, state, made, report)
         except ConfigError as e:
