@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from . import config, mount, targets
 from .builtins import builtins
+from .compile import cflags as compiler_flags
 from .dumpers import DEFAULT_STATE_DIR, VIEWS, Dumper, DumperError, Params, Spec, StateDir
 
 log = logging.getLogger("bpfdumpfs")
@@ -33,6 +34,13 @@ def _program_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("object", metavar="OBJECT",
                    help="compiled BPF object (.bpf.o) or source (.bpf.c, compiled with clang)")
     p.add_argument("--prog", metavar="PROG", help="the iter program to use, if OBJECT has several")
+    c = p.add_argument_group("compiling a source")
+    c.add_argument("-I", dest="include", action="append", default=[], metavar="DIR",
+                   help="also look for headers in DIR (repeatable)")
+    c.add_argument("-D", dest="define", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="define a macro (repeatable)")
+    c.add_argument("--cflags", action="append", default=[], metavar="FLAGS",
+                   help="more clang flags, split as a shell would: --cflags=\"-Wall -O1\"")
     g = p.add_argument_group("target parameters (see `bpfdumpfs targets`)")
     g.add_argument("--map", metavar="ID|PINNED_PATH", help="map of bpf_map_elem, "
                    "bpf_sk_storage_map and sockmap dumpers")
@@ -75,6 +83,10 @@ def _params(args) -> Params:
     return Params(map=args.map, cgroup=args.cgroup, order=args.order, tid=args.tid, pid=args.pid)
 
 
+def _cflags(args) -> tuple[str, ...]:
+    return compiler_flags(args.include, args.define, args.cflags)
+
+
 def _split(dumper: str) -> tuple[str, str]:
     target, sep, name = dumper.partition("/")
     if not sep or not target or not name:
@@ -112,7 +124,7 @@ def cmd_mount(args) -> int:
 def cmd_add(args) -> int:
     state = StateDir(args.state_dir).check()
     spec = Spec(args.name, args.object, args.prog, _params(args), args.mode, args.owner,
-                args.group, args.view)
+                args.group, args.view, _cflags(args))
     path, done = state.add(spec, replace=args.replace, origin="cli", object=args.object)
     target = path.parent.name
     if done != "added":
@@ -270,7 +282,8 @@ def cmd_run(args) -> int:
     # SIGTERM ends the run like Ctrl-C: the link and program die with this process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = sys.stdout.buffer
-    with Dumper.load(args.object, args.prog, _params(args)) as d, d.open() as stream:
+    with Dumper.load(args.object, args.prog, _params(args), _cflags(args)) as d, \
+            d.open() as stream:
         while chunk := stream.raw.read_chunk():
             out.write(chunk)
         out.flush()

@@ -2,21 +2,28 @@
 
 Sources include "vmlinux.h" (generated from /sys/kernel/btf/vmlinux with bpftool
 and cached per kernel) and libbpf's <bpf/*.h> headers; "common.h" of the
-built-ins is on the include path too. The result is a CO-RE object in a private
-temporary directory, loaded like any other object.
+built-ins is on the include path too. So is what the BPF builds of the kernel's
+selftests and libbpf-bootstrap add: the host compiler's system include dirs
+(with the multiarch one, where <bits/wordsize.h> and <asm/errno.h> live, which
+clang's BPF target does not search), after everything else (-idirafter), so
+that <errno.h> or <limits.h> resolve as they do there. The user's own flags
+(-I DIR, -D NAME=VALUE, --cflags) come first. The result is a CO-RE object in a
+private temporary directory, loaded like any other object.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import DumperError
 from .targets import VMLINUX_BTF
@@ -58,8 +65,44 @@ def vmlinux_h() -> Path:
     return header
 
 
-def compile_source(src: str | os.PathLike, workdir: str) -> str:
-    """Compile SRC to a BPF object in WORKDIR; returns the object's path."""
+def cflags(include: Iterable[str] = (), define: Iterable[str] = (),
+           extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """Compiler flags from -I DIRs, -D NAME[=VALUE]s and free-form --cflags strings
+    (split as a shell would); raises DumperError for an include dir that is not one."""
+    flags = []
+    for d in include:
+        if not Path(d).is_dir():
+            raise DumperError(errno.ENOENT, f"include dir {d} is not a directory",
+                              "give -I the directory holding the headers")
+        flags.append(f"-I{Path(d).resolve()}")
+    flags += [f"-D{x}" for x in define]
+    for text in extra:
+        try:
+            flags += shlex.split(text)
+        except ValueError as e:
+            raise DumperError(errno.EINVAL, f"--cflags {text!r} cannot be split: {e}",
+                              "quote it as a shell would") from None
+    return tuple(flags)
+
+
+@functools.cache
+def system_includes(clang: str) -> tuple[str, ...]:
+    """-idirafter DIR for each system include dir the host's clang searches (as the
+    kernel selftests' and libbpf-bootstrap's Makefiles do): none if it cannot say."""
+    p = subprocess.run([clang, "-v", "-E", "-x", "c", "-"], input="", capture_output=True,
+                       text=True)
+    lines = p.stderr.splitlines()
+    try:
+        start = lines.index("#include <...> search starts here:") + 1
+        end = lines.index("End of search list.", start)
+    except ValueError:
+        return ()
+    return tuple(f for ln in lines[start:end] for f in ("-idirafter", ln.strip().split()[0]))
+
+
+def compile_source(src: str | os.PathLike, workdir: str, flags: Iterable[str] = ()) -> str:
+    """Compile SRC to a BPF object in WORKDIR, with the user's FLAGS first; returns the
+    object's path."""
     src = Path(src)
     if not src.is_file():
         raise DumperError(errno.ENOENT, f"opening BPF source {src}",
@@ -69,19 +112,27 @@ def compile_source(src: str | os.PathLike, workdir: str) -> str:
     obj = Path(workdir) / (src.name.removesuffix(".c") + ".o")
     arch = _ARCH.get(platform.machine(), platform.machine())
     p = subprocess.run([clang, "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}",
-                        f"-I{include}", f"-I{BUILTIN_SRC}", "-c", str(src), "-o", str(obj)],
+                        *flags, f"-I{include}", f"-I{BUILTIN_SRC}", *system_includes(clang),
+                        "-c", str(src), "-o", str(obj)],
                        capture_output=True, text=True)
     if p.returncode != 0:
         first = next((ln for ln in p.stderr.splitlines() if "error" in ln), p.stderr.strip())
-        raise DumperError(errno.EINVAL, f"compiling {src} failed", first, log=p.stderr.strip())
+        hint = first
+        if "file not found" in first:
+            hint += " (give its directory with -I DIR, or `include` in a config file)"
+        raise DumperError(errno.EINVAL, f"compiling {src} failed", hint, log=p.stderr.strip())
     return str(obj)
 
 
 @contextlib.contextmanager
-def object_file(path: str | os.PathLike) -> Iterator[str]:
-    """PATH itself for an object; for a source, its compiled object while in the block."""
+def object_file(path: str | os.PathLike, flags: Iterable[str] = ()) -> Iterator[str]:
+    """PATH itself for an object; for a source, its compiled object while in the block.
+    FLAGS (compiler flags) are for a source only."""
     if not is_source(path):
+        if tuple(flags):
+            raise DumperError(errno.EINVAL, f"compiler flags given for {path}, which is "
+                              "not a .c source", "drop -I, -D and --cflags, or give the source")
         yield str(path)
         return
     with tempfile.TemporaryDirectory(prefix="bpfdumpfs-") as workdir:
-        yield compile_source(path, workdir)
+        yield compile_source(path, workdir, flags)

@@ -8,6 +8,10 @@
     group = "adm"
     view = "reader"             # or "daemon"
     # parameters, as `bpfdumpfs add` takes them: map, cgroup, order, tid, pid
+    # a source's compiler flags, as add's -I, -D and --cflags:
+    include = ["include"]       # header dirs, relative to this file
+    define = ["MAX_ROWS=64"]
+    cflags = "-Wno-unused"
 
 `apply` adds what is missing, replaces what changed (the entry or its object),
 and removes only dumpers it created from a file that no longer declares them.
@@ -28,17 +32,18 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compile import is_source
+from .compile import cflags, is_source
 from .dumpers import Dumper, DumperError, Params, Spec, StateDir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_DIR = "/etc/bpfdumpfs/dumpers.d"
 _KEYS = {"object", "source", "prog", "map", "cgroup", "order", "tid", "pid", "mode", "owner",
-         "group", "view"}
+         "group", "view", "include", "define", "cflags"}
 _TYPES = {"object": str, "source": str, "prog": str, "map": (str, int), "cgroup": (str, int),
           "order": str, "tid": int, "pid": int, "mode": str, "owner": (str, int),
-          "group": (str, int), "view": str}
+          "group": (str, int), "view": str, "include": list, "define": list, "cflags": str}
+_SOURCE_ONLY = ("include", "define", "cflags")
 
 
 @dataclass
@@ -153,7 +158,8 @@ def parse(path: Path) -> list[Entry]:
             if key not in _KEYS:
                 raise ConfigError(_line_of(text, name, key),
                                   f"unknown key {key!r}; known: {', '.join(sorted(_KEYS))}")
-            if not isinstance(value, _TYPES[key]):
+            if not isinstance(value, _TYPES[key]) or (
+                    isinstance(value, list) and not all(isinstance(v, str) for v in value)):
                 raise ConfigError(_line_of(text, name, key), f"{key} has the wrong type")
         if ("object" in table) == ("source" in table):
             raise ConfigError(line, f"dumper {name!r} needs exactly one of object or source")
@@ -167,6 +173,7 @@ def parse(path: Path) -> list[Entry]:
         why = untrusted(obj, "file", MAX_OBJECT_BYTES)
         if why:
             raise ConfigError(_line_of(text, name, key), f"{key} {obj} {why}")
+        flags = _cflags(table, name, path, text)
         try:
             mode = int(table.get("mode", "0400"), 8)
         except ValueError:
@@ -177,13 +184,33 @@ def parse(path: Path) -> list[Entry]:
                                   order=table.get("order"), tid=table.get("tid"),
                                   pid=table.get("pid")),
                     mode=mode, owner=table.get("owner"), group=table.get("group"),
-                    view=table.get("view", "reader"))
+                    view=table.get("view", "reader"), cflags=flags)
         try:
             spec.check()
         except DumperError as e:
             raise ConfigError(line, str(e)) from None
         entries.append(Entry(spec, line))
     return entries
+
+
+def _cflags(table: dict, name: str, path: Path, text: str) -> tuple[str, ...]:
+    """The compiler flags of dumper NAME's table, from `include` dirs (relative to the
+    config file at PATH, and as trusted as it), `define`s and `cflags`."""
+    given = [k for k in _SOURCE_ONLY if k in table]
+    if given and "source" not in table:
+        raise ConfigError(_line_of(text, name, given[0]), f"{given[0]} applies to a source "
+                          "only; this dumper names an object")
+    dirs = []
+    for d in table.get("include", []):
+        d = Path(d) if Path(d).is_absolute() else path.parent / d
+        why = untrusted(d, "dir")
+        if why:
+            raise ConfigError(_line_of(text, name, "include"), f"include {d} {why}")
+        dirs.append(str(d))
+    try:
+        return cflags(dirs, table.get("define", []), [table.get("cflags", "")])
+    except DumperError as e:
+        raise ConfigError(_line_of(text, name, given[0]), str(e)) from None
 
 
 def _str(v) -> str | None:
@@ -193,7 +220,7 @@ def _str(v) -> str | None:
 def _digest(spec: Spec) -> str:
     """What decides whether an applied entry changed: the entry and its object's bytes."""
     h = hashlib.sha256(json.dumps([spec.name, spec.object, spec.prog, vars(spec.params),
-                                   spec.mode, spec.owner, spec.group, spec.view],
+                                   spec.mode, spec.owner, spec.group, spec.view, spec.cflags],
                                   default=str).encode())
     try:
         h.update(Path(spec.object).read_bytes())
@@ -255,7 +282,8 @@ def _apply_file(path: Path, entries: list[Entry], state: StateDir,
             if ours and ours[1] == entry.digest:
                 continue  # applied before from these very bytes: nothing to load
             try:
-                d = Dumper.load(entry.spec.object, entry.spec.prog, entry.spec.params)
+                d = Dumper.load(entry.spec.object, entry.spec.prog, entry.spec.params,
+                                entry.spec.cflags)
             except DumperError as e:
                 raise ConfigError(entry.line, str(e)) from None
             loaded.append((entry, d))

@@ -295,10 +295,11 @@ class Dumper:
     # construction ----------------------------------------------------------
     @classmethod
     def load(cls, obj: str | os.PathLike, prog: str | None = None,
-             params: Params = Params()) -> Dumper:
-        """Load PROG of OBJ (a BPF object, or a .bpf.c source compiled first) and make
-        an anonymous dumper of it: it lives until closed or garbage-collected."""
-        with object_file(obj) as path:
+             params: Params = Params(), cflags: tuple[str, ...] = ()) -> Dumper:
+        """Load PROG of OBJ (a BPF object, or a .bpf.c source compiled first, with
+        CFLAGS) and make an anonymous dumper of it: it lives until closed or
+        garbage-collected."""
+        with object_file(obj, cflags) as path:
             return cls._load(path, prog, params)
 
     @classmethod
@@ -474,6 +475,7 @@ class Spec:
     owner: str | int | None = None    # None: root for a new dumper, kept on --replace
     group: str | int | None = None
     view: str = "reader"
+    cflags: tuple[str, ...] = ()      # compiler flags for a source (compile.cflags)
 
     def check(self) -> Spec:
         """Everything that can be checked without the kernel; raises DumperError."""
@@ -694,7 +696,7 @@ class StateDir:
         new link is pinned over the old one in one rename.
         """
         spec.check()
-        new = loaded or Dumper.load(spec.object, spec.prog, spec.params)
+        new = loaded or Dumper.load(spec.object, spec.prog, spec.params, spec.cflags)
         try:
             li = new.link_info()
             path = self.pin_path(li.target_name, spec.name)
