@@ -159,22 +159,23 @@ def _open_map(spec: str) -> int:
                                      "path of a pinned map")
 
 
-CGROUP2_SUPER_MAGIC = 0x63677270
-CGROUP_HINT = ("give a directory of the cgroup v2 hierarchy (see `mount -t cgroup2`), or the "
-               "id of a cgroup (the inode number of its directory)")
+# the kernel takes a directory of either hierarchy (cgroup_v1v2_get_from_fd)
+CGROUP_SUPER_MAGICS = (0x63677270, 0x27E0EB)   # cgroup2, cgroup (v1)
+CGROUP_HINT = ("give a cgroup directory (of a cgroup2 or a v1 hierarchy, e.g. under "
+               "/sys/fs/cgroup), or the id of a cgroup (the inode number of its directory)")
 
 
 def _cgroup(spec: str) -> tuple[int | None, int | None]:
-    """(cgroup_fd, cgroup_id) for a cgroup v2 directory path or a numeric cgroup id."""
+    """(cgroup_fd, cgroup_id) for a cgroup directory path or a numeric cgroup id."""
     if spec.isdigit():
         return None, int(spec)
     try:
         fd = os.open(spec, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise DumperError(e.errno, f"opening cgroup {spec}", CGROUP_HINT) from None
-    if kernel.fs_magic(f"/proc/self/fd/{fd}") != CGROUP2_SUPER_MAGIC:
+    if kernel.fs_magic(f"/proc/self/fd/{fd}") not in CGROUP_SUPER_MAGICS:
         os.close(fd)
-        raise DumperError(errno.EINVAL, f"{spec} is not a cgroup v2 directory", CGROUP_HINT)
+        raise DumperError(errno.EINVAL, f"{spec} is not a cgroup directory", CGROUP_HINT)
     return fd, None
 
 

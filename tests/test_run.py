@@ -15,6 +15,8 @@ import pytest
 from bpfdumpfs import kernel
 from helpers import ROOT, bpfdumpfs, eventually, need_kernel
 
+CGROUPS_OBJ = ROOT / "bpfdumpfs" / "builtins" / "cgroups.bpf.o"
+
 # A uniquely named program, so the ids it leaves (or not) can be told from others'.
 SOURCE = r"""
 #include "common.h"
@@ -170,3 +172,28 @@ def test_run_bad_input_is_one_line(tmp_path):
     assert p.stderr == (f"bpfdumpfs: opening BPF object {tmp_path}/missing.bpf.o: No such file "
                         "or directory (ENOENT); give the path of a compiled .bpf.o or a .bpf.c "
                         "source\n")
+
+
+def test_run_takes_a_cgroup_v1_hierarchy_as_the_kernel_does(tmp_path):
+    """The cgroup iterator walks a v1 hierarchy too (cgroup_v1v2_get_from_fd); here a
+    named one of no controllers, which a host with every controller on v2 can still
+    mount. A directory of another file system is refused by name."""
+    need_kernel()
+    top = tmp_path / "v1"
+    top.mkdir()
+    subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name=bpfdumpfs-{os.getpid()}",
+                    "cgroup", str(top)], check=True)
+    try:
+        (top / "kid").mkdir()
+        try:
+            p = bpfdumpfs("run", str(CGROUPS_OBJ), "--cgroup", str(top), "--order", "pre")
+            ids = [int(ln.split()[0]) for ln in p.stdout.splitlines()]
+            assert ids == [os.stat(top).st_ino, os.stat(top / "kid").st_ino], p.stdout
+        finally:
+            (top / "kid").rmdir()
+    finally:
+        subprocess.run(["umount", str(top)], check=True)
+    p = bpfdumpfs("run", str(CGROUPS_OBJ), "--cgroup", str(tmp_path), "--order", "pre",
+                  check=False)
+    assert (p.returncode, p.stderr.count("\n")) == (1, 1), p
+    assert f"{tmp_path} is not a cgroup directory" in p.stderr and "v1 hierarchy" in p.stderr
