@@ -56,8 +56,8 @@ OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 
            42: "BATCH_FORGET", 43: "FALLOCATE", 44: "READDIRPLUS", 45: "RENAME2",
            46: "LSEEK", 47: "COPY_FILE_RANGE", 48: "SETUPMAPPING", 49: "REMOVEMAPPING",
            50: "SYNCFS", 51: "TMPFILE", 52: "STATX"}
-# direct: every read reaches us; nonseekable: a stream; noflush: close() sends no FLUSH
-FOPEN_FLAGS = 1 << 0 | 1 << 2 | 1 << 5
+# direct: every read reaches us, with its offset (seek.py); noflush: close() sends no FLUSH
+FOPEN_FLAGS = 1 << 0 | 1 << 5
 
 # libfuse's buffer: the largest request (a 1 MiB write) and its headers
 BUFSIZE = 256 * 4096 + 4096
@@ -197,8 +197,9 @@ class Device:
         _, opcode, unique, nodeid, uid, _, pid, _, _ = head
         try:
             if opcode == FUSE_READ:
-                fh, _, size = READ_IN.unpack_from(mv, BODY)
-                out = self.ops.read_handle(fh, size, None if wait else self._answer, unique)
+                fh, offset, size = READ_IN.unpack_from(mv, BODY)
+                out = self.ops.read_handle(fh, offset, size, None if wait else self._answer,
+                                           unique)
                 if out is None:
                     return False
                 if out is not PARKED:

@@ -85,7 +85,9 @@ def _raise_fd_limit(limits: Limits) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    need = limits.max_handles + LINK_CACHE_MAX + FD_SPARE
+    # an open file holds its seq_file and, when its dumper is not cached, a link of its
+    # own (to re-run it for a seek back)
+    need = 2 * limits.max_handles + LINK_CACHE_MAX + FD_SPARE
     if limits.max_handles and hard < need:
         log.warning("RLIMIT_NOFILE is %d, and max_handles (%d) with the link cache (%d) "
                     "needs %d: opens beyond it will fail with EIO; raise it (ulimit -n; "

@@ -38,6 +38,7 @@ from .namespaces import Namespaces, kind_of
 from .privilege import User
 from .reader import Budget, Pace, Reader
 from .refusals import Refusals
+from .seek import Seekable
 from .watch import StateWatch
 
 log = logging.getLogger(__name__)
@@ -93,36 +94,58 @@ class Limits:
 PARKED = object()  # read_handle(): the read was left with its producer
 
 
+def _read_errno(e: DumperError) -> int:
+    """What a reader gets for E: the kernel's errno (E2BIG, EOPNOTSUPP...), as a read of
+    the pin would give it; EIO for a program that asked to run an object again every
+    time (EAGAIN), since the file fails for good and must not look worth retrying."""
+    return errno.EIO if e.errno in (None, 0, errno.EAGAIN) else e.errno
+
+
 class _Snapshot:
-    """A small file made once at open (.stats), read like a stream."""
+    """A small file made once at open (.stats), read at any offset like a dumper."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    def read(self, size: int) -> list:
-        out, self.data = self.data[:size], self.data[size:]
-        return [out]
+    def quick(self, offset: int) -> bool:
+        return True
+
+    def read(self, offset: int, size: int) -> list:
+        return [self.data[offset:offset + size]]
 
     def release(self) -> None:
         self.data = b""
 
 
 def _file_info(fh: int) -> pyfuse3.FileInfo:
-    """A stream: every read reaches the daemon, no page cache, no seeking (device.py's
-    FOPEN_FLAGS say the same, and "no FLUSH", for the opens it answers itself)."""
-    return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+    """Every read reaches the daemon, with its offset, and no page cache is kept (seek.py;
+    device.py's FOPEN_FLAGS say the same, and "no FLUSH", for the opens it answers)."""
+    return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
 
 
 @dataclass
 class Handle:
     """One open() of a dumper: its reader and who opened it."""
-    reader: Reader | _Snapshot
+    reader: Seekable | _Snapshot
     label: str
     pid: int
     uid: int
     user: User        # whose limits it counts in
     opened: float
     failed: int = 0   # errno the handle failed with: logged once, answered from then on
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """How one open makes its seq_files -- the first at open, more for seeks back
+    (seek.py) -- always as at open: the same link, view, reader and rights."""
+    dumper: Dumper
+    target: str
+    view: str
+    pid: int
+    uid: int
+    user: User
+    caps: int | None   # the reader's effective capabilities, for CRED_TARGETS
 
 
 @dataclass
@@ -133,24 +156,10 @@ class _Pin:
     hidden: str | None          # why it is not shown; None for a dumper of its target
     pace: Pace
     view: str | None = None         # from the pin's record, looked up at the first open
-    dumper: Dumper | None = None    # cached only while watched: a removed pin must free its link
-    making: int = 0                 # answered opens whose seq_file is yet to be made with it
-    dropped: bool = False
-
-    def drop(self) -> None:
-        """Forget the cached link: close it now, or after the last seq_file being made
-        with it. An open answered before the pin went then reads a whole dump, as a
-        direct open of the pin just before its removal would."""
-        self.dropped = True
-        if not self.making and self.dumper is not None:
-            self.dumper.close()
-            self.dumper = None
-
-    def made(self) -> None:
-        """One seq_file less to make with the link."""
-        self.making -= 1
-        if self.dropped:
-            self.drop()
+    # Cached only while watched. Dropped when the pin changes; open files of it keep
+    # their reference (to re-run it for a seek back, seek.py), so its link goes with
+    # the last of them, as a kernel seq_file keeps its program.
+    dumper: Dumper | None = None
 
 
 @dataclass
@@ -201,9 +210,11 @@ class Operations(pyfuse3.Operations):
         self.uid_handles: Counter[User] = Counter()  # counted from before their seq_file
         self.opening = 0  # opens counted in the limits whose seq_file is being made
         self.unmade: dict[int, tuple] = {}  # fh -> what make_quick() needs
+        self.trio_token: trio.lowlevel.TrioToken | None = None
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
+        self.trio_token = trio.lowlevel.current_trio_token()  # for seeks back (_remake)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._check_new)
@@ -291,7 +302,7 @@ class Operations(pyfuse3.Operations):
         with self.lock:
             pin = self.pins.pop(key, None)
             if pin is not None and pin.dumper is not None:
-                pin.drop()
+                pin.dumper = None
                 self.cached_links -= 1
 
     # -- inodes --------------------------------------------------------------
@@ -495,12 +506,33 @@ class Operations(pyfuse3.Operations):
             self.uid_handles[user] -= 1
             self.opening -= 1
 
-    def _opened(self, fd: int, pin: _Pin, label: str, user: User, pid: int, fh: int = 0) -> int:
+    def _opened(self, fd: int, origin: _Origin, pin: _Pin, label: str, fh: int = 0) -> int:
         """A handle for the new seq_file FD, of an open counted by _reserve()."""
         with self.lock:
             self.metrics.opened(label)
-            reader = Reader(Stream(fd, label), pin.pace, self.read_ahead.account(user))
-            return self._new_handle(reader, label, user, pid, fh)
+            reader = Seekable(self._reader(fd, pin, label, origin.user),
+                              functools.partial(self._remake, origin, pin, label))
+            return self._new_handle(reader, label, origin.user, origin.pid, fh)
+
+    def _reader(self, fd: int, pin: _Pin, label: str, user: User) -> Reader:
+        return Reader(Stream(fd, label), pin.pace, self.read_ahead.account(user))
+
+    def _remake(self, o: _Origin, pin: _Pin, label: str) -> Reader:
+        """A new seq_file for a seek back (seek.py), on a device thread, made as the
+        open made its first; refused once the opener is gone, where what it would
+        show depends on who reads (a pid reused by another process must not lend its
+        namespaces or capabilities to this file)."""
+        kind = kind_of(o.target) if o.view == "reader" else None
+        if (kind or o.caps is not None) and privilege.user(o.uid, o.pid) != o.user:
+            raise DumperError(errno.ESTALE, f"re-running dumper {label} to seek back: the "
+                              f"process that opened it (pid {o.pid}) is gone",
+                              "open the file again to read from there")
+        if kind and not self.namespaces.at_home(kind, o.pid):
+            fd = trio.from_thread.run(self.namespaces.open_fd, o.dumper, o.target, o.pid,
+                                      o.uid, trio_token=self.trio_token)
+        else:
+            fd = self._seq_file(o)
+        return self._reader(fd, pin, label, o.user)
 
     def _may_read(self, key: tuple[str, str], uid: int, pid: int) -> bool:
         """Whether the requester may read the dumper KEY, beyond the kernel's mode check
@@ -535,8 +567,8 @@ class Operations(pyfuse3.Operations):
             if pin.dumper is None or self._reserve(user):
                 return None
             fh = self._new_fh()
-            self.unmade[fh] = pin, f"{key[0]}/{key[1]}", user, pid
-            pin.making += 1
+            self.unmade[fh] = self._origin(pin.dumper, pin, key[0], uid, pid, user), pin, \
+                f"{key[0]}/{key[1]}"
             return fh
 
     def make_quick(self, fh: int) -> None:
@@ -544,18 +576,16 @@ class Operations(pyfuse3.Operations):
         now, the file fails: its reads get EIO, and the log says why. No request of
         the file can come first: the device thread that answered the open calls this
         before it reads /dev/fuse again."""
-        pin, label, user, pid = self.unmade.pop(fh)
-        with self.lock:  # which pins are dropped under
-            try:
-                # the dumper is still open, even if the pin went (see drop)
-                fd = self._seq_file(pin.dumper, pin, label.partition("/")[0], pid)
-            except DumperError as e:
-                h = self.handles[self._new_handle(_Snapshot(b""), label, user, pid, fh)]
-                self._fail(h, errno.EIO, str(e))
-                return
-            finally:
-                pin.made()
-            self._opened(fd, pin, label, user, pid, fh)
+        origin, pin, label = self.unmade.pop(fh)
+        try:
+            # with the dumper open_quick() took, even if its pin went since
+            fd = self._seq_file(origin)
+        except DumperError as e:
+            h = self.handles[self._new_handle(_Snapshot(b""), label, origin.user, origin.pid,
+                                              fh)]
+            self._fail(h, errno.EIO, str(e))
+            return
+        self._opened(fd, origin, pin, label, fh)
 
     async def open(self, inode, flags, ctx) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -580,11 +610,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         self._reserve_or_refuse(label, user, ctx)
         try:
-            pin, fd = await self._open_pin(target, name, ctx)
+            pin, origin, fd = await self._open_pin(target, name, user, ctx)
         except BaseException:  # refused, failed or cancelled: it made no file
             self._unreserve(user)
             raise
-        return _file_info(self._opened(fd, pin, label, user, ctx.pid))
+        return _file_info(self._opened(fd, origin, pin, label))
 
     def _reserve_or_refuse(self, label: str, user: User, ctx) -> None:
         refused = self._reserve(user)
@@ -594,7 +624,8 @@ class Operations(pyfuse3.Operations):
             self.metrics.error(label, refused[0])
             raise pyfuse3.FUSEError(refused[0])
 
-    async def _open_pin(self, target: str, name: str, ctx) -> tuple[_Pin, int]:
+    async def _open_pin(self, target: str, name: str, user: User,
+                        ctx) -> tuple[_Pin, _Origin, int]:
         """The pin TARGET/NAME and a new seq_file of it, for open(); FUSEError if not."""
         label = f"{target}/{name}"
         pin = self.pins.get((target, name))
@@ -603,7 +634,9 @@ class Operations(pyfuse3.Operations):
         try:
             if pin.view is None:
                 pin.view = self.state.meta.get(target, name, pin.link_id).get("view", "reader")
-            return pin, await self._open_fd(pin, target, name, ctx)
+            origin = self._origin(self._dumper(pin, target, name), pin, target, ctx.uid,
+                                  ctx.pid, user)
+            return pin, origin, await self._open_in_view(origin)
         except DumperError as e:
             if e.errno == errno.ENOENT:   # removed since the lookup
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
@@ -614,40 +647,46 @@ class Operations(pyfuse3.Operations):
             self.metrics.error(label, err)
             raise pyfuse3.FUSEError(err) from None
 
-    async def _open_fd(self, pin: _Pin, target: str, name: str, ctx) -> int:
-        """A new seq_file of the pin's dumper, in the reader's namespaces if its view is
-        the reader's. The dumper is cached while the state dir is watched (a change
-        event drops it, so a removed pin never keeps its link alive)."""
-        if pin.dumper is None:
-            d = Dumper(kernel.obj_get(self.state.pin_str(target, name)),
-                       f"{target}/{name}")
-            if not self.cache_timeout or self.cached_links >= LINK_CACHE_MAX:
-                with d:
-                    return await self._open_in_view(d, pin, target, ctx)
+    def _dumper(self, pin: _Pin, target: str, name: str) -> Dumper:
+        """The pin's dumper, cached while the state dir is watched (a change event drops
+        it, so a removed pin keeps its link only while files opened from it are open).
+        Uncached, each open file holds a link of its own."""
+        if pin.dumper is not None:
+            return pin.dumper
+        d = Dumper(kernel.obj_get(self.state.pin_str(target, name)), f"{target}/{name}")
+        if self.cache_timeout and self.cached_links < LINK_CACHE_MAX:
             with self.lock:
                 pin.dumper = d
                 self.cached_links += 1
-        return await self._open_in_view(pin.dumper, pin, target, ctx)
-
-    async def _open_in_view(self, d: Dumper, pin: _Pin, target: str, ctx) -> int:
-        """A seq_file of D as the reader of request CTX would make it (its view)."""
-        if pin.view == "reader" and kind_of(target):
-            return await self.namespaces.open_fd(d, target, ctx.pid, ctx.uid)
-        return self._seq_file(d, pin, target, ctx.pid)
+        return d
 
     @staticmethod
-    def _seq_file(d: Dumper, pin: _Pin, target: str, reader_pid: int) -> int:
-        """A seq_file of D made here, with the reader's rights where the kernel weighs
-        them (privilege.CRED_TARGETS) and the dumper's view is the reader's."""
-        if pin.view != "reader" or target not in privilege.CRED_TARGETS:
-            return d.open_fd()
-        with privilege.capabilities_of(reader_pid):
-            return d.open_fd()
+    def _origin(d: Dumper, pin: _Pin, target: str, uid: int, pid: int,
+                user: User) -> _Origin:
+        caps = None
+        if pin.view == "reader" and target in privilege.CRED_TARGETS:
+            caps = privilege.effective(pid)
+        return _Origin(d, target, pin.view, pid, uid, user, caps)
 
-    def read_handle(self, fh: int, size: int, answer=None,
+    async def _open_in_view(self, o: _Origin) -> int:
+        """A seq_file of O's dumper as its reader would make it (its view)."""
+        if o.view == "reader" and kind_of(o.target):
+            return await self.namespaces.open_fd(o.dumper, o.target, o.pid, o.uid)
+        return self._seq_file(o)
+
+    @staticmethod
+    def _seq_file(o: _Origin) -> int:
+        """A seq_file of O's dumper made here, with no more capabilities than the reader
+        had at open where the kernel weighs them (privilege.CRED_TARGETS)."""
+        if o.caps is None:
+            return o.dumper.open_fd()
+        with privilege.capabilities(o.caps):
+            return o.dumper.open_fd()
+
+    def read_handle(self, fh: int, offset: int, size: int, answer=None,
                     tag: int = 0) -> list | object | None:
-        """A FUSE read of an open file, on a device thread: it may block in the kernel.
-        Returns the reply's pieces (see reader.py). Given ANSWER, a read that may wait
+        """A FUSE read of an open file at OFFSET, on a device thread: it may block in the
+        kernel. Returns the reply's pieces (see reader.py, seek.py). Given ANSWER, a read that may wait
         long is instead left with the file's producer, which calls ANSWER(TAG, pieces)
         -- or ANSWER(TAG, errno) -- once it can: PARKED; or, with no producer to leave
         it with, None (for the device to hand its lead over and ask again)."""
@@ -657,24 +696,24 @@ class Operations(pyfuse3.Operations):
         if h.failed:
             raise pyfuse3.FUSEError(h.failed)
         if isinstance(h.reader, _Snapshot):
-            return h.reader.read(size)
+            return h.reader.read(offset, size)
         t0 = time.monotonic()
         if self._out_of_time(h, t0):
             budget = self.limits.open_budget
             raise self._fail(h, errno.ETIME, f"reading dumper {h.label} stopped: the open "
                              f"took more than its time budget of {budget:g} s (open_budget)")
-        if answer is not None and not h.reader.quick:
+        if answer is not None and not h.reader.quick(offset):
             def deliver(result: list | DumperError) -> None:
                 if isinstance(result, DumperError):
-                    self._fail(h, errno.EIO, str(result))
-                    return answer(tag, errno.EIO)
+                    self._fail(h, _read_errno(result), str(result))
+                    return answer(tag, _read_errno(result))
                 self.metrics.read(h.label, sum(map(len, result)), time.monotonic() - t0)
                 return answer(tag, result)
-            return PARKED if h.reader.park(size, deliver) else None
+            return PARKED if h.reader.park(offset, size, deliver) else None
         try:
-            data = h.reader.read(size)
+            data = h.reader.read(offset, size)
         except DumperError as e:
-            raise self._fail(h, errno.EIO, str(e)) from None
+            raise self._fail(h, _read_errno(e), str(e)) from None
         self.metrics.read(h.label, sum(map(len, data)), time.monotonic() - t0)
         return data
 
@@ -697,14 +736,14 @@ class Operations(pyfuse3.Operations):
             h = self.handles.pop(fh, None)
             if h is None:
                 return
-            if isinstance(h.reader, Reader):
+            if isinstance(h.reader, Seekable):
                 self.metrics.closed(h.label)
             self.uid_handles[h.user] -= 1
         h.reader.release()
 
     def streaming(self) -> bool:
         """Whether any open file is being read ahead now (see Reader.streaming)."""
-        return any(isinstance(h.reader, Reader) and h.reader.streaming
+        return any(isinstance(h.reader, Seekable) and h.reader.streaming
                    for h in list(self.handles.values()))
 
     async def flush(self, fh) -> None:

@@ -62,12 +62,13 @@ def capable(pid: int, caps: tuple[int, ...]) -> bool:
 
 
 @contextlib.contextmanager
-def capabilities_of(pid: int) -> Iterator[None]:
-    """The block runs on this thread with no more effective capabilities than process
-    PID has (capset is per thread: the daemon's other threads keep theirs). A seq_file
-    made inside is made with the reader's rights, for the iterators that weigh them."""
+def capabilities(mask: int) -> Iterator[None]:
+    """The block runs on this thread with no effective capabilities beyond MASK (a
+    reader's, from effective(); capset is per thread: the daemon's other threads keep
+    theirs). A seq_file made inside is made with the reader's rights, for the
+    iterators that weigh them."""
     eff, perm = libc.capget()
-    want = eff & effective(pid)
+    want = eff & mask
     if want == eff:
         yield
         return
