@@ -163,6 +163,8 @@ def cmd_ls(args) -> int:
         params = " ".join(f"{k}={v}" for k, v in r.params().items())
         print(f"{r.target + '/' + r.name:32} link {r.link_id:<5} prog {r.prog_id:<5} "
               f"{r.prog_name:16} {r.mode} {r.owner}:{r.group} {r.view} {params}".rstrip())
+        if r.misplaced:
+            print(f"  misplaced: {r.misplaced}")
     return 0
 
 

@@ -231,6 +231,7 @@ class DumperInfo:
     group: str | None = None
     view: str | None = None
     origin: str | None = None
+    misplaced: str | None = None   # why the tree hides it: pinned under another target
 
     def params(self) -> dict[str, int | str]:
         keys = ("map_id", "cgroup_id", "cgroup_order", "tid", "pid")
@@ -648,11 +649,19 @@ class StateDir:
             return self.meta.get(target, name, d.link_info().id)
 
     def info(self, target: str, name: str) -> DumperInfo:
+        """The dumper pinned at TARGET/NAME, named by where it is pinned: a link of
+        another target pinned there is shown there, marked misplaced with the fix."""
         with self.get(target, name) as d:
             info = d.info()
         st = os.stat(self.pin_path(target, name))
         meta = self.meta.get(target, name, info.link_id)
-        return DumperInfo(**{**asdict(info), "name": name,
+        misplaced = None
+        if info.target != target:
+            misplaced = (f"a {info.target} dumper pinned under {target}/, so the tree hides "
+                         f"it; move it: mv {self.pin_path(target, name)} "
+                         f"{self.path / info.target}/")
+        return DumperInfo(**{**asdict(info), "target": target, "misplaced": misplaced,
+                             "name": name,
                              "path": str(self.pin_path(target, name)),
                              "mode": f"{stat.S_IMODE(st.st_mode):04o}",
                              "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
@@ -14,7 +15,7 @@ import pytest
 
 from bpfdumpfs import targets
 from bpfdumpfs.builtins import builtins
-from helpers import ROOT, Daemon, eventually, fstype, mount_bpffs, unmount
+from helpers import ROOT, Daemon, bpfdumpfs, eventually, fstype, mount_bpffs, unmount
 
 TASKS_OBJ = str(Path(__file__).resolve().parent.parent / "bpfdumpfs/builtins/tasks.bpf.o")
 
@@ -145,6 +146,33 @@ def test_entries_that_are_not_dumpers_are_hidden_and_logged_once(tree):
     finally:
         amap.unlink()
         wrong.unlink()
+
+
+def test_a_misplaced_pin_is_listed_where_it_is_with_the_fix(tree):
+    """A task link pinned under ksym/ is hidden from the tree; `ls` and `info` name it
+    by its real path (which `info` and `rm` take), marked misplaced, with the mv."""
+    wrong = tree.state / "ksym" / "ref_wrongdir"
+    bpftool_pin(TASKS_OBJ, wrong)
+    try:
+        state = ("--state-dir", str(tree.state))
+        listed = bpfdumpfs("ls", *state).stdout.splitlines()
+        at = next(i for i, ln in enumerate(listed) if "ref_wrongdir" in ln)
+        assert listed[at].startswith("ksym/ref_wrongdir ")
+        fix = f"mv {wrong} {tree.state / 'task'}/"
+        assert listed[at + 1] == f"  misplaced: a task dumper pinned under ksym/, so the tree " \
+                                 f"hides it; move it: {fix}"
+        assert not any(ln.startswith("task/ref_wrongdir") for ln in listed)
+        info = json.loads(bpfdumpfs("info", "ksym/ref_wrongdir", "--json", *state).stdout)
+        assert (info["target"], info["name"]) == ("ksym", "ref_wrongdir")
+        assert info["misplaced"].endswith(fix)
+        subprocess.run(fix.split(), check=True)  # the fix works: it shows in the tree
+        assert eventually(lambda: (tree.mnt / "task" / "ref_wrongdir").exists())
+        assert "misplaced" not in bpfdumpfs("info", "task/ref_wrongdir", *state).stdout
+        bpfdumpfs("rm", "task/ref_wrongdir", *state)
+        assert not (tree.state / "task" / "ref_wrongdir").exists()
+    finally:
+        wrong.unlink(missing_ok=True)
+        (tree.state / "task" / "ref_wrongdir").unlink(missing_ok=True)
 
 
 def test_a_new_pin_is_checked_as_it_appears_not_when_first_listed(tree):
