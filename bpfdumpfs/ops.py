@@ -567,8 +567,7 @@ class Operations(pyfuse3.Operations):
             if pin.dumper is None or self._reserve(user):
                 return None
             fh = self._new_fh()
-            self.unmade[fh] = self._origin(pin.dumper, pin, key[0], uid, pid, user), pin, \
-                f"{key[0]}/{key[1]}"
+            self.unmade[fh] = pin.dumper, pin, key, uid, pid, user
             return fh
 
     def make_quick(self, fh: int) -> None:
@@ -576,9 +575,11 @@ class Operations(pyfuse3.Operations):
         now, the file fails: its reads get EIO, and the log says why. No request of
         the file can come first: the device thread that answered the open calls this
         before it reads /dev/fuse again."""
-        origin, pin, label = self.unmade.pop(fh)
+        d, pin, (target, name), uid, pid, user = self.unmade.pop(fh)
+        label = f"{target}/{name}"
+        # with the dumper open_quick() took, even if its pin went since
+        origin = self._origin(d, pin, target, uid, pid, user)
         try:
-            # with the dumper open_quick() took, even if its pin went since
             fd = self._seq_file(origin)
         except DumperError as e:
             h = self.handles[self._new_handle(_Snapshot(b""), label, origin.user, origin.pid,

@@ -17,10 +17,11 @@ beyond BACK bytes is kept, so a huge dump is never held whole.
 """
 from __future__ import annotations
 
-import collections
+import errno
 import threading
 from collections.abc import Callable
 
+from .dumpers import DumperError
 from .reader import KERNEL_BUF, Reader
 
 BACK = 64 << 10        # bytes behind the position kept to serve a short seek back
@@ -34,11 +35,13 @@ class Seekable:
         self.reader = reader
         self.remake = remake           # a new Reader of a new seq_file, made as the first
         self.pos = 0                   # offset of the next byte the reader gives
-        self.back: collections.deque = collections.deque()  # pieces just before pos
-        self.back_len = 0
-        self.replays = 0
+        # a copy of the last bytes before pos: references to the pieces would hold a
+        # 1-byte view, and a 32 KiB kernel chunk behind it, per byte `dd bs=1` read
+        self.back = bytearray()
         self.cond = threading.Condition()
         self.parked = False            # a read left with the producer is yet to be answered
+        self.released = False
+        self.swap = threading.Lock()   # guards released and swapping the reader, briefly
 
     def quick(self, offset: int) -> bool:
         """Whether a read at OFFSET is sure to be answered without a long wait."""
@@ -55,10 +58,11 @@ class Seekable:
                 self.cond.wait()
             out = []
             if offset < self.pos:
-                if offset >= self.pos - self.back_len:
-                    out = self._behind(offset, size)
-                    offset += _length(out)
-                    size -= _length(out)
+                if offset >= self.pos - len(self.back):
+                    start = offset - (self.pos - len(self.back))
+                    out = [self.back[start:start + size]]  # a copy: back changes
+                    offset += len(out[0])
+                    size -= len(out[0])
                     if not size:
                         return out
                 else:
@@ -92,26 +96,14 @@ class Seekable:
             self.cond.release()
 
     def release(self) -> None:
-        self.reader.release()
-        self.back.clear()
+        """Close now, without waiting for a read under way (a killed reader's RELEASE
+        comes while its read is still in the kernel): that read ends on its own."""
+        with self.swap:
+            self.released = True
+            reader = self.reader
+        reader.release()
 
     # -- under the lock -------------------------------------------------------------
-    def _behind(self, offset: int, size: int) -> list:
-        """Up to SIZE bytes at OFFSET from what was produced before pos."""
-        skip = offset - (self.pos - self.back_len)
-        out = []
-        for piece in self.back:
-            if skip >= len(piece):
-                skip -= len(piece)
-                continue
-            view = memoryview(piece)[skip:skip + size]
-            skip = 0
-            out.append(view)
-            size -= len(view)
-            if not size:
-                break
-        return out
-
     def _pass_over(self, n: int) -> bool:
         """Read N bytes on and keep only the last BACK; False if the dump ends first."""
         while n:
@@ -125,20 +117,30 @@ class Seekable:
     def _replay(self) -> None:
         """Start over from offset 0 in a new seq_file."""
         fresh = self.remake()
-        self.reader.release()
-        self.reader = fresh
-        self.replays += 1
+        with self.swap:
+            old, released = self.reader, self.released
+            if not released:
+                self.reader = fresh
+        (fresh if released else old).release()
+        if released:
+            raise DumperError(errno.EBADF, f"reading dumper {old.stream.label}: released")
         self.pos = 0
         self.back.clear()
-        self.back_len = 0
 
     def _advance(self, pieces: list) -> None:
+        """Move pos past PIECES, keeping the last BACK bytes (copying at most BACK)."""
+        n = _length(pieces)
+        self.pos += n
+        if n >= BACK:
+            self.back.clear()
+        skip = max(0, n - BACK)  # bytes of PIECES too far back to keep
         for piece in pieces:
-            self.back.append(piece)
-            self.back_len += len(piece)
-            self.pos += len(piece)
-        while self.back and self.back_len - len(self.back[0]) >= BACK:
-            self.back_len -= len(self.back.popleft())
+            if skip >= len(piece):
+                skip -= len(piece)
+                continue
+            self.back += memoryview(piece)[skip:]
+            skip = 0
+        del self.back[:max(0, len(self.back) - BACK)]
 
 
 def _length(pieces: list) -> int:
