@@ -473,6 +473,15 @@ def test_a_user_retrying_refused_opens_cannot_flood_the_log(user):
 KSYM_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "kallsyms.bpf.o")
 
 
+# reads 2 MiB of a file, then 256 KiB from its start again, and prints those
+SEEK_BACK = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+assert len(os.read(fd, 2 << 20)) == 2 << 20
+sys.stdout.write(os.pread(fd, 256 << 10, 0).decode())
+"""
+
+
 def addresses_shown(text: str) -> bool:
     """Whether a kallsyms dump shows real addresses (the kernel prints 0s to those it
     does not trust with them)."""
@@ -500,6 +509,9 @@ def test_a_world_readable_ksym_dumper_shows_each_reader_what_its_pin_would(serve
             assert direct.returncode == 0 and not addresses_shown(direct.stdout), run
             through = run("cat", str(f))
             assert through.returncode == 0 and not addresses_shown(through.stdout), run
+            # a seek back past what the open kept re-runs it, with the same rights
+            back = run("python3", "-c", SEEK_BACK, str(f))
+            assert back.returncode == 0 and not addresses_shown(back.stdout), run
         assert addresses_shown(as_user("cat", str(served.mnt / "ksym" / "daemonsyms")).stdout)
     finally:
         for name in ("pubsyms", "daemonsyms"):

@@ -352,3 +352,31 @@ def test_a_flood_of_network_namespaces_is_bounded(tmp_path):
     finally:
         d.stop()
         unmount(state)
+
+
+# In a new pid namespace: hold 8,000 fds, read the files dump 2 MiB on (or to its end),
+# then read its start again (a re-run, made by the namespace's helper); print both.
+REREAD_IN_NS = """
+import os, sys
+fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(8000)]
+fd = os.open(sys.argv[1], os.O_RDONLY)
+first = os.read(fd, 150_000)
+while os.read(fd, 1 << 20):
+    pass
+again = os.pread(fd, 150_000, 0)
+sys.stdout.write(first.decode() + "---\\n" + again.decode())
+"""
+
+
+def test_a_seek_back_re_runs_in_the_readers_namespace(tree):
+    """A seek back past what an open kept re-runs the dumper in a new seq_file; for a
+    reader in another pid namespace, made there too (by its helper), so the re-run
+    shows the same tasks, numbered the same, as the first run."""
+    p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                        REREAD_IN_NS, str(tree.mnt / "task_file" / "files")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    first, again = p.stdout.split("---\n")
+    assert len(first) == 150_000 and first == again
+    pids = {int(ln.split()[0]) for ln in first.splitlines()[1:-1]}
+    assert pids == {1}, pids  # python is the namespace's init: nothing else is in it
