@@ -174,8 +174,10 @@ def cmd_info(args) -> int:
         print(json.dumps(asdict(info), indent=2))
         return 0
     for k, v in asdict(info).items():
+        if isinstance(v, tuple):  # reader_dependent: a line only if it names any
+            v = ", ".join(v) or None
         if v is not None:
-            print(f"{k:13} {v}")
+            print(f"{k:16} {v}")
     return 0
 
 

@@ -231,6 +231,9 @@ class DumperInfo:
     group: str | None = None
     view: str | None = None
     origin: str | None = None
+    # helpers its program calls that see whoever reads a seq_file (READER_HELPERS):
+    # through the tree, the daemon; None if bpfdumpfs did not load the program
+    reader_dependent: tuple[str, ...] | None = None
     misplaced: str | None = None   # why the tree hides it: pinned under another target
 
     def params(self) -> dict[str, int | str]:
@@ -286,13 +289,34 @@ def iter_link_info(fd: int, label: str) -> kernel.LinkInfo:
     return info
 
 
+# Helpers that answer for the task running the program, which for an iterator is the
+# task reading the seq_file. Through the tree the daemon reads every seq_file, so they
+# give the daemon's pid, uid, comm, cgroup, stack, user memory and root, never the
+# reader's.
+READER_HELPERS = frozenset({
+    "bpf_get_current_pid_tgid", "bpf_get_current_uid_gid", "bpf_get_current_comm",
+    "bpf_get_current_task", "bpf_get_current_task_btf", "bpf_get_current_cgroup_id",
+    "bpf_get_current_ancestor_cgroup_id", "bpf_get_ns_current_pid_tgid",
+    "bpf_current_task_under_cgroup", "bpf_get_stack", "bpf_get_task_stack",
+    "bpf_probe_read_user", "bpf_probe_read_user_str", "bpf_copy_from_user",
+    "bpf_probe_write_user", "bpf_d_path", "bpf_send_signal", "bpf_send_signal_thread",
+})
+
+
 class Dumper:
     """An iter bpf_link held by this process: open() it for fresh seq_files."""
 
-    def __init__(self, link_fd: int, label: str = "") -> None:
+    def __init__(self, link_fd: int, label: str = "",
+                 helpers: frozenset[str] | None = None) -> None:
         self._fd = link_fd
         self._finalizer = weakref.finalize(self, os.close, link_fd)
         self.label = label or f"link fd {link_fd}"
+        self.helpers = helpers  # what its program calls, if this process loaded it
+
+    @property
+    def reader_dependent(self) -> tuple[str, ...] | None:
+        """The READER_HELPERS its program calls; None if this process did not load it."""
+        return None if self.helpers is None else tuple(sorted(self.helpers & READER_HELPERS))
 
     # construction ----------------------------------------------------------
     @classmethod
@@ -325,7 +349,7 @@ class Dumper:
         finally:
             for fd in fds:
                 os.close(fd)
-        return cls(link, f"{target.name}:{spec.name}")
+        return cls(link, f"{target.name}:{spec.name}", loaded.helpers)
 
     @classmethod
     def from_link_id(cls, link_id: int) -> Dumper:
@@ -358,7 +382,7 @@ class Dumper:
 
     def dup(self) -> Dumper:
         """Another handle on the same link, closed independently of this one."""
-        return Dumper(os.dup(self.fd), self.label)
+        return Dumper(os.dup(self.fd), self.label, self.helpers)
 
     def open(self, text: bool = False) -> io.BufferedReader | io.TextIOWrapper:
         """A new, independent stream of the dumper's output (iterates lines)."""
@@ -666,7 +690,9 @@ class StateDir:
                              "mode": f"{stat.S_IMODE(st.st_mode):04o}",
                              "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid),
                              "view": meta.get("view", "reader"),
-                             "origin": meta.get("origin", "external")})
+                             "origin": meta.get("origin", "external"),
+                             "reader_dependent": tuple(meta["reader_dependent"])
+                             if "reader_dependent" in meta else None})
 
     # changing ----------------------------------------------------------------
     def pin(self, dumper: Dumper, name: str, mode: int = 0o400, owner: str | int | None = None,
@@ -731,8 +757,15 @@ class StateDir:
                                  st.st_uid if spec.owner is None else spec.owner,
                                  st.st_gid if spec.group is None else spec.group, replace=True)
                         done, link_id = "replaced", li.id
+            helpers = new.reader_dependent
+            if helpers is not None:
+                record["reader_dependent"] = list(helpers)
             self._record(li.target_name, spec.name, link_id, origin=origin, view=spec.view,
                          **record)
+            if helpers:
+                log.warning("%s/%s calls %s: read through the tree, these give the daemon's "
+                            "task (pid, uid, comm, cgroup, stack, memory, root), not the "
+                            "reader's", li.target_name, spec.name, ", ".join(helpers))
         finally:
             if loaded is None:
                 new.close()

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import cffi
 
-from . import libc
+from . import libc, privilege
+from .btf import BTF_KIND_FUNC, VMLINUX_BTF, Btf
 from .errors import DumperError
 
 ffi = cffi.FFI()
@@ -119,7 +120,35 @@ ffi.cdef(
         uint32_t created_by_uid;
         uint32_t nr_map_ids;
         uint64_t map_ids;
-        char     name[16];
+        char     name[16];           /* cut to 15 characters: the full one is in BTF */
+        uint32_t ifindex;
+        uint32_t gpl_compatible;     /* a 1-bit field */
+        uint64_t netns_dev;
+        uint64_t netns_ino;
+        uint32_t nr_jited_ksyms;
+        uint32_t nr_jited_func_lens;
+        uint64_t jited_ksyms;
+        uint64_t jited_func_lens;
+        uint32_t btf_id;
+        uint32_t func_info_rec_size;
+        uint64_t func_info;
+        uint32_t nr_func_info;
+    };
+    struct bpf_func_info {
+        uint32_t insn_off;
+        uint32_t type_id;
+    };
+    struct bpf_btf_info {
+        uint64_t btf;
+        uint32_t btf_size;
+        uint32_t id;
+    };
+    struct bpf_insn {
+        uint8_t  code;
+        uint8_t  dst_reg:4;
+        uint8_t  src_reg:4;
+        int16_t  off;
+        int32_t  imm;
     };
 
     struct bpf_object;
@@ -151,6 +180,8 @@ ffi.cdef(
     int bpf_program__fd(const struct bpf_program *prog);
     int bpf_program__set_log_buf(struct bpf_program *prog, char *log_buf, size_t log_size);
     int bpf_program__set_log_level(struct bpf_program *prog, uint32_t log_level);
+    const struct bpf_insn *bpf_program__insns(const struct bpf_program *prog);
+    size_t bpf_program__insn_cnt(const struct bpf_program *prog);
     """
 )
 
@@ -169,6 +200,7 @@ BPF_OBJ_PIN, BPF_OBJ_GET = 6, 7
 BPF_PROG_GET_NEXT_ID, BPF_MAP_GET_NEXT_ID = 11, 12
 BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID = 13, 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_BTF_GET_FD_BY_ID = 19
 BPF_LINK_CREATE, BPF_LINK_UPDATE = 28, 29
 BPF_LINK_GET_FD_BY_ID, BPF_LINK_GET_NEXT_ID = 30, 31
 BPF_ITER_CREATE = 33
@@ -476,17 +508,57 @@ def link_info(fd: int) -> LinkInfo:
 class ProgInfo:
     id: int
     type: int
-    name: str
+    name: str          # in full, as bpftool shows it
     tag: str
     created_by_uid: int
     load_time_ns: int
 
 
+BPF_OBJ_NAME_LEN = 16  # with the NUL: the kernel keeps 15 characters of a name
+
+
 def prog_info(fd: int) -> ProgInfo:
+    """OBJ_GET_INFO_BY_FD of a program. Its name is taken from its BTF, as bpftool
+    does, where the kernel's copy is cut short; without BTF, the kernel's 15 characters."""
     info = ffi.new("struct bpf_prog_info *")
+    # the first func_info record is the program's own function: its FUNC type names it
+    func = ffi.new("struct bpf_func_info *")
+    info.nr_func_info = 1
+    info.func_info_rec_size = ffi.sizeof(func[0])
+    info.func_info = int(ffi.cast("uintptr_t", func))
     _info(fd, info, f"reading the info of prog fd {fd}")
-    return ProgInfo(info.id, info.type, ffi.string(info.name).decode(errors="replace"),
-                    bytes(info.tag).hex(), info.created_by_uid, info.load_time)
+    name = ffi.string(info.name).decode(errors="replace")
+    if len(name) == BPF_OBJ_NAME_LEN - 1 and info.btf_id and info.nr_func_info:
+        try:
+            name = _btf_func_name(info.btf_id, func.type_id)
+        except (DumperError, ValueError):
+            pass  # its BTF needs CAP_SYS_ADMIN to read, or is of a newer kind: keep 15
+    return ProgInfo(info.id, info.type, name, bytes(info.tag).hex(), info.created_by_uid,
+                    info.load_time)
+
+
+def btf_data(fd: int) -> bytes:
+    """The raw BTF of the BTF object FD: its size first, then its bytes."""
+    info = ffi.new("struct bpf_btf_info *")
+    _info(fd, info, f"reading the info of btf fd {fd}")
+    buf = ffi.new("char[]", info.btf_size)
+    info.btf = int(ffi.cast("uintptr_t", buf))
+    _info(fd, info, f"reading btf fd {fd}")
+    return ffi.buffer(buf, info.btf_size)[:]
+
+
+@functools.lru_cache(maxsize=256)  # a BTF object never changes, nor is its id reused
+def _btf_func_name(btf_id: int, type_id: int) -> str:
+    """The name of the FUNC TYPE_ID of the kernel's BTF object BTF_ID."""
+    fd = _get_fd_by_id(BPF_BTF_GET_FD_BY_ID, "btf", btf_id)
+    try:
+        btf = Btf(btf_data(fd))
+    finally:
+        os.close(fd)
+    kind, name_off, _, _ = btf.type(type_id)
+    if kind != BTF_KIND_FUNC:
+        raise ValueError(f"BTF type {type_id} of btf id {btf_id} is not a FUNC")
+    return btf.name(name_off)
 
 
 # -- loading objects with libbpf ---------------------------------------------
@@ -509,6 +581,7 @@ class LoadedProg:
     fd: int
     spec: ProgSpec
     warnings: list[str] = field(default_factory=list)
+    helpers: frozenset[str] = frozenset()  # the helpers it calls (bpf_d_path, ...)
 
 
 _load_lock = threading.Lock()  # libbpf's print callback is process-wide
@@ -643,6 +716,77 @@ def verifier_complaint(log: str) -> str:
     return lines[-1] if lines else ""
 
 
+# the verifier's statistics when it stopped before looking at any instruction
+_NOTHING_VERIFIED = re.compile(r"^processed 0 insns", re.MULTILINE)
+# what libbpf says when BPF_PROG_LOAD itself failed (not libbpf's own preparation)
+_KERNEL_REFUSED = "BPF program load failed"
+LICENSE_HINT = 'give it a GPL-compatible license: char LICENSE[] SEC("license") = "GPL";'
+CAP_PERFMON = 38
+
+
+def _load_hint(err: int, vlog: str) -> str:
+    """Why a load failed with ERR and verifier log VLOG: the kernel refused the program
+    before verifying it, the verifier rejected it, or libbpf failed on its own."""
+    complaint = verifier_complaint(vlog)
+    fix = f"; {LICENSE_HINT}" if "non-GPL" in complaint else ""
+    if not vlog or _NOTHING_VERIFIED.search(vlog):
+        # EPERM is the kernel's (libbpf makes none up), and so is what libbpf got back
+        # from BPF_PROG_LOAD itself
+        if vlog or err == errno.EPERM or any(_KERNEL_REFUSED in m for m in _messages):
+            # a log means the verifier ran: nothing before it (capabilities, security
+            # modules) refused the program
+            why = complaint or ("it gave no reason; its verifier log says only that no "
+                                "instruction was processed" if vlog else _refusal_cause(err))
+            return (f"the kernel refused to load it ({errno.errorcode.get(err, err)}) before "
+                    f"verifying it: {why}{fix}")
+        return (_HINTS.get(err) if os.geteuid() != 0 else None) or _last_messages()
+    if err == errno.ENOSPC:
+        # before 6.4 a log that does not fit fails the load with ENOSPC, hiding the
+        # first attempt's errno: the program was refused all the same
+        return (f"the verifier rejected it; its log is over {VERIFIER_LOG_SIZE >> 20} MiB, "
+                "the start is attached")
+    return f"the verifier rejected it; see the log{fix}"
+
+
+def _refusal_cause(err: int) -> str:
+    """The likely reason why the kernel refused a program with ERR, saying nothing."""
+    if err not in (errno.EPERM, errno.EACCES):
+        return _last_messages() or "the kernel gave no reason; see dmesg"
+    caps = privilege.effective(os.getpid())
+    missing = [name for name, cap in (("CAP_BPF", privilege.CAP_BPF),
+                                      ("CAP_PERFMON", CAP_PERFMON)) if not caps >> cap & 1]
+    if missing and not caps >> privilege.CAP_SYS_ADMIN & 1:
+        return (f"this process lacks {' and '.join(missing)} in the initial user namespace; "
+                "run it as root with CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN")
+    return ("this process has the capabilities it needs, so a security module (SELinux, "
+            "AppArmor, a BPF LSM program) refused it, or RLIMIT_MEMLOCK is too low (kernels "
+            "before 5.11): see dmesg and the audit log")
+
+
+BPF_JMP_CALL = 0x85  # BPF_JMP | BPF_CALL
+
+
+@functools.cache
+def helper_names() -> dict[int, str]:
+    """The running kernel's helpers by id, named as programs call them (bpf_d_path):
+    from its BTF's enum bpf_func_id, since each kernel has the helpers it has."""
+    with open(VMLINUX_BTF, "rb") as f:
+        members = Btf(f.read()).enum_members("bpf_func_id")
+    return {value: "bpf_" + name.removeprefix("BPF_FUNC_") for name, value in members.items()}
+
+
+def _called_helpers(lib, prog) -> frozenset[str]:
+    """The helpers a loaded program calls, from libbpf's copy of its instructions,
+    which after the load has its subprograms appended. A call with src_reg 0 calls the
+    helper whose id is imm (1 calls a BPF function, 2 a kfunc)."""
+    insns, size = lib.bpf_program__insns(prog), ffi.sizeof("struct bpf_insn")
+    opcodes = ffi.buffer(insns, lib.bpf_program__insn_cnt(prog) * size)[:][::size]
+    names = helper_names()
+    return frozenset(names[insns[i].imm] for i, code in enumerate(opcodes)
+                     if code == BPF_JMP_CALL and insns[i].src_reg == 0
+                     and insns[i].imm in names)
+
+
 # libbpf loads without a log first and fills this only to explain a failure; a
 # complex program's log runs to megabytes on kernels before 6.4, where one that
 # does not fit turns the load's error into ENOSPC
@@ -677,18 +821,11 @@ def load_program(path: str, prog_name: str) -> LoadedProg:
             if lib.bpf_object__load(obj) != 0:
                 err = ffi.errno or errno.EINVAL
                 vlog = ffi.string(log).decode(errors="replace").strip()
-                hint = _HINTS.get(err) if os.geteuid() != 0 else None
-                if not hint and err == errno.ENOSPC and vlog:
-                    # before 6.4 a log that does not fit fails the load with ENOSPC,
-                    # hiding the first attempt's errno: the program was refused all the same
-                    hint = (f"the verifier rejected it; its log is over "
-                            f"{VERIFIER_LOG_SIZE >> 20} MiB, the start is attached")
-                hint = hint or ("the verifier rejected it; see the log" if vlog
-                                else _last_messages())
-                raise DumperError(err, f"loading program {prog_name!r} of {path}", hint,
-                                  log=vlog)
+                raise DumperError(err, f"loading program {prog_name!r} of {path}",
+                                  _load_hint(err, vlog), log=vlog)
+            helpers = _called_helpers(lib, prog)
             fd = os.dup(lib.bpf_program__fd(prog))
             os.set_inheritable(fd, False)
-            return LoadedProg(fd, spec, list(_messages))
+            return LoadedProg(fd, spec, list(_messages), helpers)
         finally:
             lib.bpf_object__close(obj)

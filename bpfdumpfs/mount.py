@@ -159,7 +159,8 @@ def pin_builtins(state: StateDir) -> BuiltinReport:
                 continue
             with b.load() as d:
                 d.pin(state, b.name, mode=b.mode)
-                state.meta.set(b.target, b.name, d.link_info().id, origin="builtin", object=sha)
+                state.meta.set(b.target, b.name, d.link_info().id, origin="builtin", object=sha,
+                               reader_dependent=list(d.reader_dependent))
             report.done.append(f"{b.target}/{b.name} pinned")
         except DumperError as e:
             why = reason(e)
@@ -184,13 +185,15 @@ def _update_builtin(state: StateDir, b: Builtin, sha: str) -> bool:
         if record.get("origin", "builtin") != "builtin" or record.get("object") == sha:
             return False
         old = pinned.info()
-        if old.prog_name not in {v.name[:15] for v in b.variants}:  # the kernel keeps 15
+        if old.prog_name not in {v.name for v in b.variants}:
             return False  # another tool's dumper under a built-in's name
         with b.load() as shipped:
             changed = old.prog_tag != shipped.info().prog_tag
             if changed:
                 pinned.replace_program(shipped)
-        state.meta.set(b.target, b.name, link_id, origin="builtin", object=sha)
+            helpers = list(shipped.reader_dependent)
+        state.meta.set(b.target, b.name, link_id, origin="builtin", object=sha,
+                       reader_dependent=helpers)
     return changed
 
 

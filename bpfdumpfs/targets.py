@@ -9,24 +9,13 @@ record, so they come from a small table keyed by target name.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import re
-import struct
 from dataclasses import dataclass
 
+from .btf import BTF_KIND_FUNC, BTF_KIND_PTR, BTF_KIND_STRUCT, VMLINUX_BTF, Btf
 from .errors import DumperError
-
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
-
-BTF_KIND_PTR, BTF_KIND_STRUCT, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO = 2, 4, 12, 13
-BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT = 8, 9, 10, 11
-BTF_KIND_TYPE_TAG = 18
-# bytes that follow struct btf_type (12 bytes), by kind; vlen-sized kinds below
-_EXTRA_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}  # INT, ARRAY, VAR, DECL_TAG
-# STRUCT, UNION, ENUM, FUNC_PROTO, DATASEC, ENUM64
-_EXTRA_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
-_MODIFIERS = {BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT,
-              BTF_KIND_TYPE_TAG}
 
 
 @dataclass(frozen=True)
@@ -71,67 +60,7 @@ PARAMS: dict[str, tuple[Param, ...]] = {
 }
 
 
-class _Btf:
-    """Just enough of a BTF parser to find types by name and follow pointers."""
-
-    def __init__(self, data: bytes) -> None:
-        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
-            struct.unpack_from("<HBBIIIII", data, 0)
-        if magic != 0xEB9F:
-            raise ValueError("not BTF")
-        self.types = memoryview(data)[hdr_len + type_off: hdr_len + type_off + type_len]
-        self.strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-        self.offsets = [0]  # type id 0 is void
-        off = 0
-        while off < len(self.types):
-            self.offsets.append(off)
-            info = struct.unpack_from("<I", self.types, off + 4)[0]
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            off += 12 + _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_VLEN.get(kind, 0) * vlen
-
-    def name(self, off: int) -> str:
-        end = self.strings.index(b"\0", off)
-        return self.strings[off:end].decode()
-
-    def type(self, tid: int) -> tuple[int, int, int, int]:
-        """(kind, name_off, vlen, size_or_type) of type TID."""
-        off = self.offsets[tid]
-        name_off, info, size_or_type = struct.unpack_from("<III", self.types, off)
-        return (info >> 24) & 0x1F, name_off, info & 0xFFFF, size_or_type
-
-    def first_param(self, proto_id: int) -> int:
-        off = self.offsets[proto_id] + 12
-        return struct.unpack_from("<II", self.types, off)[1]
-
-    def skip_modifiers(self, tid: int) -> int:
-        while tid and self.type(tid)[0] in _MODIFIERS:
-            tid = self.type(tid)[3]
-        return tid
-
-    def enum_members(self, name: str) -> dict[str, int]:
-        """Enumerators of the ENUM called NAME (empty if the kernel has none)."""
-        tid = self.names_of_kind(6, {name}).get(name)
-        if tid is None:
-            return {}
-        off, vlen = self.offsets[tid] + 12, self.type(tid)[2]
-        members = {}
-        for i in range(vlen):
-            name_off, value = struct.unpack_from("<Ii", self.types, off + 8 * i)
-            members[self.name(name_off)] = value
-        return members
-
-    def names_of_kind(self, kind: int, candidates: set[str]) -> dict[str, int]:
-        found = {}
-        for tid in range(1, len(self.offsets)):
-            k, name_off, _, _ = self.type(tid)
-            if k == kind and name_off:
-                name = self.name(name_off)
-                if name in candidates:
-                    found[name] = tid
-        return found
-
-
-def _is_meta_ptr(btf: _Btf, tid: int) -> bool:
+def _is_meta_ptr(btf: Btf, tid: int) -> bool:
     tid = btf.skip_modifiers(tid)
     kind, _, _, pointee = btf.type(tid)
     if kind != BTF_KIND_PTR:
@@ -145,9 +74,12 @@ def discover(btf_path: str = VMLINUX_BTF) -> dict[str, Target]:
     try:
         with open(btf_path, "rb") as f:
             data = f.read()
-        btf = _Btf(data)
-    except (OSError, ValueError) as e:
-        raise DumperError(getattr(e, "errno", None) or 2, f"reading kernel BTF {btf_path}",
+        btf = Btf(data)
+    except OSError as e:
+        raise DumperError(e.errno or errno.ENOENT, f"reading kernel BTF {btf_path}",
+                          "bpfdumpfs needs a kernel built with CONFIG_DEBUG_INFO_BTF=y") from e
+    except ValueError as e:  # not BTF, or a kind newer than this parser
+        raise DumperError(errno.EINVAL, f"reading kernel BTF {btf_path}: {e}",
                           "bpfdumpfs needs a kernel built with CONFIG_DEBUG_INFO_BTF=y") from e
     # Cheap pre-filter on the string table, then check the two BTF marks.
     names = {m.decode() for m in re.findall(rb"\0bpf_iter__?([a-z0-9_]+)(?=\0)", btf.strings)}
