@@ -245,7 +245,8 @@ def test_root_chmods_chowns_renames_and_removes_through_the_mount(served, obj, u
     assert (st2.st_ino, st2.st_mode, st2.st_uid) == (st.st_ino, st.st_mode, st.st_uid)
     assert os.getxattr(t / "renamed", "user.bpfdump.link_id") == link_id
     info = bpfdumpfs("info", "task/renamed", "--state-dir", str(state), check=False)
-    assert "origin        cli" in info.stdout.splitlines(), info.stdout + info.stderr
+    shown = dict(ln.split(None, 1) for ln in info.stdout.splitlines())
+    assert shown["origin"] == "cli", info.stdout + info.stderr
 
     with pytest.raises(OSError) as e:                    # a link's target is fixed
         os.rename(t / "renamed", served.mnt / "ksym" / "renamed")
