@@ -28,9 +28,9 @@ import socket
 import struct
 import threading
 
-import cffi
 import pyfuse3
 
+from . import libc
 from .ops import PARKED
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ MAX_WAITING = 4     # a worker that finds this many others waiting for the lead 
 SOCKET_BUF = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in Python's socket module
 
-_ffi = cffi.FFI()
-_ffi.cdef("""
-int mount(const char *source, const char *target, const char *fstype,
-          unsigned long flags, const void *data);
-int umount2(const char *target, int flags);
-""")
-_libc = _ffi.dlopen(None)
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 
 
@@ -112,11 +105,12 @@ class Device:
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         opts = (f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
                 "default_permissions")
-        if _libc.mount(self.fsname.encode(), os.fsencode(self.mountpoint), b"fuse.bpfdumpfs",
-                       MS_NOSUID | MS_NODEV, opts.encode()) != 0:
-            err = _ffi.errno
+        try:
+            libc.mount(self.fsname, self.mountpoint, "fuse.bpfdumpfs", MS_NOSUID | MS_NODEV,
+                       opts)
+        except OSError:
             os.close(self.fd)
-            raise OSError(err, f"mounting FUSE at {self.mountpoint}: {os.strerror(err)}")
+            raise
         # libfuse takes this end over (and closes it at fuse_session_destroy)
         return f"/dev/fd/{self.theirs.detach()}"
 
@@ -138,7 +132,10 @@ class Device:
         """Detach the mount, unless it is gone already (what is mounted there now, if
         anything, is someone else's)."""
         if not self.unmounted.is_set():
-            _libc.umount2(os.fsencode(self.mountpoint), MNT_DETACH)
+            try:
+                libc.umount2(self.mountpoint, MNT_DETACH)
+            except OSError:
+                pass  # gone meanwhile: what matters is that it is not ours any more
         self.unmounted.set()
 
     # -- workers ----------------------------------------------------------------------

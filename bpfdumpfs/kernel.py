@@ -18,20 +18,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import cffi
-
 from . import libc, privilege
 from .btf import BTF_KIND_FUNC, VMLINUX_BTF, Btf
 from .errors import DumperError
 
-ffi = cffi.FFI()
+ffi = libc.ffi  # bpf(2)'s structures and libbpf, declared beside libc's calls
 ffi.cdef(
     """
-    long syscall(long number, ...);
-    struct statfs { long f_type; long _rest[15]; };
-    int statfs(const char *path, struct statfs *buf);
-    int vsnprintf(char *str, size_t size, const char *format, void *ap);
-
     struct bpf_obj_attr {            /* OBJ_PIN, OBJ_GET */
         uint64_t pathname;
         uint32_t bpf_fd;
@@ -185,7 +178,7 @@ ffi.cdef(
     """
 )
 
-_libc = ffi.dlopen(None)
+_libc = libc.lib
 _libbpf = None  # opened on first use: reading a pinned dumper needs no libbpf
 
 # bpf(2)'s number by architecture (arch/*/include/uapi/asm/unistd*.h; the generic
@@ -246,10 +239,10 @@ def _bpf(cmd: int, attr, what: str, hint: str = "") -> int:
 
 def fs_magic(path: str) -> int:
     """statfs(2) f_type of the filesystem holding PATH."""
-    buf = ffi.new("struct statfs *")
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        raise DumperError(ffi.errno, f"statfs {path}")
-    return buf.f_type & 0xFFFFFFFF
+    try:
+        return libc.statfs_type(path)
+    except OSError as e:
+        raise DumperError(e.errno, f"statfs {path}") from None
 
 
 def mount_bpffs(path: str) -> None:

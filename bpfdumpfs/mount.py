@@ -21,11 +21,10 @@ import sys
 import tomllib
 from dataclasses import dataclass
 
-import cffi
 import pyfuse3
 import trio
 
-from . import config, targets
+from . import config, libc, targets
 from .builtins import Builtin, builtins, missing_target, reason
 from .device import Device
 from .dumpers import DumperError, StateDir
@@ -49,15 +48,6 @@ class MountOptions:
     limits: Limits = Limits()
 
 
-_ffi = cffi.FFI()
-_ffi.cdef("""
-int mallopt(int param, int value);
-int malloc_trim(size_t pad);
-struct mallinfo2 { size_t arena, ordblks, smblks, hblks, hblkhd, usmblks, fsmblks,
-                   uordblks, fordblks, keepcost; };
-struct mallinfo2 mallinfo2(void);
-""")
-_libc = _ffi.dlopen(None)
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
 TRIM_EVERY = 0.5        # seconds between looks for freed buffers to give back
 TRIM_SLACK = 2 << 20    # spare bytes gained since the last trim that are worth a trim
@@ -72,8 +62,8 @@ def _bound_memory() -> None:
     One arena costs no contention here, since nearly every allocation is made
     under the GIL. Chunks of 128 KiB and more are mapped (and so returned) one by
     one, instead of glibc raising that threshold as buffers come and go."""
-    _libc.mallopt(M_ARENA_MAX, 1)
-    _libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    libc.lib.mallopt(M_ARENA_MAX, 1)
+    libc.lib.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def _raise_fd_limit(limits: Limits) -> None:
@@ -101,7 +91,7 @@ def _spare() -> int:
     which moves little. Its count of in-use bytes is a walk of its bins, us."""
     with open("/proc/self/statm", "rb") as f:
         rss = int(f.read().split()[1]) * PAGE
-    m = _libc.mallinfo2()
+    m = libc.lib.mallinfo2()
     return rss - m.uordblks - m.hblkhd
 
 
@@ -128,7 +118,7 @@ async def _give_back_memory(ops: Operations) -> None:
         spare = _spare()
         low = min(low, spare)
         if spare - low > TRIM_SLACK:
-            await trio.to_thread.run_sync(_libc.malloc_trim, 0)
+            await trio.to_thread.run_sync(libc.lib.malloc_trim, 0)
             low = _spare()
 
 
@@ -369,7 +359,7 @@ def run(opts: MountOptions, ready=None) -> None:
     if report.done:
         log.info("built-ins: %s", ", ".join(report.done))
     apply_config(opts, state)
-    _libc.malloc_trim(0)  # libbpf's copy of the kernel BTF is freed by now
+    libc.lib.malloc_trim(0)  # libbpf's copy of the kernel BTF is freed by now
     clear_dead_mount(opts.mountpoint)
     os.makedirs(opts.mountpoint, exist_ok=True)
     ops = Operations(state, list(targets.running_kernel()),

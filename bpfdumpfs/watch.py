@@ -7,24 +7,17 @@ or anyone.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
 from pathlib import Path
 from typing import Callable
 
-import cffi
 import trio
 
-log = logging.getLogger(__name__)
+from . import libc
 
-_ffi = cffi.FFI()
-_ffi.cdef("""
-    int inotify_init1(int flags);
-    int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
-""")
-_libc = _ffi.dlopen(None)
+log = logging.getLogger(__name__)
 
 IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x40, 0x80
 IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
@@ -40,9 +33,7 @@ OnChange = Callable[[str, "str | None"], None]
 class StateWatch:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(_ffi.errno, "inotify_init1")
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         self.dirs: dict[int, str | None] = {}   # watch descriptor -> target (None: the root)
         self._add(root, None)
         with os.scandir(root) as it:
@@ -51,11 +42,10 @@ class StateWatch:
                     self._add(Path(e.path), e.name)
 
     def _add(self, path: Path, target: str | None) -> None:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), _MASK)
-        if wd < 0:
-            if _ffi.errno != errno.ENOENT:  # a directory removed meanwhile needs no watch
-                raise OSError(_ffi.errno, f"inotify_add_watch {path}")
-            return
+        try:
+            wd = libc.inotify_add_watch(self.fd, path, _MASK)
+        except FileNotFoundError:
+            return  # a directory removed meanwhile needs no watch
         self.dirs[wd] = target
 
     async def run(self, on_change: OnChange) -> None:
