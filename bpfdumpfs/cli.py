@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from dataclasses import asdict
 
-from . import config, mount, targets
+from . import config, limits, mount, targets
 from .builtins import builtins
 from .compile import cflags as compiler_flags
-from .dumpers import DEFAULT_STATE_DIR, VIEWS, Dumper, DumperError, Params, Spec, StateDir
+from .dumpers import (
+    DEFAULT_STATE_DIR,
+    VIEWS,
+    Dumper,
+    DumperError,
+    Params,
+    Spec,
+    StateDir,
+)
+from .metrics import STATUS_XATTR
 
 log = logging.getLogger("bpfdumpfs")
 
@@ -105,16 +112,13 @@ def _shown_path(state: StateDir, target: str, name: str) -> str:
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_mount(args) -> int:
-    limits = mount.load_limits(args.settings or mount.DEFAULT_SETTINGS,
-                               required=args.settings is not None)
-    overrides = {k: v for k, v in (("max_handles", args.max_handles),
-                                   ("max_handles_per_uid", args.max_handles_per_uid),
-                                   ("open_budget", args.open_budget),
-                                   ("read_ahead_mib", args.read_ahead)) if v is not None}
+    given = limits.load(args.settings or limits.DEFAULT_SETTINGS,
+                        required=args.settings is not None)
     opts = mount.MountOptions(mountpoint=args.mountpoint, state_dir=args.state_dir,
                               config_dir=args.config_dir, builtins=not args.no_builtins,
                               debug_fuse=args.debug_fuse, log_file=args.log_file,
-                              limits=dataclasses.replace(limits, **overrides))
+                              limits=given.replace(**{k: getattr(args, k)
+                                                      for k in limits.FIELDS}))
     if args.background:
         return mount.run_background(opts)
     mount.run(opts)
@@ -201,40 +205,6 @@ def cmd_targets(args) -> int:
     return 0
 
 
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
-
-
-def _labels(text: str) -> dict[str, str]:
-    """The labels of an OpenMetrics sample, unescaped (values may hold ',' and '"')."""
-    return {k: re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group(0)], v)
-            for k, v in _LABEL.findall(text)}
-
-
-def _parse_stats(text: str) -> dict:
-    """The few numbers `status` shows, from MOUNT/.stats."""
-    info: dict = {"handles": 0, "errors": 0, "opens": 0, "unavailable": {}}
-    for line in text.splitlines():
-        if line.startswith("#") or not line:
-            continue
-        name, _, value = line.rpartition(" ")
-        metric, _, labels = name.partition("{")
-        fields = _labels(labels)
-        if metric == "bpfdumpfs_info":
-            info.update(fields)
-        elif metric == "bpfdumpfs_start_time_seconds":
-            info["since"] = float(value)
-        elif metric == "bpfdumpfs_open_handles":
-            info["handles"] += int(value)
-        elif metric == "bpfdumpfs_errors_total":
-            info["errors"] += int(value)
-        elif metric == "bpfdumpfs_opens_total":
-            info["opens"] += int(value)
-        elif metric == "bpfdumpfs_builtin_unavailable":
-            info["unavailable"][fields["builtin"]] = fields["reason"]
-    return info
-
-
 def cmd_status(args) -> int:
     points = [args.mountpoint] if args.mountpoint else mount.bpfdumpfs_mounts()
     if not points:
@@ -243,10 +213,10 @@ def cmd_status(args) -> int:
     rows = []
     for point in points:
         try:
-            with open(os.path.join(point, ".stats")) as f:
-                info = _parse_stats(f.read())
+            info = json.loads(os.getxattr(point, STATUS_XATTR))
         except OSError as e:
-            raise DumperError(e.errno, f"reading {point}/.stats",
+            raise DumperError(e.errno, f"reading the status of {point} "
+                              f"(xattr {STATUS_XATTR.decode()})",
                               "is a bpfdumpfs daemon serving it? (see `mount -t fuse.bpfdumpfs`)"
                               ) from None
         info["dumpers"] = sum(len(os.listdir(os.path.join(point, d)))
@@ -321,18 +291,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"append logs to FILE (with --background: default "
                         f"{mount.DEFAULT_BACKGROUND_LOG}; otherwise stderr)")
     m.add_argument("--settings", metavar="FILE",
-                   help=f"daemon settings ([limits]; default {mount.DEFAULT_SETTINGS} if it "
+                   help=f"daemon settings ([limits]; default {limits.DEFAULT_SETTINGS} if it "
                         "exists)")
-    m.add_argument("--max-handles", type=_count, metavar="N",
-                   help="open dumper files in all, then ENFILE (default 4096; 0: no limit)")
-    m.add_argument("--max-handles-per-uid", type=_count, metavar="N",
-                   help="open dumper files per user, then EMFILE (default 1024; 0: no limit)")
-    m.add_argument("--open-budget", type=float, metavar="SECONDS",
-                   help="seconds one open may read, then ETIME (default 0: no budget)")
-    m.add_argument("--read-ahead", type=_count, metavar="MIB",
-                   help="MiB that all streams together may read ahead of their readers, one "
-                        "user's at most 3/4 of it; beyond it reads are made on demand "
-                        "(default 64; 0: no limit)")
+    for name, f in limits.FIELDS.items():
+        m.add_argument(f.metadata["flag"], dest=name, metavar=f.metadata["metavar"],
+                       type=float if f.type == "float" else _count, help=f.metadata["help"])
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.set_defaults(func=cmd_mount)
 

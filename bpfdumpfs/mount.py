@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 
 import pyfuse3
@@ -28,8 +27,9 @@ from . import config, libc, targets
 from .builtins import Builtin, builtins, missing_target, reason
 from .device import Device
 from .dumpers import DumperError, StateDir
+from .limits import Limits
 from .metrics import Metrics
-from .ops import LINK_CACHE_MAX, Limits, Operations
+from .ops import LINK_CACHE_MAX, Operations
 
 log = logging.getLogger(__name__)
 
@@ -245,44 +245,6 @@ def clear_dead_mount(mountpoint: str) -> None:
         return
     raise DumperError(errno.EBUSY, f"{path} is already a live FUSE mount ({fstype})",
                       f"unmount it first (fusermount3 -u {path}) or choose another mount point")
-
-
-DEFAULT_SETTINGS = "/etc/bpfdumpfs/bpfdumpfs.toml"
-_LIMIT_KEYS = {"max_handles": int, "max_handles_per_uid": int, "open_budget": (int, float),
-               "read_ahead_mib": int}
-
-
-def load_limits(path: str, required: bool = False) -> Limits:
-    """[limits] of the daemon's settings file (absent file: the defaults).
-
-        [limits]
-        max_handles = 4096          # open dumper files in all; 0: no limit
-        max_handles_per_uid = 1024  # of one user
-        open_budget = 30            # seconds one open may read; 0: no budget
-        read_ahead_mib = 64         # all streams' read-ahead; 0: no limit
-    """
-    try:
-        text = open(path).read()
-    except FileNotFoundError:
-        if required:
-            raise DumperError(errno.ENOENT, f"settings file {path} does not exist",
-                              "create it, or leave out --settings") from None
-        return Limits()
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise DumperError(errno.EINVAL, f"{path}: TOML syntax: {e}") from None
-    limits = data.pop("limits", {})
-    for key, value in [*[(k, None) for k in data], *limits.items()]:
-        line = next((i + 1 for i, ln in enumerate(text.split("\n"))
-                     if ln.strip().startswith(key)), 1)
-        if key not in _LIMIT_KEYS or value is None:
-            raise DumperError(errno.EINVAL, f"{path}:{line}: unknown setting {key!r}",
-                              "known: [limits] " + ", ".join(_LIMIT_KEYS))
-        if not isinstance(value, _LIMIT_KEYS[key]) or isinstance(value, bool) or value < 0:
-            raise DumperError(errno.EINVAL, f"{path}:{line}: {key} must be a number >= 0",
-                              f"e.g. {key} = 0 (no limit)")
-    return Limits(**limits)
 
 
 def sd_notify(message: str) -> None:

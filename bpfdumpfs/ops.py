@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import math
 import os
@@ -31,9 +32,18 @@ import pyfuse3
 import trio
 
 from . import kernel, privilege
-from .dumpers import (NAME_MAX, Dumper, DumperError, StateDir, Stream, check_name,
-                      is_dumper_name, iter_link_info)
-from .metrics import Metrics
+from .dumpers import (
+    NAME_MAX,
+    Dumper,
+    DumperError,
+    StateDir,
+    Stream,
+    check_name,
+    is_dumper_name,
+    iter_link_info,
+)
+from .limits import Limits
+from .metrics import STATUS_XATTR, Metrics
 from .namespaces import Namespaces, kind_of
 from .privilege import User
 from .reader import Budget, Pace, Reader
@@ -80,15 +90,6 @@ def _guard_handlers(cls):
         if name in vars(pyfuse3.Operations) and name != "init":
             setattr(cls, name, _guarded(fn))
     return cls
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What protects the host from its readers; 0 means no limit."""
-    max_handles: int = 4096          # open dumper files in all (ENFILE beyond)
-    max_handles_per_uid: int = 1024  # open dumper files of one user (EMFILE beyond)
-    open_budget: float = 0.0         # seconds one open may keep reading (ETIME after)
-    read_ahead_mib: int = 64         # MiB all streams may read ahead of their readers
 
 
 PARKED = object()  # read_handle(): the read was left with its producer
@@ -840,6 +841,8 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes: what `bpfdumpfs info` shows, for getfattr -d ---------------
     def _xattrs(self, inode) -> dict[bytes, bytes]:
+        if inode == ROOT:
+            return {STATUS_XATTR: json.dumps(self.metrics.status()).encode()}
         key = self.ino_file.get(inode)
         if key is None:
             return {}
