@@ -1,6 +1,7 @@
-"""What the daemon counts, in OpenMetrics text: opens, bytes, errors by errno, open
-handles and read latency, per dumper. Served as MOUNT/.stats; read by
-`bpfdumpfs status` and usable by node_exporter's textfile collector."""
+"""What the daemon counts: opens, bytes, errors by errno, open handles and read
+latency, per dumper. Served as OpenMetrics text in MOUNT/.stats (for Prometheus and
+node_exporter's textfile collector) and, summed up, as JSON in the mount root's
+xattr user.bpfdump.status (for `bpfdumpfs status`)."""
 from __future__ import annotations
 
 import bisect
@@ -13,6 +14,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from . import __version__
+
+STATUS_XATTR = b"user.bpfdump.status"  # of the mount root: status(), as JSON
 
 # read latency buckets, seconds: a FUSE read from 20 us (small) to seconds (slow)
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -58,6 +61,17 @@ class Metrics:
     def error(self, dumper: str, err: int) -> None:
         with self.lock:
             self.by_dumper[dumper].errors[errno_names.errorcode.get(err, str(err))] += 1
+
+    def status(self) -> dict:
+        """The daemon and its totals, as `bpfdumpfs status --json` shows them."""
+        with self.lock:
+            rows = list(self.by_dumper.values())
+            return {"mountpoint": self.mountpoint, "state_dir": self.state_dir,
+                    "version": __version__, "pid": os.getpid(), "since": self.started,
+                    "handles": sum(d.handles for d in rows),
+                    "opens": sum(d.opens for d in rows),
+                    "errors": sum(sum(d.errors.values()) for d in rows),
+                    "unavailable": dict(sorted(self.unavailable.items()))}
 
     def render(self, read_ahead: int, helpers: int = 0, net_threads: int = 0) -> bytes:
         """OpenMetrics text; READ_AHEAD is what all streams hold ahead now, in bytes;
