@@ -52,7 +52,7 @@ def _program_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--map", metavar="ID|PINNED_PATH", help="map of bpf_map_elem, "
                    "bpf_sk_storage_map and sockmap dumpers")
     g.add_argument("--cgroup", metavar="PATH|ID", help="cgroup to start from (default: root)")
-    g.add_argument("--order", choices=["pre", "post", "self", "ancestors", "children"],
+    g.add_argument("--order", choices=list(targets.ORDER_ENUMS),
                    help="cgroup walk order (required for cgroup dumpers)")
     g.add_argument("--tid", type=int, metavar="N", help="only this thread (task targets)")
     g.add_argument("--pid", type=int, metavar="N", help="only this process (task targets)")

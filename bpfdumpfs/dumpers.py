@@ -202,7 +202,7 @@ def iter_params(target: targets.Target, params: Params) -> tuple[kernel.IterPara
                               "kernel has", "use --order " + "|".join(target.cgroup_orders))
         fd, cid = _cgroup(params.cgroup) if params.cgroup else (None, None)
         return (kernel.IterParams(cgroup_fd=fd, cgroup_id=cid,
-                                  cgroup_order=kernel.CGROUP_ORDERS[params.order]),
+                                  cgroup_order=target.cgroup_orders[params.order]),
                 [fd] if fd is not None else [])
     if params.tid is not None or params.pid is not None:
         return kernel.IterParams(tid=params.tid, pid=params.pid), []
@@ -243,10 +243,6 @@ class DumperInfo:
 
 def _params_of(li: kernel.LinkInfo) -> tuple:
     return (li.map_id, li.cgroup_id, li.cgroup_order, li.tid, li.pid)
-
-
-def _order_name(order: int) -> str | None:
-    return next((k for k, v in kernel.CGROUP_ORDERS.items() if v == order), None)
 
 
 def choose_program(obj: str, prog: str | None) -> kernel.ProgSpec:
@@ -405,12 +401,13 @@ class Dumper:
             pi = kernel.prog_info(prog_fd)
         finally:
             os.close(prog_fd)
+        cgroup = targets.running_kernel()["cgroup"] if li.target_name == "cgroup" else None
         return DumperInfo(
             target=li.target_name, link_id=li.id, prog_id=li.prog_id,
             prog_name=pi.name, prog_tag=pi.tag,
             map_id=li.map_id or None,
-            cgroup_id=li.cgroup_id if li.target_name == "cgroup" else None,
-            cgroup_order=_order_name(li.cgroup_order) if li.target_name == "cgroup" else None,
+            cgroup_id=li.cgroup_id if cgroup else None,
+            cgroup_order=cgroup.order_name(li.cgroup_order) if cgroup else None,
             tid=li.tid or None, pid=li.pid or None)
 
     def replace_program(self, other: Dumper) -> None:

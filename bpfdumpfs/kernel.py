@@ -201,9 +201,6 @@ BPF_TRACE_ITER = 28
 BPF_LINK_TYPE_ITER = 4
 BPF_F_RDONLY = 1 << 3
 
-# enum bpf_cgroup_iter_order, named as bpftool and the CLI name them
-CGROUP_ORDERS = {"self": 1, "pre": 2, "post": 3, "ancestors": 4, "children": 5}
-
 
 # syscall() is variadic: its arguments need C types. An unknown architecture
 # calls syscall -1, which fails with ENOSYS and the hint below.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .btf import BTF_KIND_FUNC, BTF_KIND_PTR, BTF_KIND_STRUCT, VMLINUX_BTF, Btf
 from .errors import DumperError
@@ -30,14 +30,20 @@ class Param:
 class Target:
     name: str
     params: tuple[Param, ...] = ()
-    cgroup_orders: tuple[str, ...] = ()   # for the cgroup target: the orders this kernel has
+    # the cgroup target: the walk orders this kernel has, by the CLI's names, with their
+    # values of enum bpf_cgroup_iter_order as its BTF gives them
+    cgroup_orders: dict[str, int] = field(default_factory=dict, hash=False)
+
+    def order_name(self, value: int) -> str | None:
+        """The CLI's name of a cgroup_order VALUE the kernel reports of a link."""
+        return next((k for k, v in self.cgroup_orders.items() if v == value), None)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
 
 _MAP = Param("map", True, "--map ID|PINNED_PATH: the map whose elements are dumped")
-# enum bpf_cgroup_iter_order enumerators, by the names the CLI uses
+# enum bpf_cgroup_iter_order's enumerators, by the names the CLI uses (bpftool's)
 ORDER_ENUMS = {"self": "BPF_CGROUP_ITER_SELF_ONLY", "pre": "BPF_CGROUP_ITER_DESCENDANTS_PRE",
                "post": "BPF_CGROUP_ITER_DESCENDANTS_POST",
                "ancestors": "BPF_CGROUP_ITER_ANCESTORS_UP",
@@ -95,7 +101,7 @@ def discover(btf_path: str = VMLINUX_BTF) -> dict[str, Target]:
         proto = btf.type(fid)[3]
         if btf.type(proto)[2] >= 1 and _is_meta_ptr(btf, btf.first_param(proto)):
             if name == "cgroup":
-                targets[name] = Target(name, (_cgroup_param(orders),), tuple(orders))
+                targets[name] = Target(name, (_cgroup_param(orders),), orders)
             else:
                 targets[name] = Target(name, PARAMS.get(name, ()))
     return dict(sorted(targets.items()))
