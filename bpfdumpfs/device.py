@@ -11,7 +11,8 @@ SOCK_SEQPACKET socketpair as its session ("/dev/fd/N": libfuse reads requests
 from it and writes replies and notifications to it, one message each). Worker
 threads take turns reading /dev/fuse: READ and RELEASE of any open file, and the
 OPEN of a dumper whose link is cached, and the getxattrs `ls -l` makes of every
-file, they answer at once from Operations' thread-safe methods (ops.py). A READ
+file, they answer at once through the small interface of `Served` (ops.py serves
+it, with files.py). A READ
 blocks only the worker that took it, and a READ of a file being read ahead that
 must wait is left with its producer, which answers it. Everything else (lookups,
 listings, first opens, opens in another namespace, changes) goes to pyfuse3
@@ -27,11 +28,49 @@ import queue
 import socket
 import struct
 import threading
+from typing import NamedTuple, Protocol
 
 import pyfuse3
 
 from . import libc
-from .ops import PARKED
+from .files import OPEN_FLAGS, Answer, ReadLater
+
+
+class Served(Protocol):
+    """What the device's threads ask of the tree: each call answers without waiting on
+    trio, may run concurrently with trio and with the others, and fails with
+    pyfuse3.FUSEError(errno)."""
+
+    def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:
+        """The fh of an open answered now (its seq_file made by make_quick), or None
+        to pass the OPEN to pyfuse3."""
+
+    def make_quick(self, fh: int) -> None:
+        """Make what open_quick() promised; called right after the answer is written."""
+
+    def read_handle(self, fh: int, offset: int, size: int, answer: Answer | None = None,
+                    tag: int = 0) -> list | ReadLater:
+        """The pieces of the reply, or, given ANSWER, a read left to be answered by
+        answer(tag, ...) (PARKED) or not made since it may wait (MAY_WAIT)."""
+
+    def release_handle(self, fh: int) -> None:
+        """The file's last close."""
+
+    def xattr_refusal(self, name: bytes) -> int | None:
+        """The errno for a getxattr of NAME that needs no look at the file, or None."""
+
+
+class InHeader(NamedTuple):
+    """struct fuse_in_header"""
+    len: int
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+    total_extlen: int
+    padding: int
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +95,6 @@ OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 
            42: "BATCH_FORGET", 43: "FALLOCATE", 44: "READDIRPLUS", 45: "RENAME2",
            46: "LSEEK", 47: "COPY_FILE_RANGE", 48: "SETUPMAPPING", 49: "REMOVEMAPPING",
            50: "SYNCFS", 51: "TMPFILE", 52: "STATX"}
-# direct: every read reaches us, with its offset (seek.py); noflush: close() sends no FLUSH
-FOPEN_FLAGS = 1 << 0 | 1 << 5
-
 # libfuse's buffer: the largest request (a 1 MiB write) and its headers
 BUFSIZE = 256 * 4096 + 4096
 FIRST_WORKERS = 2   # workers started with the mount
@@ -74,7 +110,7 @@ MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 class Device:
     """One FUSE mount: /dev/fuse, its worker threads, and the relay to pyfuse3."""
 
-    def __init__(self, ops, mountpoint: str, fsname: str, max_workers: int,
+    def __init__(self, ops: Served, mountpoint: str, fsname: str, max_workers: int,
                  debug: bool = False) -> None:
         self.ops = ops
         self.debug = debug  # log every request and reply, in libfuse's debug format
@@ -173,7 +209,7 @@ class Device:
                     self.unmounted.set()  # ENODEV: unmounted
                     self.lead.release()
                     break
-                head = IN_HEADER.unpack_from(mv)
+                head = InHeader._make(IN_HEADER.unpack_from(mv))
                 if self.debug:
                     _log_request(head, n)
                 # opens, releases, passing requests on and quick reads never wait long,
@@ -187,19 +223,19 @@ class Device:
                 self._dispatch(mv, n, head, wait=True)
                 break
 
-    def _dispatch(self, mv: memoryview, n: int, head: tuple, wait: bool) -> bool:
+    def _dispatch(self, mv: memoryview, n: int, head: InHeader, wait: bool) -> bool:
         """Answer the request, or pass it on to pyfuse3. Unless WAIT, a read that may
         wait long is parked with its producer, or else left (returning False, having
         done nothing) for a worker that may wait."""
-        _, opcode, unique, nodeid, uid, _, pid, _, _ = head
+        opcode, unique = head.opcode, head.unique
         try:
             if opcode == FUSE_READ:
                 fh, offset, size = READ_IN.unpack_from(mv, BODY)
                 out = self.ops.read_handle(fh, offset, size, None if wait else self._answer,
                                            unique)
-                if out is None:
+                if out is ReadLater.MAY_WAIT:
                     return False
-                if out is not PARKED:
+                if out is not ReadLater.PARKED:
                     self._reply(unique, *out)
                 return True
             if opcode == FUSE_RELEASE:
@@ -207,10 +243,11 @@ class Device:
                 self._reply(unique)
                 return True
             if opcode == FUSE_OPEN:
-                fh = self.ops.open_quick(nodeid, OPEN_IN.unpack_from(mv, BODY)[0], uid, pid)
+                fh = self.ops.open_quick(head.nodeid, OPEN_IN.unpack_from(mv, BODY)[0],
+                                         head.uid, head.pid)
                 if fh is not None:
                     # answered first: the seq_file is made while the answer travels
-                    self._reply(unique, OPEN_OUT.pack(fh, FOPEN_FLAGS, 0))
+                    self._reply(unique, OPEN_OUT.pack(fh, OPEN_FLAGS, 0))
                     self.ops.make_quick(fh)
                     return True
             if opcode == FUSE_GETXATTR:
@@ -292,10 +329,9 @@ class Device:
             self._write([msg])
 
 
-def _log_request(head: tuple, n: int) -> None:
-    _, opcode, unique, nodeid, _, _, pid, _, _ = head
-    log.debug("unique: %d, opcode: %s (%d), nodeid: %d, insize: %d, pid: %d", unique,
-              OPCODES.get(opcode, "UNKNOWN"), opcode, nodeid, n, pid)
+def _log_request(head: InHeader, n: int) -> None:
+    log.debug("unique: %d, opcode: %s (%d), nodeid: %d, insize: %d, pid: %d", head.unique,
+              OPCODES.get(head.opcode, "UNKNOWN"), head.opcode, head.nodeid, n, head.pid)
 
 
 def _log_reply(parts: list) -> None:

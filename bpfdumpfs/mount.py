@@ -29,7 +29,8 @@ from .device import Device
 from .dumpers import DumperError, StateDir
 from .limits import Limits
 from .metrics import Metrics
-from .ops import LINK_CACHE_MAX, Operations
+from .ops import Operations
+from .pins import LINK_CACHE_MAX
 
 log = logging.getLogger(__name__)
 

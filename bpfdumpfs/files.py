@@ -1,0 +1,406 @@
+"""Open files of the tree: each a fresh kernel seq_file of a dumper (or .stats' snapshot),
+counted in the daemon's limits, read at any offset (seek.py over reader.py).
+
+One open path, in three steps, whoever serves the FUSE OPEN:
+
+    admit    may the requester read it (privilege.py), and do the limits allow one
+             more file? Counted here, before anything waits.
+    make     the seq_file, as the reader would make it: in its namespaces (its view,
+             namespaces.py), with no more capabilities than it has where the kernel
+             weighs them.
+    register the file gets its fh, and reads may come.
+
+The device's threads (device.py) serve an open themselves when nothing in it can
+wait: the pin's link is cached and its view is known, and the reader is in the
+daemon's namespaces (open_quick). They answer the OPEN at once and make the seq_file
+right after (make_quick), so the reader's wake-up overlaps the making; a making that
+fails then fails the file's reads with EIO, and the log says why. Anything else --
+a first open, another namespace, a refusal to report -- goes to open() in trio,
+which answers the OPEN with the making's errno.
+
+Thread safety: opens, reads and releases run on the device's threads and in trio at
+once. `lock` guards the handles, the fh counter, the per-user counts and the opens
+admitted but not yet registered. It is held only for bookkeeping: never across a
+kernel call or a wait, and the only lock taken while it is held is the metrics'
+(metrics.py). Reads look a handle up without it (one dict lookup); a handle's reader
+has locks of its own (seek.py, reader.py). pins.py's lock is never held with it.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import privilege
+from .dumpers import Dumper, DumperError, Stream
+from .inodes import Key
+from .limits import Limits
+from .metrics import Metrics
+from .namespaces import Namespaces, kind_of
+from .pins import Pin, Pins
+from .privilege import User
+from .reader import Budget, Reader
+from .refusals import Refusals
+from .seek import Seekable
+
+log = logging.getLogger(__name__)
+
+# FUSE open flags (include/uapi/linux/fuse.h), for every file of the tree. DIRECT_IO:
+# every read reaches the daemon, with its offset (seek.py), and no page cache is kept;
+# NOFLUSH: close() sends no FLUSH (there is nothing to flush).
+FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE, FOPEN_NOFLUSH = 1, 2, 4, 32
+OPEN_FLAGS = FOPEN_DIRECT_IO | FOPEN_NOFLUSH
+
+
+def file_info(fh: int) -> pyfuse3.FileInfo:
+    """OPEN_FLAGS as pyfuse3 takes them (it has no NOFLUSH: flush() answers ENOSYS, after
+    which the kernel sends no more FLUSHes)."""
+    return pyfuse3.FileInfo(fh=fh, direct_io=bool(OPEN_FLAGS & FOPEN_DIRECT_IO),
+                            keep_cache=bool(OPEN_FLAGS & FOPEN_KEEP_CACHE),
+                            nonseekable=bool(OPEN_FLAGS & FOPEN_NONSEEKABLE))
+
+
+class ReadLater(enum.Enum):
+    """What read_handle() says when it does not answer a read itself."""
+    PARKED = enum.auto()   # left with the file's producer, which answers it
+    MAY_WAIT = enum.auto()  # may wait long: call again from a thread that may wait
+
+
+Answer = Callable[[int, "list | int"], None]  # (tag, pieces or errno): a parked read's reply
+
+
+def read_errno(e: DumperError) -> int:
+    """What a reader gets for E: the kernel's errno (E2BIG, EOPNOTSUPP...), as a read of
+    the pin would give it; EIO for a program that asked to run an object again every
+    time (EAGAIN), since the file fails for good and must not look worth retrying."""
+    return errno.EIO if e.errno in (None, 0, errno.EAGAIN) else e.errno
+
+
+class Snapshot:
+    """A small file made once at open (.stats), read at any offset like a dumper."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def quick(self, offset: int) -> bool:
+        return True
+
+    def read(self, offset: int, size: int) -> list:
+        return [self.data[offset:offset + size]]
+
+    def release(self) -> None:
+        self.data = b""
+
+
+@dataclass
+class Handle:
+    """An open file."""
+    reader: Seekable | Snapshot
+    label: str        # TARGET/NAME, or .stats
+    pid: int
+    uid: int
+    user: User        # whose limits it counts in
+    opened: float     # time.monotonic() of the open, for open_budget
+    failed: int = 0   # errno the handle failed with: logged once, answered from then on
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who opened a dumper file and how, to make its seq_file again for a seek back."""
+    dumper: Dumper
+    target: str
+    view: str
+    pid: int
+    uid: int
+    user: User
+    caps: int | None   # the reader's effective capabilities, for CRED_TARGETS
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An open counted in the limits whose seq_file is not made yet (open_quick)."""
+    origin: Origin
+    pin: Pin
+    label: str
+
+
+class OpenFiles:
+    def __init__(self, pins: Pins, metrics: Metrics, limits: Limits,
+                 refusals: Refusals) -> None:
+        self.pins = pins
+        self.metrics = metrics
+        self.limits = limits
+        self.refusals = refusals
+        self.namespaces = Namespaces()
+        self.read_ahead = Budget(limits.read_ahead_mib << 20)
+        self.lock = threading.Lock()
+        self.handles: dict[int, Handle] = {}
+        self.next_fh = 1
+        self.uid_handles: Counter[User] = Counter()  # counted from admission
+        self.admitted = 0  # admitted opens not registered yet
+        self.unmade: dict[int, Admitted] = {}  # fh -> what make_quick() makes
+        self.trio_token: trio.lowlevel.TrioToken | None = None  # for seeks back (_remake)
+
+    # -- admit -----------------------------------------------------------------------
+    def _refusal(self, key: Key | None, uid: int, pid: int,
+                 user: User) -> tuple[int, str] | None:
+        """(errno, why) if this open may not be made; else counts it in the limits.
+        Counted before its seq_file is made, since making it may wait (in another
+        namespace): opens that checked first and counted after all got past the limit
+        together (16 at once from a container, against a limit of 4). .stats opens
+        (KEY None) count too: each holds its snapshot."""
+        if key is not None and not self._may_read(key, uid, pid):
+            return errno.EACCES, ("a dumper that is not world-readable needs CAP_SYS_ADMIN "
+                                  "(in the initial user namespace) of uid 0")
+        lim = self.limits
+        with self.lock:
+            files = len(self.handles) + self.admitted
+            if lim.max_handles and files >= lim.max_handles:
+                return errno.ENFILE, f"{files} files open, the limit (max_handles)"
+            if lim.max_handles_per_uid and self.uid_handles[user] >= lim.max_handles_per_uid:
+                return errno.EMFILE, (f"the user has {self.uid_handles[user]} files open, "
+                                      "the limit (max_handles_per_uid)")
+            self.uid_handles[user] += 1
+            self.admitted += 1
+            return None
+
+    def _admit(self, key: Key | None, label: str, uid: int, pid: int) -> User:
+        """The user an open counts for, once admitted; FUSEError (logged) if refused."""
+        user = privilege.user(uid, pid)
+        refused = self._refusal(key, uid, pid, user)
+        if refused:
+            raise self._refuse(label, uid, pid, *refused)
+        return user
+
+    def _refuse(self, label: str, uid: int, pid: int, err: int,
+                why: str) -> pyfuse3.FUSEError:
+        self.refusals.warn(uid, "open %s by uid %d pid %d refused: %s", label, uid, pid, why)
+        self.metrics.error(label, err)
+        return pyfuse3.FUSEError(err)
+
+    def _unadmit(self, user: User) -> None:
+        """An admitted open made no file."""
+        with self.lock:
+            self.uid_handles[user] -= 1
+            self.admitted -= 1
+
+    def _may_read(self, key: Key, uid: int, pid: int) -> bool:
+        """Whether the requester may read the dumper KEY, beyond the kernel's mode check
+        (see privilege.py): uid 0 reads a dumper that is not world-readable only with
+        CAP_SYS_ADMIN."""
+        if uid != 0:
+            return True
+        try:
+            mode = os.stat(self.pins.state.pin_str(*key)).st_mode
+        except OSError:
+            return True  # gone: the open fails on its own
+        return bool(mode & stat.S_IROTH) or privilege.capable(pid, privilege.READ_PRIVATE_CAPS)
+
+    # -- make ------------------------------------------------------------------------
+    @staticmethod
+    def _origin(d: Dumper, pin: Pin, view: str, target: str, uid: int, pid: int,
+                user: User) -> Origin:
+        caps = None
+        if view == "reader" and target in privilege.CRED_TARGETS:
+            caps = privilege.effective(pid)
+        return Origin(d, target, view, pid, uid, user, caps)
+
+    async def _make_in_view(self, o: Origin) -> int:
+        """A seq_file of O's dumper as its reader would make it (its view)."""
+        if o.view == "reader" and kind_of(o.target):
+            return await self.namespaces.open_fd(o.dumper, o.target, o.pid, o.uid)
+        return self._make_here(o)
+
+    @staticmethod
+    def _make_here(o: Origin) -> int:
+        """A seq_file of O's dumper made here, with no more capabilities than the reader
+        had at open where the kernel weighs them (privilege.CRED_TARGETS)."""
+        if o.caps is None:
+            return o.dumper.open_fd()
+        with privilege.capabilities(o.caps):
+            return o.dumper.open_fd()
+
+    def _remake(self, o: Origin, pin: Pin, label: str) -> Reader:
+        """A new seq_file for a seek back (seek.py), on a device thread, made as the
+        open made its first; refused once the opener is gone, where what it would
+        show depends on who reads (a pid reused by another process must not lend its
+        namespaces or capabilities to this file)."""
+        kind = kind_of(o.target) if o.view == "reader" else None
+        if (kind or o.caps is not None) and privilege.user(o.uid, o.pid) != o.user:
+            raise DumperError(errno.ESTALE, f"re-running dumper {label} to seek back: the "
+                              f"process that opened it (pid {o.pid}) is gone",
+                              "open the file again to read from there")
+        if kind and not self.namespaces.at_home(kind, o.pid):
+            fd = trio.from_thread.run(self.namespaces.open_fd, o.dumper, o.target, o.pid,
+                                      o.uid, trio_token=self.trio_token)
+        else:
+            fd = self._make_here(o)
+        return self._reader(fd, pin, label, o.user)
+
+    def _reader(self, fd: int, pin: Pin, label: str, user: User) -> Reader:
+        return Reader(Stream(fd, label), pin.pace, self.read_ahead.account(user))
+
+    # -- register --------------------------------------------------------------------
+    def _register(self, reader: Seekable | Snapshot, label: str, user: User, pid: int,
+                  fh: int = 0) -> int:
+        """Register READER as an admitted open's file, under FH if open_quick() answered
+        with it."""
+        with self.lock:
+            self.admitted -= 1
+            if not fh:
+                fh = self.next_fh
+                self.next_fh += 1
+            self.handles[fh] = Handle(reader, label, pid, user[0], user, time.monotonic())
+            return fh
+
+    def _opened(self, fd: int, origin: Origin, pin: Pin, label: str, fh: int = 0) -> int:
+        """The handle of an admitted open's new seq_file FD."""
+        reader = Seekable(self._reader(fd, pin, label, origin.user),
+                          functools.partial(self._remake, origin, pin, label))
+        self.metrics.opened(label)
+        return self._register(reader, label, origin.user, origin.pid, fh)
+
+    # -- the two ways in -------------------------------------------------------------
+    def open_quick(self, key: Key, pin: Pin, uid: int, pid: int) -> int | None:
+        """Admit an open of a pin whose link is cached and view known, if nothing in
+        making it can wait; returns the fh to answer with, or None to leave it to
+        open() (which also reports refusals)."""
+        dumper, view = pin.dumper, pin.view
+        if dumper is None or view is None or pin.hidden:
+            return None
+        kind = kind_of(key[0])
+        if view == "reader" and kind and not self.namespaces.at_home(kind, pid):
+            return None
+        user = privilege.user(uid, pid)
+        if self._refusal(key, uid, pid, user):
+            return None
+        origin = self._origin(dumper, pin, view, key[0], uid, pid, user)
+        with self.lock:
+            fh = self.next_fh
+            self.next_fh += 1
+            self.unmade[fh] = Admitted(origin, pin, f"{key[0]}/{key[1]}")
+        return fh
+
+    def make_quick(self, fh: int) -> None:
+        """Make the seq_file of an open that open_quick() answered with FH. No request
+        of the file can come first: the device thread that answered the open calls this
+        before it reads /dev/fuse again."""
+        with self.lock:
+            a = self.unmade.pop(fh)
+        try:
+            fd = self._make_here(a.origin)
+        except DumperError as e:
+            h = self.handles[self._register(Snapshot(b""), a.label, a.origin.user,
+                                            a.origin.pid, fh)]
+            self._fail(h, errno.EIO, str(e))
+            return
+        self._opened(fd, a.origin, a.pin, a.label, fh)
+
+    async def open(self, key: Key, uid: int, pid: int) -> int:
+        """Open dumper KEY for the requester, in trio; FUSEError says why not."""
+        target, name = key
+        label = f"{target}/{name}"
+        user = self._admit(key, label, uid, pid)
+        try:
+            pin = self.pins.known.get(key)
+            if pin is None or pin.hidden or not self.pins.cached:
+                pin, _ = self.pins.check(target, name)  # while watched, a known pin needs no stat
+            view = self.pins.view(pin, target, name)
+            origin = self._origin(self.pins.dumper(pin, target, name), pin, view, target,
+                                  uid, pid, user)
+            fd = await self._make_in_view(origin)
+        except DumperError as e:
+            self._unadmit(user)
+            if e.errno == errno.ENOENT:   # removed since the lookup
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            # permission and "try again" (a limit, a helper late) mean what they say
+            err = e.errno if e.errno in (errno.EACCES, errno.EAGAIN) else errno.EIO
+            raise self._refuse(label, uid, pid, err, str(e)) from None
+        except BaseException:  # refused, failed or cancelled: it made no file
+            self._unadmit(user)
+            raise
+        return self._opened(fd, origin, pin, label)
+
+    def open_snapshot(self, label: str, data: bytes, uid: int, pid: int) -> int:
+        """A file of DATA (.stats), counted in the limits like any open file."""
+        user = self._admit(None, label, uid, pid)
+        return self._register(Snapshot(data), label, user, pid)
+
+    # -- reads and releases, on the device's threads ---------------------------------
+    def read(self, fh: int, offset: int, size: int, answer: Answer | None = None,
+             tag: int = 0) -> list | ReadLater:
+        """A FUSE read of an open file at OFFSET: it may block in the kernel. Returns
+        the reply's pieces (see reader.py, seek.py). Given ANSWER, a read that may wait
+        long is instead left with the file's producer, which calls ANSWER(TAG, pieces)
+        -- or ANSWER(TAG, errno) -- once it can (PARKED); or, with no producer to leave
+        it with, not made (MAY_WAIT)."""
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if h.failed:
+            raise pyfuse3.FUSEError(h.failed)
+        if isinstance(h.reader, Snapshot):
+            return h.reader.read(offset, size)
+        t0 = time.monotonic()
+        budget = self.limits.open_budget
+        if budget and t0 - h.opened > budget:
+            raise self._fail(h, errno.ETIME, f"reading dumper {h.label} stopped: the open "
+                             f"took more than its time budget of {budget:g} s (open_budget)")
+        if answer is not None and not h.reader.quick(offset):
+            def deliver(result: list | DumperError) -> None:
+                if isinstance(result, DumperError):
+                    self._fail(h, read_errno(result), str(result))
+                    return answer(tag, read_errno(result))
+                self.metrics.read(h.label, sum(map(len, result)), time.monotonic() - t0)
+                return answer(tag, result)
+            return ReadLater.PARKED if h.reader.park(offset, size, deliver) \
+                else ReadLater.MAY_WAIT
+        try:
+            data = h.reader.read(offset, size)
+        except DumperError as e:
+            raise self._fail(h, read_errno(e), str(e)) from None
+        self.metrics.read(h.label, sum(map(len, data)), time.monotonic() - t0)
+        return data
+
+    def _fail(self, h: Handle, err: int, why: str) -> pyfuse3.FUSEError:
+        """Fail handle H for good with ERR: one log line, ERR to every later read.
+        Returns the error to raise for this read."""
+        h.failed = err
+        log.error("%s (reader uid %d pid %d)", why, h.uid, h.pid)
+        self.metrics.error(h.label, err)
+        return pyfuse3.FUSEError(err)
+
+    def release(self, fh: int) -> None:
+        """The last close of an open file."""
+        with self.lock:
+            h = self.handles.pop(fh, None)
+            if h is None:
+                return
+            self.uid_handles[h.user] -= 1
+        if isinstance(h.reader, Seekable):
+            self.metrics.closed(h.label)
+        h.reader.release()
+
+    def streaming(self) -> bool:
+        """Whether any open file is being read ahead now (see Reader.streaming)."""
+        return any(isinstance(h.reader, Seekable) and h.reader.streaming
+                   for h in list(self.handles.values()))
+
+    def shutdown(self) -> None:
+        """Release every open file: producer threads stop, seq_files close."""
+        with self.lock:
+            handles = list(self.handles.values())
+            self.handles.clear()
+        for h in handles:
+            h.reader.release()

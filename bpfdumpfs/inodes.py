@@ -1,0 +1,91 @@
+"""The tree's inodes: fixed ones for the root, .stats and the target directories, and
+one per dumper file the kernel has looked up, with its lookup count; and the
+listings of open directories.
+
+    1                  the root
+    2 .. 2+T           the target directories, in name order (they never change)
+    STATS_INODE        /.stats
+    FIRST_FILE_INODE.. dumper files, numbered as they are first looked up, forgotten
+                       when the kernel forgets them (FORGET)
+
+Thread safety: everything here is changed in trio only (pyfuse3's handlers). The
+device's threads only look up an inode's (target, name) for a quick open: a single
+dict lookup, atomic under the GIL, and a stale answer (a file just forgotten) costs
+nothing, since the open then falls back to trio, which looks again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyfuse3
+
+ROOT = pyfuse3.ROOT_INODE
+STATS_INODE = (1 << 16) - 1
+FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
+
+Key = tuple[str, str]  # (target, name) of a dumper file
+
+
+@dataclass
+class Listing:
+    """An open directory: what opendir found, for readdir to page through."""
+    inode: int
+    entries: list[tuple[bytes, int]]   # (name, inode of a target dir | 0 for a dumper)
+
+
+class Inodes:
+    def __init__(self, targets: list[str]) -> None:
+        self.targets = sorted(targets)
+        self.target_ino = {t: ROOT + 1 + i for i, t in enumerate(self.targets)}
+        self.ino_target = {i: t for t, i in self.target_ino.items()}
+        self.file_ino: dict[Key, int] = {}
+        self.ino_file: dict[int, Key] = {}
+        self.lookups: dict[int, int] = {}   # the kernel's lookup count of each file inode
+        self.next_ino = FIRST_FILE_INODE
+        self.listings: dict[int, Listing] = {}
+        self.next_listing = 1
+
+    def is_dir(self, ino: int) -> bool:
+        return ino == ROOT or ino in self.ino_target
+
+    def file(self, target: str, name: str) -> int:
+        """The inode of TARGET/NAME, numbered now if the kernel holds none of it."""
+        key = (target, name)
+        ino = self.file_ino.get(key)
+        if ino is None:
+            ino = self.next_ino
+            self.next_ino += 1
+            self.file_ino[key] = ino
+            self.ino_file[ino] = key
+            self.lookups[ino] = 0
+        return ino
+
+    def looked_up(self, ino: int) -> None:
+        """The kernel now holds one more reference to file inode INO (LOOKUP, READDIRPLUS)."""
+        self.lookups[ino] += 1
+
+    def forget(self, inode_list) -> None:
+        for ino, n in inode_list:
+            if ino not in self.lookups:
+                continue
+            self.lookups[ino] -= n
+            if self.lookups[ino] <= 0:
+                del self.lookups[ino]
+                self.file_ino.pop(self.ino_file.pop(ino), None)
+
+    def renamed(self, target: str, old: str, new: str) -> None:
+        """TARGET/OLD is now TARGET/NEW: the kernel's inode of it moves along."""
+        ino = self.file_ino.pop((target, old), None)
+        if ino is not None:
+            self.file_ino.pop((target, new), None)
+            self.file_ino[(target, new)] = ino
+            self.ino_file[ino] = (target, new)
+
+    def open_listing(self, inode: int, entries: list[tuple[bytes, int]]) -> int:
+        fh = self.next_listing
+        self.next_listing += 1
+        self.listings[fh] = Listing(inode, entries)
+        return fh
+
+    def close_listing(self, fh: int) -> None:
+        self.listings.pop(fh, None)
