@@ -11,19 +11,13 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import config, limits, mount, targets
+from . import config, limits, mount, mounts, targets
 from .builtins import builtins
 from .compile import cflags as compiler_flags
-from .dumpers import (
-    DEFAULT_STATE_DIR,
-    VIEWS,
-    Dumper,
-    DumperError,
-    Params,
-    Spec,
-    StateDir,
-)
+from .dumpers import Dumper, Params
+from .errors import DumperError
 from .metrics import STATUS_XATTR
+from .state import DEFAULT_STATE_DIR, VIEWS, Spec, StateDir
 
 log = logging.getLogger("bpfdumpfs")
 
@@ -104,7 +98,7 @@ def _split(dumper: str) -> tuple[str, str]:
 
 def _shown_path(state: StateDir, target: str, name: str) -> str:
     """Where users find the dumper: its file in a mounted tree, else its pin."""
-    for mnt in mount.mounts_of(state.path):
+    for mnt in mounts.mounts_of(state.path):
         return os.path.join(mnt, target, name)
     return str(state.pin_path(target, name))
 
@@ -206,7 +200,7 @@ def cmd_targets(args) -> int:
 
 
 def cmd_status(args) -> int:
-    points = [args.mountpoint] if args.mountpoint else mount.bpfdumpfs_mounts()
+    points = [args.mountpoint] if args.mountpoint else mounts.bpfdumpfs_mounts()
     if not points:
         raise DumperError(errno.ENOENT, "no bpfdumpfs tree is mounted",
                           "start one: bpfdumpfs mount (or systemctl start bpfdumpfs)")

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compile import cflags, is_source
-from .dumpers import Dumper, DumperError, Params, Spec, StateDir
+from .dumpers import Dumper, Params
+from .errors import DumperError
+from .state import Spec, StateDir
 
 log = logging.getLogger(__name__)
 

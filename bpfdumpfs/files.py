@@ -43,7 +43,8 @@ import pyfuse3
 import trio
 
 from . import privilege
-from .dumpers import Dumper, DumperError, Stream
+from .dumpers import Dumper
+from .errors import DumperError
 from .inodes import Key
 from .limits import Limits
 from .metrics import Metrics
@@ -53,6 +54,7 @@ from .privilege import User
 from .reader import Budget, Reader
 from .refusals import Refusals
 from .seek import Seekable
+from .stream import Stream
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import trio
 
 from . import libc
-from .dumpers import Dumper, DumperError
+from .dumpers import Dumper
+from .errors import DumperError
 from .nshelper import IDLE
 
 log = logging.getLogger(__name__)

@@ -35,13 +35,14 @@ import pyfuse3
 import trio
 
 from . import privilege
-from .dumpers import NAME_MAX, DumperError, StateDir, check_name
+from .errors import DumperError
 from .files import Answer, OpenFiles, ReadLater, file_info
 from .inodes import ROOT, STATS_INODE, Inodes
 from .limits import Limits
 from .metrics import STATUS_XATTR, Metrics
 from .pins import Pins
 from .refusals import Refusals
+from .state import NAME_MAX, StateDir, check_name
 from .watch import StateWatch
 
 log = logging.getLogger(__name__)

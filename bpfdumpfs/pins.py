@@ -26,9 +26,11 @@ import pyfuse3
 import trio
 
 from . import kernel
-from .dumpers import Dumper, DumperError, StateDir, is_dumper_name, iter_link_info
+from .dumpers import Dumper, iter_link_info
+from .errors import DumperError
 from .inodes import Key
 from .reader import Pace
+from .state import StateDir, is_dumper_name
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from .dumpers import KERNEL_BUF, DumperError, Stream
+from .errors import DumperError
+from .stream import KERNEL_BUF, Stream
 
 log = logging.getLogger(__name__)
 

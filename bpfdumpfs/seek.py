@@ -21,7 +21,7 @@ import errno
 import threading
 from collections.abc import Callable
 
-from .dumpers import DumperError
+from .errors import DumperError
 from .reader import KERNEL_BUF, Reader
 
 BACK = 64 << 10        # bytes behind the position kept to serve a short seek back
