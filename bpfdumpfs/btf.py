@@ -39,12 +39,17 @@ _MODIFIERS = {BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_REST
               BTF_KIND_TYPE_TAG}
 
 
+_HEADER = struct.Struct("<HBBIIIII")  # struct btf_header
+
+
 class Btf:
     """One BTF blob: its type and string sections, and where each type starts."""
 
     def __init__(self, data: bytes) -> None:
+        if len(data) < _HEADER.size:
+            raise ValueError(f"not BTF: {len(data)} bytes, shorter than its header")
         magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
-            struct.unpack_from("<HBBIIIII", data, 0)
+            _HEADER.unpack_from(data, 0)
         if magic != 0xEB9F:
             raise ValueError("not BTF")
         self.types = memoryview(data)[hdr_len + type_off: hdr_len + type_off + type_len]

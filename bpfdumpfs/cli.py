@@ -18,6 +18,7 @@ from .dumpers import Dumper, Params
 from .errors import DumperError
 from .metrics import STATUS_XATTR
 from .state import DEFAULT_STATE_DIR, VIEWS, Spec, StateDir
+from .stream import Stream
 
 log = logging.getLogger("bpfdumpfs")
 
@@ -159,7 +160,7 @@ def cmd_ls(args) -> int:
         return 0
     for r in rows:
         params = " ".join(f"{k}={v}" for k, v in r.params().items())
-        print(f"{r.target + '/' + r.name:32} link {r.link_id:<5} prog {r.prog_id:<5} "
+        print(f"{r.target}/{r.name}".ljust(32) + f" link {r.link_id:<5} prog {r.prog_id:<5} "
               f"{r.prog_name:16} {r.mode} {r.owner}:{r.group} {r.view} {params}".rstrip())
         if r.misplaced:
             print(f"  misplaced: {r.misplaced}")
@@ -251,8 +252,8 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = sys.stdout.buffer
     with Dumper.load(args.object, args.prog, _params(args), _cflags(args)) as d, \
-            d.open() as stream:
-        while chunk := stream.raw.read_chunk():
+            Stream(d.open_fd(), d.label) as stream:
+        while chunk := stream.read_chunk():
             out.write(chunk)
         out.flush()
     return 0

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG_DIR = "/etc/bpfdumpfs/dumpers.d"
 _KEYS = {"object", "source", "prog", "map", "cgroup", "order", "tid", "pid", "mode", "owner",
          "group", "view", "include", "define", "cflags"}
-_TYPES = {"object": str, "source": str, "prog": str, "map": (str, int), "cgroup": (str, int),
-          "order": str, "tid": int, "pid": int, "mode": str, "owner": (str, int),
-          "group": (str, int), "view": str, "include": list, "define": list, "cflags": str}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "object": str, "source": str, "prog": str, "map": (str, int), "cgroup": (str, int),
+    "order": str, "tid": int, "pid": int, "mode": str, "owner": (str, int),
+    "group": (str, int), "view": str, "include": list, "define": list, "cflags": str}
 _SOURCE_ONLY = ("include", "define", "cflags")
 
 
@@ -263,9 +264,9 @@ def apply(config_dir: str | os.PathLike, state: StateDir) -> Report:
     return report
 
 
-def _made_from_config(state: StateDir) -> dict[tuple[str, str], tuple[str, str]]:
+def _made_from_config(state: StateDir) -> dict[tuple[str, str], tuple[str, str | None]]:
     """(config file, name) -> (target, digest) of every dumper config made."""
-    made = {}
+    made: dict[tuple[str, str], tuple[str, str | None]] = {}
     for e in state.entries():
         record = state.record(e.target, e.name)
         if record.get("origin") == "config" and record.get("config_file"):
@@ -274,7 +275,7 @@ def _made_from_config(state: StateDir) -> dict[tuple[str, str], tuple[str, str]]
 
 
 def _apply_file(path: Path, entries: list[Entry], state: StateDir,
-                made: dict[tuple[str, str], tuple[str, str]], report: Report) -> None:
+                made: dict[tuple[str, str], tuple[str, str | None]], report: Report) -> None:
     """Load every changed entry of one file first; pin them only if all load."""
     loaded: list[tuple[Entry, Dumper]] = []
     try:

@@ -102,10 +102,10 @@ def iter_params(target: targets.Target, params: Params) -> tuple[kernel.IterPara
         if params.order not in target.cgroup_orders:
             raise DumperError(errno.EINVAL, f"cgroup order {params.order!r} is not one this "
                               "kernel has", "use --order " + "|".join(target.cgroup_orders))
-        fd, cid = _cgroup(params.cgroup) if params.cgroup else (None, None)
-        return (kernel.IterParams(cgroup_fd=fd, cgroup_id=cid,
+        cg_fd, cid = _cgroup(params.cgroup) if params.cgroup else (None, None)
+        return (kernel.IterParams(cgroup_fd=cg_fd, cgroup_id=cid,
                                   cgroup_order=target.cgroup_orders[params.order]),
-                [fd] if fd is not None else [])
+                [cg_fd] if cg_fd is not None else [])
     if params.tid is not None or params.pid is not None:
         return kernel.IterParams(tid=params.tid, pid=params.pid), []
     return None, []
@@ -168,9 +168,9 @@ def choose_program(obj: str, prog: str | None) -> kernel.ProgSpec:
     return iters[0]
 
 
-def _target(name: str) -> targets.Target:
+def _target(name: str | None) -> targets.Target:
     known = targets.running_kernel()
-    if name not in known:
+    if name is None or name not in known:
         raise DumperError(errno.ENOENT, f"iterator target {name!r} is not in this kernel",
                           "see `bpfdumpfs targets` for the ones it has")
     return known[name]
@@ -282,7 +282,7 @@ class Dumper:
         """Another handle on the same link, closed independently of this one."""
         return Dumper(os.dup(self.fd), self.label, self.helpers)
 
-    def open(self, text: bool = False) -> io.BufferedReader | io.TextIOWrapper:
+    def open(self, text: bool = False) -> io.BufferedReader[Stream] | io.TextIOWrapper:
         """A new, independent stream of the dumper's output (iterates lines)."""
         raw = Stream(self.open_fd(), self.label)
         buffered = io.BufferedReader(raw, buffer_size=64 * 1024)
@@ -290,8 +290,8 @@ class Dumper:
 
     def read(self) -> bytes:
         """The whole output of one new seq_file (for small dumps)."""
-        with self.open() as s:
-            return s.read()
+        with Stream(self.open_fd(), self.label) as s:
+            return b"".join(iter(s.read_chunk, b""))
 
     def link_info(self) -> kernel.LinkInfo:
         return kernel.link_info(self.fd)

@@ -14,8 +14,11 @@ import os
 class DumperError(OSError):
     """errno + what was attempted + how to fix it (+ the verifier log, if any)."""
 
-    def __init__(self, err: int, what: str, hint: str = "", log: str = "") -> None:
-        super().__init__(err, what)
+    errno: int
+
+    def __init__(self, err: int | None, what: str, hint: str = "", log: str = "") -> None:
+        # an OSError passed on may carry no errno: it failed all the same
+        super().__init__(err or _errno.EIO, what)
         self.what = what
         self.hint = hint
         self.log = log

@@ -385,7 +385,8 @@ def map_delete(fd: int, key: bytes) -> bool:
 
 
 def map_keys(fd: int, key_size: int) -> list[bytes]:
-    keys, prev = [], None
+    keys: list[bytes] = []
+    prev = None
     while True:
         nbuf = ffi.new("char[]", key_size)
         attr, _k = _elem_attr(fd, prev if prev is not None else b"", nbuf)
@@ -422,7 +423,8 @@ def map_get_fd_by_id(map_id: int) -> int:
 
 
 def _ids(cmd: int) -> list[int]:
-    ids, start = [], 0
+    ids: list[int] = []
+    start = 0
     while True:
         attr = ffi.new("struct bpf_id_attr *", {"id": start})
         try:
@@ -608,7 +610,7 @@ def _open_object(lib, path: str):
                           "give the path of a compiled .bpf.o or a .bpf.c source") from None
     except OSError as e:
         raise DumperError(e.errno, f"opening BPF object {path}",
-                          _HINTS.get(e.errno, "give a readable BPF object file")) from None
+                          _HINTS.get(e.errno or 0, "give a readable BPF object file")) from None
     if magic != b"\x7fELF":
         raise DumperError(errno.ENOEXEC, f"opening BPF object {path}",
                           "it is not an ELF file; compile it with clang -target bpf")

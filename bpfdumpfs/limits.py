@@ -42,7 +42,7 @@ class Limits:
         "MiB that all streams together may read ahead of their readers, one user's at "
         "most 3/4 of it; beyond it reads are made on demand (default 64; 0: no limit)")
 
-    def replace(self, **given: float | None) -> Limits:
+    def replace(self, **given: Any) -> Limits:
         """These limits with the values GIVEN (None: not given, keep this one)."""
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
@@ -50,8 +50,10 @@ class Limits:
 FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
 
 
-def _number_type(name: str) -> type | tuple[type, ...]:
-    return (int, float) if FIELDS[name].type == "float" else int
+def _valid(name: str, value: Any) -> bool:
+    """A number >= 0 of the limit's type (a float limit takes an int too; no bools)."""
+    kinds = (int, float) if FIELDS[name].type == "float" else (int,)
+    return isinstance(value, kinds) and not isinstance(value, bool) and value >= 0
 
 
 def load(path: str, required: bool = False) -> Limits:
@@ -69,13 +71,14 @@ def load(path: str, required: bool = False) -> Limits:
     except tomllib.TOMLDecodeError as e:
         raise DumperError(errno.EINVAL, f"{path}: TOML syntax: {e}") from None
     limits = data.pop("limits", {})
-    for key, value in [*[(k, None) for k in data], *limits.items()]:
+    given: list[tuple[str, Any]] = [*[(k, None) for k in data], *limits.items()]
+    for key, value in given:
         line = next((i + 1 for i, ln in enumerate(text.split("\n"))
                      if ln.strip().startswith(key)), 1)
         if key not in FIELDS or value is None:
             raise DumperError(errno.EINVAL, f"{path}:{line}: unknown setting {key!r}",
                               "known: [limits] " + ", ".join(FIELDS))
-        if not isinstance(value, _number_type(key)) or isinstance(value, bool) or value < 0:
+        if not _valid(key, value):
             raise DumperError(errno.EINVAL, f"{path}:{line}: {key} must be a number >= 0",
                               f"e.g. {key} = 0 (no limit)")
     return Limits(**limits)

@@ -29,7 +29,7 @@ def mountinfo() -> list[tuple[str, str, str]]:
     return found
 
 
-def mounts() -> dict[str, str]:
+def fstypes() -> dict[str, str]:
     """mount point -> fstype."""
     return {point: fstype for point, fstype, _ in mountinfo()}
 
@@ -40,7 +40,7 @@ def fsname(state: StateDir) -> str:
     return f"bpfdumpfs:{path}" if re.fullmatch(r"[^\s,\\]+", path) else "bpfdumpfs"
 
 
-def bpfdumpfsmounts() -> list[str]:
+def bpfdumpfs_mounts() -> list[str]:
     return [p for p, fstype, _ in mountinfo() if fstype == "fuse.bpfdumpfs"]
 
 
@@ -57,7 +57,7 @@ def clear_dead_mount(mountpoint: str) -> None:
     A dead mount may still answer stat() from the kernel's attribute cache, so
     liveness is asked with a readdir, which always reaches the daemon."""
     path = os.path.realpath(mountpoint)
-    fstype = mounts().get(path, "")
+    fstype = fstypes().get(path, "")
     if not fstype.startswith("fuse"):
         return
     try:
@@ -67,7 +67,7 @@ def clear_dead_mount(mountpoint: str) -> None:
             raise
         log.warning("clearing the dead FUSE mount at %s (its daemon is gone)", path)
         subprocess.run(["fusermount3", "-uz", path], check=False)
-        if path in mounts():
+        if path in fstypes():
             subprocess.run(["umount", "-l", path], check=False)
         return
     raise DumperError(errno.EBUSY, f"{path} is already a live FUSE mount ({fstype})",

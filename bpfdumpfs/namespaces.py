@@ -237,7 +237,7 @@ class Namespaces:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise DumperError(errno.EACCES, f"reading the {kind} namespace of reader pid "
-                              f"{reader_pid}", os.strerror(e.errno)) from None
+                              f"{reader_pid}", e.strerror or str(e)) from None
         return fd, os.fstat(fd).st_ino
 
     async def open_fd(self, dumper: Dumper, target: str, reader_pid: int, owner: int) -> int:
@@ -315,6 +315,7 @@ class Namespaces:
                         raise DumperError(errno.ESRCH, f"opening dumper {dumper.label} in pid "
                                           f"namespace {ino}", f"its helper failed: {e}"
                                           ) from None
+            raise AssertionError("not reached: the second attempt returns or raises")
         finally:
             os.close(ns_fd)
 

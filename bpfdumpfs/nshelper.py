@@ -140,7 +140,7 @@ def _request(link_fd: int, here: socket.socket, there: socket.socket) -> tuple[b
         child = os.fork()
     except OSError as e:
         # ENOMEM: the namespace's init has died, and no task can be born there
-        return b"e%d" % (errno.ESRCH if e.errno == errno.ENOMEM else e.errno), []
+        return b"e%d" % (errno.ESRCH if e.errno == errno.ENOMEM else e.errno or errno.EIO), []
     if child == 0:
         try:
             _make(link_fd, there)

@@ -115,7 +115,7 @@ class Reader:
         self.budget = budget
         self.serial = threading.Lock()   # one FUSE read of this file at a time
         self.guard = threading.Lock()    # guards what follows
-        self.cond: threading.Condition | None = None  # wakes reader and producer, if any
+        self.cond = threading.Condition(self.guard)  # wakes reader and producer
         self.pending: collections.deque = collections.deque()  # kernel chunks not yet read
         self.pending_len = 0
         self.ended = False           # no more kernel reads: the end, an error, or produced all
@@ -267,8 +267,6 @@ class Reader:
     def _start_producer(self, size: int) -> None:
         if not self._enter():
             return
-        if self.cond is None:  # made here: most opens never stream
-            self.cond = threading.Condition(self.guard)
         self._grow(size)
         self.producing = True
         threading.Thread(target=self._produce, daemon=True,

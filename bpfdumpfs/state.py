@@ -16,9 +16,9 @@ import pwd
 import re
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from . import kernel, targets
 from .dumpers import Dumper, DumperInfo, Params, params_of

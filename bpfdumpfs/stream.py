@@ -40,7 +40,8 @@ class Stream(io.RawIOBase):
         super().__init__()
         self.fd = fd
         self.label = label
-        self._surplus = b""        # read from the kernel, beyond what readinto() was asked
+        # read from the kernel, beyond what readinto() was asked
+        self._surplus: bytes | memoryview = b""
 
     def readable(self) -> bool:
         return True
@@ -72,7 +73,7 @@ class Stream(io.RawIOBase):
                                   "return 1 only to retry an object once in a while; "
                                   "return 0 to go on") from None
             except OSError as e:
-                raise self._kernel_error(e.errno) from None
+                raise self._kernel_error(e.errno or errno.EIO) from None
             return data
 
     def _kernel_error(self, err: int) -> DumperError:

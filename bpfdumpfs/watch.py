@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import trio
 
@@ -70,8 +70,8 @@ class StateWatch:
                 errors="replace")
             off += _EVENT.size + length
             if mask & IN_Q_OVERFLOW:   # events were lost: forget everything
-                for target in {t for t in self.dirs.values() if t}:
-                    on_change(target, None)
+                for t in {t for t in self.dirs.values() if t}:
+                    on_change(t, None)
                 continue
             target = self.dirs.get(wd, "")
             if target is None:  # the root: target directories come and go

@@ -58,7 +58,9 @@ class Builtin:
 
     @property
     def target(self) -> str:
-        return self.variants[0].iter_target
+        target = self.variants[0].iter_target
+        assert target is not None  # variants are its iter programs
+        return target
 
     def load(self) -> Dumper:
         """An anonymous dumper of the first variant this kernel accepts; else a
@@ -131,7 +133,7 @@ def pin_builtins(state: StateDir) -> BuiltinReport:
             with b.load() as d:
                 d.pin(state, b.name, mode=b.mode)
                 state.meta.set(b.target, b.name, d.link_info().id, origin="builtin", object=sha,
-                               reader_dependent=list(d.reader_dependent))
+                               reader_dependent=list(d.reader_dependent or ()))
             report.done.append(f"{b.target}/{b.name} pinned")
         except DumperError as e:
             why = reason(e)
@@ -162,7 +164,7 @@ def _update_builtin(state: StateDir, b: Builtin, sha: str) -> bool:
             changed = old.prog_tag != shipped.info().prog_tag
             if changed:
                 pinned.replace_program(shipped)
-            helpers = list(shipped.reader_dependent)
+            helpers = list(shipped.reader_dependent or ())
         state.meta.set(b.target, b.name, link_id, origin="builtin", object=sha,
                        reader_dependent=helpers)
     return changed

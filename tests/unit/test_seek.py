@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from bpfdumpfs.dumpers import DumperError
+from bpfdumpfs.errors import DumperError
 from bpfdumpfs.seek import BACK, Seekable
 
 DUMP = bytes(random.Random(1).randrange(256) for _ in range(300_000))
