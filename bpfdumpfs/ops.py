@@ -30,9 +30,23 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Sequence
 
 import pyfuse3
 import trio
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    XAttrNameT,
+)
 
 from . import privilege
 from .errors import DumperError
@@ -176,8 +190,8 @@ class Operations(pyfuse3.Operations):
         return self.pins.check(target, name)[1]
 
     # -- attributes ---------------------------------------------------------------
-    def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _dir_attr(self, ino: int) -> EntryAttributes:
+        a = EntryAttributes()
         a.st_ino = ino
         a.st_mode = DIR_MODE
         a.st_nlink = 2
@@ -187,8 +201,8 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = 60  # the targets never change while the kernel runs
         return a
 
-    def _file_attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _file_attr(self, ino: int, st: os.stat_result) -> EntryAttributes:
+        a = EntryAttributes()
         a.st_ino = ino
         a.st_mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
         a.st_nlink = 1
@@ -199,14 +213,14 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = self.cache_timeout
         return a
 
-    def _stats_attr(self) -> pyfuse3.EntryAttributes:
+    def _stats_attr(self) -> EntryAttributes:
         a = self._dir_attr(STATS_INODE)
         a.st_mode = stat.S_IFREG | 0o444
         a.st_nlink = 1
         a.entry_timeout = a.attr_timeout = 0
         return a
 
-    async def getattr(self, inode: pyfuse3.InodeT, ctx=None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         if self.inodes.is_dir(inode):
             return self._dir_attr(inode)
         if inode == STATS_INODE:
@@ -216,8 +230,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._file_attr(inode, self._pin_stat(*key))
 
-    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
-                     ctx=None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None = None) -> EntryAttributes:
         fname = os.fsdecode(name)
         if parent_inode == ROOT:
             if fname == STATS_NAME:
@@ -235,11 +249,11 @@ class Operations(pyfuse3.Operations):
         self.inodes.looked_up(ino)
         return self._file_attr(ino, st)
 
-    async def forget(self, inode_list) -> None:
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         self.inodes.forget(inode_list)
 
     # -- directories --------------------------------------------------------------
-    async def opendir(self, inode: pyfuse3.InodeT, ctx) -> pyfuse3.FileHandleT:
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         if inode == ROOT:
             entries = [(STATS_NAME.encode(), STATS_INODE)] + \
                 [(t.encode(), self.inodes.target_ino[t]) for t in self.inodes.targets]
@@ -247,9 +261,9 @@ class Operations(pyfuse3.Operations):
             entries = [(n.encode(), 0) for n in self.state.names(self.inodes.ino_target[inode])]
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return pyfuse3.FileHandleT(self.inodes.open_listing(inode, entries))
+        return FileHandleT(self.inodes.open_listing(inode, entries))
 
-    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token) -> None:
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         d = self.inodes.listings[fh]
         entries = d.entries
         for i in range(start_id, len(entries)):
@@ -270,7 +284,7 @@ class Operations(pyfuse3.Operations):
             if not ino:
                 self.inodes.looked_up(attr.st_ino)
 
-    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+    async def releasedir(self, fh: FileHandleT) -> None:
         self.inodes.close_listing(fh)
 
     # -- files: opens come to open_quick() first, on a device thread; what it declines
@@ -286,7 +300,7 @@ class Operations(pyfuse3.Operations):
     def make_quick(self, fh: int) -> None:
         self.files.make_quick(fh)
 
-    async def open(self, inode: pyfuse3.InodeT, flags: int, ctx) -> pyfuse3.FileInfo:
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
         if inode == STATS_INODE:
@@ -305,7 +319,7 @@ class Operations(pyfuse3.Operations):
     def release_handle(self, fh: int) -> None:
         self.files.release(fh)
 
-    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+    async def flush(self, fh: FileHandleT) -> None:
         # Nothing to flush; ENOSYS tells the kernel never to send FLUSH again,
         # saving a round trip on every close().
         raise pyfuse3.FUSEError(errno.ENOSYS)
@@ -318,22 +332,23 @@ class Operations(pyfuse3.Operations):
                                ctx.uid, ctx.pid)
             raise pyfuse3.FUSEError(err)
 
-    async def unlink(self, parent_inode, name, ctx) -> None:
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         """rm MNT/TARGET/NAME: delete the pin (privileged); open readers finish their read."""
         target = self.inodes.ino_target.get(parent_inode)
         if target is None:
             raise pyfuse3.FUSEError(errno.EPERM)
-        self._may_change(ctx, errno.EACCES, f"rm {target}/{os.fsdecode(name)}")
-        name = os.fsdecode(name)
-        self._pin_stat(target, name)
+        fname = os.fsdecode(name)
+        self._may_change(ctx, errno.EACCES, f"rm {target}/{fname}")
+        self._pin_stat(target, fname)
         try:
-            self.state.remove(target, name)
+            self.state.remove(target, fname)
         except DumperError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        log.info("removed dumper %s/%s (uid %d, pid %d)", target, name, ctx.uid, ctx.pid)
+        log.info("removed dumper %s/%s (uid %d, pid %d)", target, fname, ctx.uid, ctx.pid)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags,
-                     ctx) -> None:
+    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                     parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
+                     ctx: RequestContext) -> None:
         """mv within a target directory (privileged): renames the pin."""
         target = self.inodes.ino_target.get(parent_inode_old)
         if target is None or parent_inode_new != parent_inode_old:
@@ -353,7 +368,8 @@ class Operations(pyfuse3.Operations):
         log.info("renamed dumper %s/%s to %s (uid %d)", target, old, new, ctx.uid)
         self.inodes.renamed(target, old, new)
 
-    async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
         """chmod, chown and touch of a dumper change its pin (privileged)."""
         key = self.inodes.ino_file.get(inode)
         if key is None:
@@ -382,8 +398,8 @@ class Operations(pyfuse3.Operations):
         log.info("changed %s/%s (uid %d)", *key, ctx.uid)
         return self._file_attr(inode, self._pin_stat(*key))
 
-    def _gone_attr(self, inode, attr) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _gone_attr(self, inode, attr) -> EntryAttributes:
+        a = EntryAttributes()
         a.st_ino = inode
         a.st_mode = stat.S_IFREG
         a.st_nlink = 0
@@ -410,7 +426,7 @@ class Operations(pyfuse3.Operations):
                   **info.params()}
         return {XATTR_PREFIX + k.encode(): str(v).encode() for k, v in fields.items()}
 
-    async def listxattr(self, inode, ctx) -> list[bytes]:
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> list[XAttrNameT]:
         return list(self._xattrs(inode))
 
     @staticmethod
@@ -427,7 +443,7 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.ENOATTR
         return None
 
-    async def getxattr(self, inode, name, ctx) -> bytes:
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         refused = self.xattr_refusal(name)
         if refused:
             raise pyfuse3.FUSEError(refused)
@@ -436,29 +452,35 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
-    async def setxattr(self, inode, name, value, ctx) -> None:
+    async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
+                       ctx: RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def removexattr(self, inode, name, ctx) -> None:
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # The tree is a view of the state directory: nothing is created through it.
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+                    ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+                    ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                      ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+                   ctx: RequestContext) -> EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_files = len(self.inodes.file_ino) + len(self.inodes.targets) + 1

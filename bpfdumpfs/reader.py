@@ -33,7 +33,7 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from .errors import DumperError
@@ -106,6 +106,17 @@ class Account:
                                 or b.by_uid.get(self.uid, 0) >= b.limit * UID_SHARE)
 
 
+Deliver = Callable[["list | DumperError"], None]
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A FUSE READ left with the producer, which answers it once SIZE bytes are ready
+    (or the dump ended) by calling DELIVER with the pieces or the error."""
+    size: int
+    deliver: Deliver
+
+
 class Reader:
     """FUSE-facing reads of one Stream, from the calling thread or a producer."""
 
@@ -122,11 +133,11 @@ class Reader:
         self.error: DumperError | None = None
         self.full_reads = 0
         self.producing = False
-        self.size = 0                # the largest read so far
-        self.ahead = 0               # bytes a producer may hold
+        self.largest_read = 0        # bytes: the largest FUSE read so far
+        self.ahead_limit = 0         # bytes a producer may hold ahead of the reader
         self.want = 0                # bytes the reader waits for, if it waits
         self.counted = 0             # bytes of pending counted in the budget
-        self.parked: tuple | None = None  # (size, deliver): a READ the producer answers
+        self.parked: Parked | None = None  # a READ the producer answers
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
 
@@ -134,14 +145,14 @@ class Reader:
     def quick(self) -> bool:
         """Whether the next read is sure to be answered without a long wait."""
         if self.producing:
-            return self._ready(self.size)
+            return self._ready(self.largest_read)
         return self.ended or self.pace.quick
 
     @property
     def streaming(self) -> bool:
         """Whether a producer is reading ahead now: not done, and not waiting for a
         reader that stopped reading (a `less` left open)."""
-        return self.producing and not self.ended and self.pending_len < self.ahead
+        return self.producing and not self.ended and self.pending_len < self.ahead_limit
 
     def read(self, size: int) -> list:
         """Up to SIZE bytes, short only at the end, as a list of bytes-like pieces;
@@ -164,16 +175,16 @@ class Reader:
                 self._start_producer(size)
             return _joined(out)
 
-    def park(self, size: int, deliver) -> bool:
+    def park(self, size: int, deliver: Deliver) -> bool:
         """Leave a read of SIZE with the producer, which answers it with DELIVER(pieces)
         -- or DELIVER(DumperError) -- once it can, from its own thread; False if there
         is no producer to leave it with, or the read can be answered now."""
         with self.guard:
             if not self.producing or self.released or self.parked or self._ready(size):
                 return False
-            if size > self.size:
+            if size > self.largest_read:
                 self._grow(size)
-            self.parked = size, deliver
+            self.parked = Parked(size, deliver)
             self.cond.notify_all()
             return True
 
@@ -182,7 +193,7 @@ class Reader:
         (under the producer's lock); the caller delivers it outside the lock."""
         if self.parked is None:
             return None
-        size, deliver = self.parked
+        size, deliver = self.parked.size, self.parked.deliver
         if not self._ready(size):
             return None
         self.parked = None
@@ -194,7 +205,7 @@ class Reader:
     def _read_produced(self, size: int) -> list | None:
         """A read answered from the producer's chunks; None if it stopped (budget)."""
         with self.cond:
-            if size > self.size:  # room for this read, larger than the ones before
+            if size > self.largest_read:  # room for this read, larger than the ones before
                 self._grow(size)
                 self.cond.notify_all()
             self.want = size
@@ -211,15 +222,15 @@ class Reader:
         """Bytes a waiting read needs pending (the reader's, or one parked), 0 if none
         waits. Safe without the lock: each attribute is read once."""
         parked = self.parked
-        return max(self.want, parked[0] if parked else 0)
+        return max(self.want, parked.size if parked else 0)
 
     def _ready(self, size: int) -> bool:
         """Whether a read of SIZE can be answered from pending now."""
         return self.pending_len >= size or self.ended
 
     def _grow(self, size: int) -> None:
-        self.size = size
-        self.ahead = size + min((READ_AHEAD - 1) * size, MAX_AHEAD)
+        self.largest_read = size
+        self.ahead_limit = size + min((READ_AHEAD - 1) * size, MAX_AHEAD)
 
     def _take(self, size: int) -> list:
         """Up to SIZE bytes from the front of pending (under guard), given back to the
@@ -279,7 +290,7 @@ class Reader:
         try:
             while True:
                 with self.cond:
-                    while self.pending_len >= self.ahead and not self.released:
+                    while self.pending_len >= self.ahead_limit and not self.released:
                         self.cond.wait()
                     if self.released:
                         return
@@ -287,7 +298,7 @@ class Reader:
                     if self.budget.spent and self.pending_len >= need:
                         early, self.producing = True, False
                         return
-                    room = self.ahead - self.pending_len
+                    room = self.ahead_limit - self.pending_len
                 chunks, n, end = self._read_batch(room)
                 with self.cond:
                     if self.released:
