@@ -1,8 +1,9 @@
 """Shared fixtures: one real bpfdumpfs mount (with the built-ins) for the session."""
 from __future__ import annotations
 
-import pytest
+import socket
 
+import pytest
 from helpers import CI, Daemon, mount_bpffs, need_kernel, unmount
 
 
@@ -41,3 +42,20 @@ def read_builtin(tree):
         assert len(found) == 1, f"built-in {name} not in the tree: {found}; {tree.output()}"
         return found[0].read_bytes()
     return read
+
+
+@pytest.fixture
+def bare(tmp_path):
+    """A bpffs state dir that no daemon serves."""
+    need_kernel()
+    state = mount_bpffs(tmp_path / "bare")
+    yield state
+    unmount(state)
+
+
+@pytest.fixture
+def host_listener():
+    """A TCP port listening in the host's network namespace."""
+    s = socket.create_server(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +19,13 @@ import pytest
 
 CI = os.environ.get("CI") == "true"
 ROOT = Path(__file__).resolve().parent.parent
+BUILTINS = ROOT / "bpfdumpfs" / "builtins"
+TASKS_OBJ = str(BUILTINS / "tasks.bpf.o")
+CGROUPS_OBJ = str(BUILTINS / "cgroups.bpf.o")
+KSYM_OBJ = str(BUILTINS / "kallsyms.bpf.o")
+BPF_SRC = ROOT / "tests" / "bpf"   # the tests' own BPF programs, and their Makefile
+BPF_BUILD = BPF_SRC / "build"
+FIXED_LINES = 200                  # the lines tests/bpf/fixed_[ab].bpf.c print
 
 
 def need(ok: bool, why: str) -> None:
@@ -36,6 +48,71 @@ def eventually(cond, timeout: float = 5.0, step: float = 0.02) -> bool:
             return False
         time.sleep(step)
     return True
+
+
+def settled(value, what: str, quiet: float = 0.1, timeout: float = 30.0,
+            step: float = 0.02):
+    """VALUE() once it has stayed the same for QUIET seconds; fails, naming WHAT and the
+    last values seen, if it has not within TIMEOUT."""
+    seen, since = [value()], [time.monotonic()]
+
+    def still() -> bool:
+        now = value()
+        if now != seen[-1]:
+            seen.append(now)
+            since[0] = time.monotonic()
+        return time.monotonic() - since[0] >= quiet
+    assert eventually(still, timeout, step), \
+        f"{what} did not stay the same for {quiet} s within {timeout} s: {seen[-10:]}"
+    return seen[-1]
+
+
+def readline(stream, timeout: float = 60.0, what: str = "a line"):
+    """STREAM.readline() (a child process's pipe), failing, naming WHAT, if none has come
+    in TIMEOUT seconds: the writer hangs, and the test must not."""
+    got = []
+    reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(max(timeout, 0))
+    assert got, f"waited {timeout:.0f} s for {what}, in vain"
+    return got[0]
+
+
+def waiting_in(pid: int) -> str:
+    """The kernel function task PID sleeps in ("0" while it runs), or why not known."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError as e:
+        return str(e)
+
+
+def seq_fds(pid: int) -> int:
+    """How many bpf_iter seq_files process PID holds open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf_iter":
+                n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def settled_seq_fds(pid: int, timeout: float = 30.0) -> int:
+    """seq_fds once earlier tests' releases (sent asynchronously by the kernel) are in."""
+    return settled(lambda: seq_fds(pid), f"the seq_files pid {pid} holds", 0.1, timeout)
+
+
+def read_all(path, bs: int = 64 * 1024) -> bytes:
+    """PATH read to its end with read(2)s of BS bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, bs):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def rss_kib(pid: int) -> int:
@@ -118,6 +195,68 @@ def bpfdumpfs(*args: str, check: bool = True, **kw) -> subprocess.CompletedProce
     if check and p.returncode != 0:
         raise AssertionError(f"bpfdumpfs {' '.join(args)} failed: {p.stderr}")
     return p
+
+
+def cli(state: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """bpfdumpfs ARGS --state-dir STATE (never raises: tests look at what users see)."""
+    kw = {"env": {**os.environ, **env}} if env else {}
+    return bpfdumpfs(*args, "--state-dir", str(state), check=False, **kw)
+
+
+def ok(p: subprocess.CompletedProcess) -> str:
+    """stdout of a bpfdumpfs command that must succeed (no traceback either)."""
+    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr}"
+    assert "Traceback" not in p.stderr
+    return p.stdout
+
+
+def bpftool_json(*args: str):
+    """What `bpftool -j ARGS` prints, parsed; it must succeed."""
+    p = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, f"bpftool {' '.join(args)}: {p.stderr}"
+    return json.loads(p.stdout)
+
+
+def bpftool_pin(obj: str, path: Path) -> None:
+    """`bpftool iter pin OBJ PATH`: a dumper made by another tool."""
+    path.parent.mkdir(exist_ok=True)
+    subprocess.run(["bpftool", "iter", "pin", obj, str(path)], check=True, capture_output=True)
+
+
+def xattrs(path: Path) -> dict[str, str]:
+    """getfattr -d of PATH as a dict of user.bpfdump.* names (without the prefix)."""
+    p = subprocess.run(["getfattr", "-d", "--absolute-names", "-e", "text", str(path)],
+                       capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    found = {}
+    for line in p.stdout.splitlines():
+        m = re.fullmatch(r'user\.bpfdump\.([a-z_]+)="(.*)"', line)
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+_ARCH = {"x86_64": "x86", "aarch64": "arm64", "ppc64le": "powerpc", "s390x": "s390"}
+
+
+def bpf_objects(*names: str) -> dict[str, str]:
+    """The test programs NAMES (tests/bpf/NAME.bpf.c), built for the running kernel by
+    tests/bpf/Makefile (a no-op once built; every one if no NAMES): NAME -> object path."""
+    need_kernel()
+    for tool in ("make", "clang", "bpftool"):
+        need(shutil.which(tool) is not None, f"{tool} (to build tests/bpf)")
+    arch = _ARCH.get(platform.machine(), platform.machine())
+    p = subprocess.run(["make", "-s", f"-j{os.cpu_count() or 1}", "-C", str(BPF_SRC),
+                        f"ARCH={arch}", *(f"build/{n}.bpf.o" for n in names)],
+                       capture_output=True, text=True, check=False)
+    assert p.returncode == 0, f"building tests/bpf failed:\n{p.stdout}\n{p.stderr}"
+    return {n: str(BPF_BUILD / f"{n}.bpf.o") for n in names}
+
+
+def fixed_output(letter: str) -> bytes:
+    """What one seq_file of tests/bpf/fixed_LETTER.bpf.c (A or B) reads."""
+    return b"".join(f"{letter} {i:04d} fixed output of program {letter}\n".encode()
+                    for i in range(FIXED_LINES))
 
 
 class Daemon:

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import grp
 import os
-import platform
 import pwd
 import shutil
 import stat
@@ -19,29 +18,30 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from helpers import (ROOT, Daemon, bpfdumpfs, eventually, listing, mount_bpffs, need,
-                     need_kernel, own_daemon, unmount)
+from helpers import (
+    KSYM_OBJ,
+    ROOT,
+    TASKS_OBJ,
+    Daemon,
+    bpf_objects,
+    bpfdumpfs,
+    eventually,
+    listing,
+    mount_bpffs,
+    need,
+    need_kernel,
+    own_daemon,
+    readline,
+    unmount,
+)
 
 USER = "bpfdumpfs-test"
 LINES = 40
 
 
 def expected() -> bytes:
+    """What one seq_file of tests/bpf/access.bpf.c reads."""
     return b"".join(f"A {i:04d} for access tests\n".encode() for i in range(LINES))
-
-
-SOURCE = f"""#include "common.h"
-SEC("iter/task")
-int dump_access(struct bpf_iter__task *ctx)
-{{
-	if (!ctx->task || ctx->meta->seq_num != 0)
-		return 0;
-	for (int i = 0; i < {LINES}; i++)
-		BPF_SEQ_PRINTF(ctx->meta->seq, "A %04d for access tests\\n", i);
-	return 0;
-}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +66,8 @@ def as_user(*cmd: str, env: dict | None = None, cwd: str = "/") -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def obj(tmp_path_factory) -> str:
-    need_kernel()
-    from bpfdumpfs.compile import _ARCH, BUILTIN_SRC, vmlinux_h
-    where = tmp_path_factory.mktemp("obj")
-    (where / "access.bpf.c").write_text(SOURCE)
-    arch = _ARCH.get(platform.machine(), platform.machine())
-    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}",
-                    f"-I{vmlinux_h().parent}", f"-I{BUILTIN_SRC}", "-c",
-                    str(where / "access.bpf.c"), "-o", str(where / "access.bpf.o")], check=True)
-    return str(where / "access.bpf.o")
+def obj() -> str:
+    return bpf_objects("access")["access"]
 
 
 @contextlib.contextmanager
@@ -287,12 +279,10 @@ def user_python(user) -> tuple[str, dict]:
     need(False, f"a Python that {USER} can run bpfdumpfs with")
 
 
-TASKS_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "tasks.bpf.o")   # readable by all
-
-
 # case -> (argv, words the one-line error must hold)
 CLI_REFUSED = {
-    "add": (["add", "mine", TASKS_OBJ], ["Operation not permitted", "root"]),
+    "add": (["add", "mine", TASKS_OBJ],   # a built-in's object: readable by all
+            ["Operation not permitted", "root"]),
     "add-unreadable-object": (["add", "mine", "{secret}"], ["{secret}", "Permission denied"]),
     "pin": (["pin", "mine", "{link_id}"], ["Operation not permitted", "root"]),
     "rm": (["rm", "task/world"], ["task/world", "Permission denied", "root"]),
@@ -369,7 +359,7 @@ def test_stats_opens_count_in_the_users_limit(user):
                                  f"exec 3<{stats} 4<{stats} 5<{stats}; echo held; exec sleep 30"],
                                 stdout=subprocess.PIPE)
         try:
-            assert held.stdout.readline() == b"held\n"
+            assert readline(held.stdout, what="the held opens") == b"held\n"
             p = as_user("cat", str(stats))
             assert p.returncode == 1 and "Too many open files" in p.stderr
             assert (d.mnt / "task" / "tasks").read_bytes()  # root is not affected
@@ -387,7 +377,7 @@ def test_per_user_limits_count_root_of_each_pid_namespace_apart():
                                  "sh", "-c", f"exec 3<{f} 4<{f}; echo held; exec sleep 30"],
                                 stdout=subprocess.PIPE)
         try:
-            assert held.stdout.readline() == b"held\n"
+            assert readline(held.stdout, what="the held opens") == b"held\n"
             with open(f, "rb") as a, open(f, "rb") as b:
                 assert a.read(10) and b.read(10)
         finally:
@@ -469,9 +459,6 @@ def test_a_user_retrying_refused_opens_cannot_flood_the_log(user):
         refusals = [ln for ln in d.output().splitlines() if "refused" in ln]
         assert len(refusals) == 10, refusals[-3:]
         assert "counted, not logged" in refusals[-1]
-
-
-KSYM_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "kallsyms.bpf.o")
 
 
 # reads 2 MiB of a file, then 256 KiB from its start again, and prints those

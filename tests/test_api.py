@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, need_kernel
 
 from bpfdumpfs import Dumper, DumperError, Params, StateDir, kernel
 from bpfdumpfs.builtins import object_path
-from helpers import ROOT, need_kernel
 
 
 @pytest.fixture(autouse=True)

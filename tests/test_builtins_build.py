@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import errno
 import gzip
+import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import (
+    bpf_objects,
+    maps_comparable,
+    mount_bpffs,
+    need,
+    need_kernel,
+    readline,
+    unmount,
+)
 
-from bpfdumpfs import Dumper, DumperError, cli, kernel, mount
+import bpfdumpfs.builtins as shipped
+from bpfdumpfs import Dumper, DumperError, cli, kernel
 from bpfdumpfs.builtins import HERE, Builtin, builtins
-from bpfdumpfs.compile import compile_source
-from bpfdumpfs.dumpers import Params, StateDir
-from bpfdumpfs.metrics import Metrics
-from helpers import maps_comparable, mount_bpffs, need, need_kernel, unmount
+from bpfdumpfs.dumpers import Params
+from bpfdumpfs.metrics import STATUS_XATTR, Metrics
+from bpfdumpfs.state import StateDir
 
 NAMES = [b.name for b in builtins()]
 
@@ -85,7 +96,7 @@ def test_every_vmas_variant_the_kernel_accepts_shows_what_proc_maps_shows(tmp_pa
     p = subprocess.Popen([sys.executable, "-c", MAPPER, str(tmp_path), str(bound)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert p.stdout.readline() == "ready\n"
+        assert readline(p.stdout, what="the mappings made") == "ready\n"
         with open(f"/proc/{p.pid}/maps") as f:
             expect = maps_comparable([" ".join(ln.split()) for ln in f
                                       if not ln.endswith("[vsyscall]\n")])
@@ -125,31 +136,17 @@ def test_make_rebuilds_every_object(tmp_path):
                 s.read(1)
 
 
-# A program every verifier refuses: it reads the task pointer without the NULL check.
-REFUSED = r"""
-#include "common.h"
-SEC("iter/task")
-int dump_refused(struct bpf_iter__task *ctx)
-{
-	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\n", ctx->task->pid);
-	return 0;
-}
-"""
-
-
 def test_a_builtin_the_kernel_refuses_is_reported_and_the_rest_served(tmp_path, monkeypatch,
                                                                       capsys):
     """Its one-line reason goes to the log, to .stats and to `bpfdumpfs status`; the
     other built-ins are pinned as usual."""
-    need_kernel()
-    (tmp_path / "refused.bpf.c").write_text(REFUSED)
-    obj = compile_source(tmp_path / "refused.bpf.c", str(tmp_path))
+    obj = bpf_objects("unverifiable")["unverifiable"]  # every verifier refuses it
     tasks = next(b for b in builtins() if b.name == "tasks")
-    monkeypatch.setattr(mount, "builtins",
+    monkeypatch.setattr(shipped, "builtins",
                         lambda: [tasks, Builtin("refused", Path(obj), Params())])
     state = StateDir(mount_bpffs(tmp_path / "state")).ensure()
     try:
-        report = mount.pin_builtins(state)
+        report = shipped.pin_builtins(state)
         assert report.done == ["task/tasks pinned"]
         assert list(report.unavailable) == ["task/refused"]
         assert "invalid mem access" in report.unavailable["task/refused"]
@@ -160,8 +157,8 @@ def test_a_builtin_the_kernel_refuses_is_reported_and_the_rest_served(tmp_path, 
 
     point = tmp_path / "mnt"
     (point / "task").mkdir(parents=True)
-    (point / ".stats").write_bytes(Metrics(str(point), str(state.path),
-                                           report.unavailable).render(0))
+    os.setxattr(point, STATUS_XATTR, json.dumps(Metrics(str(point), str(state.path),
+                                                         report.unavailable).status()).encode())
     assert cli.main(["status", str(point)]) == 0
     out = capsys.readouterr().out
     assert f"  not served  task/refused: {report.unavailable['task/refused']}\n" in out
@@ -170,11 +167,11 @@ def test_a_builtin_the_kernel_refuses_is_reported_and_the_rest_served(tmp_path, 
 def test_a_builtin_without_its_target_is_reported(tmp_path, monkeypatch):
     need_kernel()
     tasks = next(b for b in builtins() if b.name == "tasks")
-    monkeypatch.setattr(mount.targets, "running_kernel", lambda: {})
-    monkeypatch.setattr(mount, "builtins", lambda: [tasks])
+    monkeypatch.setattr(shipped.targets, "running_kernel", lambda: {})
+    monkeypatch.setattr(shipped, "builtins", lambda: [tasks])
     state = StateDir(mount_bpffs(tmp_path / "state")).ensure()
     try:
-        report = mount.pin_builtins(state)
+        report = shipped.pin_builtins(state)
     finally:
         state.meta.close()
         unmount(tmp_path / "state")

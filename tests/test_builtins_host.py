@@ -2,7 +2,6 @@
 slabinfo, cgroups) checked against what the kernel shows elsewhere: /proc,
 /sys/fs/cgroup and bpftool. Dumper output only ever comes from the
 `read_builtin` fixture; everything else is an independent second source."""
-import json
 import os
 import re
 import signal
@@ -11,10 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from helpers import eventually, maps_comparable
-
-BUILTINS = Path(__file__).resolve().parent.parent / "bpfdumpfs" / "builtins"
+from helpers import (
+    BUILTINS,
+    bpftool_json,
+    cgroup2_root,
+    eventually,
+    maps_comparable,
+    readline,
+)
 
 TASKS_HEADER = "    PID    TGID    PPID S        UID COMM"
 FILES_HEADER = "    PID      FD KIND   PATH"
@@ -112,7 +115,7 @@ def holder(children, tmp_path):
     p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "fifo")],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     children.append(p)
-    fds = dict(kv.split("=") for kv in p.stdout.readline().split())
+    fds = dict(kv.split("=") for kv in readline(p.stdout, what="the holder's fds").split())
     wait_for(lambda: len(os.listdir(f"/proc/{p.pid}/task")) == 4, "holder threads")
     yield p, {k: int(v) for k, v in fds.items()}
     p.stdin.close()
@@ -125,11 +128,6 @@ def own_bpffs(tmp_path_factory):
     subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
     yield d
     subprocess.run(["umount", "-l", str(d)], check=False)
-
-
-def bpftool_json(*args):
-    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
 
 
 # ---------------------------------------------------------------- tasks
@@ -465,14 +463,6 @@ def test_slabinfo_matches_proc(read_builtin):
 
 # ---------------------------------------------------------------- cgroups
 
-def cgroup2_mount() -> Path:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        pre, _, post = line.partition(" - ")
-        if post.split()[0] == "cgroup2":
-            return Path(pre.split()[4])
-    pytest.skip("no cgroup2 (default hierarchy) mounted")
-
-
 def cgroup_tree(root: Path) -> dict[str, tuple[int, int]]:
     """path relative to the cgroup2 root -> (id = inode, level)"""
     tree = {"/": (root.stat().st_ino, 0)}
@@ -488,7 +478,7 @@ def cgroup_tree(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_cgroups_match_cgroupfs(read_builtin):
-    root = cgroup2_mount()
+    root = cgroup2_root()
     base = root / f"bdfs-test-{os.getpid()}"
     made = [base, base / "a", base / "a" / "b", base / "c"]
     for d in made:

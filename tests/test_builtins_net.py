@@ -24,8 +24,10 @@ import struct
 import time
 
 import pytest
+from helpers import eventually
 
 ATTEMPTS = 5
+TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h
 
 
 # ---------------------------------------------------------------- helpers
@@ -83,7 +85,7 @@ def dump_vs_proc(read_builtin, name: str, mask=same, loose=None):
         extra = sorted(d - (b | a))
         if not missing and not extra:
             return dump, before, after
-        time.sleep(0.2)
+        time.sleep(0.2)  # not a wait for state: a pause before the next of ATTEMPTS rounds
     pytest.fail(f"{name}: dump and /proc/net/{name} disagree\n"
                 f"missing from the dump: {missing}\nonly in the dump: {extra}")
 
@@ -97,12 +99,12 @@ def tcp_vs_proc(read_builtin, name: str):
 
 def ip4(addr: str) -> str:
     """/proc's spelling of an IPv4 address: the __be32 printed as a native u32."""
-    return "%08X" % struct.unpack("=I", socket.inet_pton(socket.AF_INET, addr))[0]
+    return f'{struct.unpack("=I", socket.inet_pton(socket.AF_INET, addr))[0]:08X}'
 
 
 def ip6(addr: str) -> str:
     raw = socket.inet_pton(socket.AF_INET6, addr)
-    return "".join("%08X" % struct.unpack("=I", raw[i:i + 4])[0] for i in range(0, 16, 4))
+    return "".join(f'{struct.unpack("=I", raw[i:i + 4])[0]:08X}' for i in range(0, 16, 4))
 
 
 def endpoint(sock_addr, fam) -> str:
@@ -195,9 +197,32 @@ def tcp_set(owned, fam, addr, uid0):
     tw_srv, _ = lst.accept()
     tw_name = tw_cli.getsockname()
     tw_cli.close()
-    time.sleep(0.05)
+    assert eventually(lambda: tcp_state(tw_srv) == TCP_CLOSE_WAIT), \
+        f"the peer's FIN never came: state {tcp_state(tw_srv)}"
     tw_srv.close()
     return dict(lst=lst, cli=cli, srv=srv, deferred=deferred, pending=pending, tw=tw_name)
+
+
+def tcp_state(sock) -> int:
+    """The TCP state of SOCK (tcpi_state, the first byte of struct tcp_info)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def proc_fields(name: str, fam, local, remote) -> list[str]:
+    """The columns /proc/net/NAME shows for the socket LOCAL -> REMOTE (none if none)."""
+    found = find(proc_lines(name), endpoint(local, fam), endpoint(remote, fam))
+    return found[0].split() if found else []
+
+
+def tcp_set_settled(name: str, fam, s: dict) -> bool:
+    """Whether /proc/net/NAME shows tcp_set's sockets as the checks expect them: the
+    request socket and the time-wait socket there, and the client's data acknowledged
+    (its timer the keepalive, no longer the retransmit timer)."""
+    req = proc_fields(name, fam, s["deferred"].getsockname(), s["pending"].getsockname())
+    tw = proc_fields(name, fam, s["tw"], s["lst"].getsockname())
+    cli = proc_fields(name, fam, s["cli"].getsockname(), s["cli"].getpeername())
+    return req[3:4] == ["03"] and tw[3:4] == ["06"] and cli[5:6] != [] \
+        and cli[5].startswith("02:")
 
 
 @pytest.mark.parametrize("name,fam,addr", [
@@ -207,7 +232,8 @@ def tcp_set(owned, fam, addr, uid0):
 ])
 def test_tcp_matches_proc(read_builtin, owned, name, fam, addr):
     s = tcp_set(owned, fam, addr, 4200)
-    time.sleep(0.05)
+    assert eventually(lambda: tcp_set_settled(name, fam, s)), \
+        f"/proc/net/{name} never showed the sockets as set up:\n" + "\n".join(proc_lines(name))
     dump, _, _ = tcp_vs_proc(read_builtin, name)
     ep = lambda a: endpoint(a, fam)  # noqa: E731
 

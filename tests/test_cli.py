@@ -5,7 +5,6 @@ from __future__ import annotations
 import grp
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -14,113 +13,36 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import (
+    BPF_SRC,
+    CGROUPS_OBJ,
+    KSYM_OBJ,
+    ROOT,
+    TASKS_OBJ,
+    Daemon,
+    bpf_objects,
+    bpfdumpfs,
+    bpftool_json,
+    cgroup2_root,
+    cli,
+    eventually,
+    fixed_output,
+    link_exists,
+    listing,
+    mount_bpffs,
+    need_kernel,
+    ok,
+    prog_exists,
+    unmount,
+    xattrs,
+)
 
-from helpers import (ROOT, Daemon, bpfdumpfs, cgroup2_root, eventually, link_exists, listing,
-                     mount_bpffs, need_kernel, prog_exists, unmount)
-
-BUILTINS = ROOT / "bpfdumpfs" / "builtins"
-TASKS_OBJ = str(BUILTINS / "tasks.bpf.o")
-CGROUPS_OBJ = str(BUILTINS / "cgroups.bpf.o")
-KSYM_OBJ = str(BUILTINS / "kallsyms.bpf.o")
-LINES = 200
-
-
-def fixed_source(letter: str) -> str:
-    """An iter/task program that prints LINES fixed lines, once per seq_file."""
-    return f"""#include "common.h"
-SEC("iter/task")
-int dump_{letter.lower()}(struct bpf_iter__task *ctx)
-{{
-	struct seq_file *seq = ctx->meta->seq;
-
-	if (!ctx->task || ctx->meta->seq_num != 0)
-		return 0;
-	for (int i = 0; i < {LINES}; i++)
-		BPF_SEQ_PRINTF(seq, "{letter} %04d fixed output of program {letter}\\n", i);
-	return 0;
-}}
-"""
-
-
-def expected(letter: str) -> bytes:
-    """What one seq_file of fixed_source(LETTER) reads."""
-    return b"".join(f"{letter} {i:04d} fixed output of program {letter}\n".encode()
-                    for i in range(LINES))
-
-
-SOURCES = {
-    "fixed_a": fixed_source("A"),
-    "fixed_b": fixed_source("B"),
-    "two_iters": """#include "common.h"
-SEC("iter/task")
-int first(struct bpf_iter__task *ctx) { return 0; }
-SEC("iter/ksym")
-int second(struct bpf_iter__ksym *ctx) { return 0; }
-""",
-    "tracepoint_only": """#include "common.h"
-SEC("tracepoint/syscalls/sys_enter_openat")
-int on_openat(void *ctx) { return 0; }
-""",
-    "no_such_target": """#include "common.h"
-SEC("iter/nonexistent")
-int dump_none(struct bpf_iter__task *ctx) { return 0; }
-""",
-    "unverifiable": """#include "common.h"
-SEC("iter/task")
-int bad_deref(struct bpf_iter__task *ctx)
-{
-	/* ctx->task may be NULL: the verifier refuses the dereference */
-	BPF_SEQ_PRINTF(ctx->meta->seq, "%d\\n", ctx->task->pid);
-	return 0;
-}
-""",
-    "map_elems": """#include "common.h"
-SEC("iter/bpf_map_elem")
-int dump_elems(struct bpf_iter__bpf_map_elem *ctx)
-{
-	__u32 *key = ctx->key, *value = ctx->value;
-
-	if (!key || !value)
-		return 0;
-	BPF_SEQ_PRINTF(ctx->meta->seq, "%u=%u\\n", *key, *value);
-	return 0;
-}
-""",
-}
-
-
-def compile_sources(where: Path, sources: dict[str, str]) -> dict[str, str]:
-    """Compile SOURCES (name -> text) in parallel, as bpfdumpfs does; name -> .bpf.o path."""
-    from bpfdumpfs.compile import _ARCH, BUILTIN_SRC, vmlinux_h
-    include = vmlinux_h().parent
-    arch = _ARCH.get(platform.machine(), platform.machine())
-    procs = {}
-    for name, text in sources.items():
-        src = where / f"{name}.bpf.c"
-        src.write_text(text)
-        procs[name] = subprocess.Popen(
-            ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", f"-I{include}",
-             f"-I{BUILTIN_SRC}", "-c", str(src), "-o", str(where / f"{name}.bpf.o")],
-            stderr=subprocess.PIPE, text=True)
-    for name, p in procs.items():
-        _, err = p.communicate()
-        assert p.returncode == 0, f"compiling {name}: {err}"
-    return {name: str(where / f"{name}.bpf.o") for name in sources}
+# the test programs used here: tests/bpf/NAME.bpf.c (each says what it is)
+PROGRAMS = ["fixed_a", "fixed_b", "two_iters", "tracepoint_only", "no_such_target",
+            "unverifiable", "map_elems"]
 
 
 # -- helpers -------------------------------------------------------------------------
-
-def cli(state: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """bpfdumpfs ARGS --state-dir STATE (never raises: tests look at what users see)."""
-    kw = {"env": {**os.environ, **env}} if env else {}
-    return bpfdumpfs(*args, "--state-dir", str(state), check=False, **kw)
-
-
-def ok(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr}"
-    assert "Traceback" not in p.stderr
-    return p.stdout
-
 
 def error_line(p: subprocess.CompletedProcess) -> str:
     """The one-line error of a failed command: exit 1, 'bpfdumpfs: ...', no traceback."""
@@ -140,12 +62,6 @@ def has_hint(line: str) -> bool:
 
 def pins(state: Path) -> set[Path]:
     return {p for p in state.glob("*/*")}
-
-
-def bpftool_json(*args: str):
-    p = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
 
 
 # Runs bpfdumpfs.cli.main(ARGV) for many ARGVs, each in a process forked from one that
@@ -206,25 +122,12 @@ def info(state: Path, dumper: str) -> dict:
     return json.loads(ok(cli(state, "info", dumper, "--json")))
 
 
-def xattrs(path: Path) -> dict[str, str]:
-    """getfattr -d of PATH as a dict of user.bpfdump.* names (without the prefix)."""
-    p = subprocess.run(["getfattr", "-d", "--absolute-names", "-e", "text", str(path)],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    found = {}
-    for line in p.stdout.splitlines():
-        m = re.fullmatch(r'user\.bpfdump\.([a-z_]+)="(.*)"', line)
-        if m:
-            found[m.group(1)] = m.group(2)
-    return found
-
-
 # -- fixtures -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def objs(tmp_path_factory) -> dict[str, str]:
-    need_kernel()
-    return compile_sources(tmp_path_factory.mktemp("objs"), SOURCES)
+def objs() -> dict[str, str]:
+    """PROGRAMS, built: name -> .bpf.o path (its source: tests/bpf/NAME.bpf.c)."""
+    return bpf_objects(*PROGRAMS)
 
 
 @pytest.fixture(scope="module")
@@ -247,14 +150,6 @@ def served(_daemon):
     yield _daemon
     for p in pins(_daemon.state) - before:
         p.unlink()
-
-
-@pytest.fixture
-def bare(tmp_path):
-    """A bpffs state dir that no daemon serves."""
-    state = mount_bpffs(tmp_path / "bare")
-    yield state
-    unmount(state)
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +262,7 @@ def test_add_shows_in_the_tree_at_once_and_nothing_is_cached(served, objs):
     assert "x" not in os.listdir(mnt / "task")
     assert ok(cli(state, "add", "x", objs["fixed_a"])) == f"{mnt}/task/x\n"
     assert "x" in os.listdir(mnt / "task")
-    assert (mnt / "task" / "x").read_bytes() == expected("A")
+    assert (mnt / "task" / "x").read_bytes() == fixed_output("A")
     st = os.stat(mnt / "task" / "x")
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o400, 0, 0)
     ok(cli(state, "rm", "task/x"))
@@ -375,7 +270,7 @@ def test_add_shows_in_the_tree_at_once_and_nothing_is_cached(served, objs):
     assert not (mnt / "task" / "x").exists()
     # the same name again, another program: the tree shows the new one, not a cached one
     ok(cli(state, "add", "x", objs["fixed_b"], "--mode", "0444"))
-    assert (mnt / "task" / "x").read_bytes() == expected("B")
+    assert (mnt / "task" / "x").read_bytes() == fixed_output("B")
     assert os.stat(mnt / "task" / "x").st_mode & 0o7777 == 0o444
 
 
@@ -386,7 +281,7 @@ def test_add_works_without_a_daemon_and_the_tree_shows_it_later(bare, objs, tmp_
     d = Daemon(tmp_path / "mnt", bare, "--no-builtins", "--config-dir",
                str(tmp_path / "nocfg")).start()
     try:
-        assert (d.mnt / "task" / "early").read_bytes() == expected("A")
+        assert (d.mnt / "task" / "early").read_bytes() == fixed_output("A")
         assert xattrs(d.mnt / "task" / "early")["link_id"] == str(link["id"])
     finally:
         d.stop()
@@ -404,14 +299,14 @@ def test_add_names_at_the_limits_are_accepted(served, objs, tmp_path):
 
 
 def test_add_compiles_a_source_against_the_running_kernel(served, objs):
-    src = objs["fixed_b"].replace(".bpf.o", ".bpf.c")
+    src = str(BPF_SRC / "fixed_b.bpf.c")
     assert ok(cli(served.state, "add", "fromsrc", src)) == f"{served.mnt}/task/fromsrc\n"
-    assert (served.mnt / "task" / "fromsrc").read_bytes() == expected("B")
+    assert (served.mnt / "task" / "fromsrc").read_bytes() == fixed_output("B")
     assert xattrs(served.mnt / "task" / "fromsrc")["prog_name"] == "dump_b"
 
 
 def test_add_a_source_without_clang_says_so(served, objs, tmp_path):
-    src = objs["fixed_b"].replace(".bpf.o", ".bpf.c")
+    src = str(BPF_SRC / "fixed_b.bpf.c")
     (tmp_path / "bin").mkdir()
     before = listing(served.state)
     p = cli(served.state, "add", "noclang", src, env={"PATH": str(tmp_path / "bin")})
@@ -442,8 +337,8 @@ def test_pin_adopts_a_link_by_path_and_by_id(served, bare, objs):
     # bpftool's pins go; ours keep the links alive
     by_path.unlink()
     by_id.unlink()
-    assert (mnt / "task" / "adopted_a").read_bytes() == expected("A")
-    assert (mnt / "task" / "adopted_b").read_bytes() == expected("B")
+    assert (mnt / "task" / "adopted_a").read_bytes() == fixed_output("A")
+    assert (mnt / "task" / "adopted_b").read_bytes() == fixed_output("B")
     rows = {r["name"]: r for r in json.loads(ok(cli(state, "ls", "--json")))}
     a, b = rows["adopted_a"], rows["adopted_b"]
     assert (a["link_id"], a["origin"], a["mode"]) == (link_a, "pin", "0400")
@@ -473,7 +368,7 @@ def test_rm_mid_read_lets_the_reader_finish_and_the_link_dies(served, objs, how)
                 rest += chunk
         except OSError as e:
             pytest.fail(f"after {how}, the reader that opened before could not read on: {e}")
-        assert head + rest == expected("A")
+        assert head + rest == fixed_output("A")
     finally:
         reader.close()
     assert eventually(lambda: not link_exists(i["id"])), "the link outlived its pin"
@@ -534,7 +429,7 @@ def test_parameters_shape_what_the_tree_reads(served, various):
     cg = various["cgroup"]
     assert (mnt / "cgroup" / "v_cg").read_text() == \
         f"{os.stat(cg).st_ino} 1 /{cg.name}\n"
-    assert (mnt / "task" / "v_plain").read_bytes() == expected("A")
+    assert (mnt / "task" / "v_plain").read_bytes() == fixed_output("A")
 
 
 def test_xattrs_show_the_link_program_and_parameters(served, various):
@@ -645,9 +540,9 @@ def test_replace_swaps_the_program_atomically(served, objs):
         assert (st.st_mode & 0o7777, st.st_gid) == (0o444, grp.getgrnam("nogroup").gr_gid)
         assert bpftool_json("link", "show", "id", old["link_id"])["prog_id"] == \
             int(new["prog_id"])
-        assert f.read_bytes() == expected("B")
-        assert head + early.read(1 << 20) + early.read(1 << 20) == expected("A")
-        assert opened.read(1 << 20) + opened.read(1 << 20) == expected("A")
+        assert f.read_bytes() == fixed_output("B")
+        assert head + early.read(1 << 20) + early.read(1 << 20) == fixed_output("A")
+        assert opened.read(1 << 20) + opened.read(1 << 20) == fixed_output("A")
     finally:
         early.close()
         opened.close()
@@ -853,9 +748,9 @@ def test_kill_9_mid_read_and_restart_loses_nothing(tmp_path, objs):
         assert eventually(lambda: "serving" in d2.output() or d2.proc.poll() is not None, 30)
         assert d2.proc.poll() is None, f"the restarted daemon exited: {d2.output()}"
         assert snapshot() == before
-        assert (mnt / "task" / "fromcli").read_bytes() == expected("A")
-        assert (mnt / "task" / "fromconfig").read_bytes() == expected("B")
-        assert (mnt / "task" / "adopted").read_bytes() == expected("A")
+        assert (mnt / "task" / "fromcli").read_bytes() == fixed_output("A")
+        assert (mnt / "task" / "fromconfig").read_bytes() == fixed_output("B")
+        assert (mnt / "task" / "adopted").read_bytes() == fixed_output("A")
         # the config was applied again, and found nothing to do
         assert not re.search(r"config: (added|updated|replaced|removed)", d2.output())
     finally:

@@ -9,22 +9,18 @@ import threading
 import time
 
 import pytest
+from helpers import (
+    bpf_objects,
+    eventually,
+    need_kernel,
+    read_all,
+    seq_fds,
+    settled_seq_fds,
+)
 
 from bpfdumpfs import Dumper, StateDir
 from bpfdumpfs.compile import compile_source
-from helpers import need_kernel
-from test_tree import seq_fds
 
-
-def settled_seq_fds(pid: int) -> int:
-    """seq_fds once earlier tests' releases (sent asynchronously by the kernel) are in."""
-    last = seq_fds(pid)
-    while True:
-        time.sleep(0.1)
-        now = seq_fds(pid)
-        if now == last:
-            return now
-        last = now
 
 # Each task costs SPIN_MS of the CPU, measured with bpf_ktime_get_ns so it is slow on any
 # machine: the dump takes about 3 s however many tasks there are (20 ms each at least),
@@ -42,6 +38,7 @@ def threads() -> int:
 
 
 SPIN_MS = max(20, 3000 // max(threads(), 1))
+# Stays here, not in tests/bpf: its spin is computed from this host's thread count.
 SLOW = r"""
 #include "common.h"
 const volatile __u64 spin_ns = SPIN_MS * 1000 * 1000;
@@ -61,57 +58,28 @@ int dump_slow(struct bpf_iter__task *ctx)
 """.replace("SPIN_MS", str(SPIN_MS))
 
 
-# Every tenth symbol of the core kernel (not modules, not BPF programs, which come
-# and go): about half a megabyte that stays the same from one open to the next.
-STABLE = r"""
-#include "common.h"
-SEC("iter/ksym")
-int dump_stable(struct bpf_iter__ksym *ctx)
-{
-	struct kallsym_iter *it = ctx->ksym;
-	if (!it || it->module_name[0] || ctx->meta->seq_num % 10)
-		return 0;
-	BPF_SEQ_PRINTF(ctx->meta->seq, "%llx %c %s\n", it->value, it->type, it->name);
-	return 0;
-}
-"""
-# Every other symbol: some 2.5 MB, more than two of cat's 1 MiB reads.
-STABLE_HALF = STABLE.replace("% 10", "% 2")
-
-
-def pinned(tree, tmp_path_factory, name: str, source: str):
-    need_kernel()
-    d = tmp_path_factory.mktemp(name)
-    (d / f"{name}.bpf.c").write_text(source)
-    obj = compile_source(d / f"{name}.bpf.c", str(d))
+def pinned(tree, obj: str, name: str):
+    """OBJ pinned in the session's tree as NAME, readable by all; its pin's path."""
     with Dumper.load(obj) as dumper:
-        path = dumper.pin(StateDir(tree.state), name, mode=0o444)
-    return path
+        return dumper.pin(StateDir(tree.state), name, mode=0o444)
 
 
 @pytest.fixture(scope="module")
 def slow(tree, tmp_path_factory):
-    pin = pinned(tree, tmp_path_factory, "slow", SLOW)
+    need_kernel()
+    d = tmp_path_factory.mktemp("slow")
+    (d / "slow.bpf.c").write_text(SLOW)
+    pin = pinned(tree, compile_source(d / "slow.bpf.c", str(d)), "slow")
     yield tree.mnt / "task" / "slow"
     os.unlink(pin)
 
 
 @pytest.fixture(scope="module")
-def stable(tree, tmp_path_factory):
-    pin = pinned(tree, tmp_path_factory, "stable", STABLE)
+def stable(tree):
+    """tests/bpf/stable.bpf.c: half a megabyte, the same at every open."""
+    pin = pinned(tree, bpf_objects("stable")["stable"], "stable")
     yield pin, tree.mnt / "ksym" / "stable"
     os.unlink(pin)
-
-
-def read_all(path, bs=64 * 1024) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, bs):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def test_64_concurrent_readers_get_the_same_bytes(stable):
@@ -146,10 +114,10 @@ def test_reads_that_grow_or_shrink_midstream_get_every_byte(stable):
     assert len(got) >= len(sizes)  # every size was asked while output was left
 
 
-def test_dumps_are_read_in_1mib_blocks_like_cat_reads_them(tree, tmp_path_factory):
+def test_dumps_are_read_in_1mib_blocks_like_cat_reads_them(tree):
     """cat sizes its reads by st_blksize: 1 MiB, so a dump takes an eighth of the
     FUSE round trips of 128 KiB reads. Each such read is answered in full but the last."""
-    pin = pinned(tree, tmp_path_factory, "stable_half", STABLE_HALF)
+    pin = pinned(tree, bpf_objects("stable_half")["stable_half"], "stable_half")
     f = tree.mnt / "ksym" / "stable_half"
     want = pin.read_bytes()
     assert len(want) > 2 << 20
@@ -183,9 +151,12 @@ def test_files_read_a_little_and_left_open_cost_no_thread_each(stable, tree):
 
 
 def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
+    pid = tree.proc.pid
+    base = settled_seq_fds(pid)
     t0 = time.monotonic()
     bg = subprocess.Popen(["cat", str(slow)], stdout=subprocess.PIPE)
-    time.sleep(0.2)  # it is now inside a kernel read that lasts seconds
+    # its seq_file made: the dump, a kernel read that lasts seconds, is under way
+    assert eventually(lambda: seq_fds(pid) > base, 10), "cat of the slow dumper never opened"
     latencies = []
     while bg.poll() is None and len(latencies) < 50:
         t = time.monotonic()
@@ -203,17 +174,13 @@ def test_reader_killed_mid_read_frees_its_seq_file(slow, tree):
     pid = tree.proc.pid
     base = settled_seq_fds(pid)
     reader = subprocess.Popen(["cat", str(slow)], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 5
-    while seq_fds(pid) == base and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert eventually(lambda: seq_fds(pid) != base, 5, step=0.01), "the reader never opened"
     assert seq_fds(pid) == base + 1
     reader.send_signal(signal.SIGKILL)
     reader.wait()
     # The kernel read under way cannot be interrupted; the fd goes as soon as it returns.
-    deadline = time.monotonic() + 30
-    while seq_fds(pid) != base and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert seq_fds(pid) == base
+    assert eventually(lambda: seq_fds(pid) == base, 30, step=0.05), \
+        f"{seq_fds(pid) - base} seq_file(s) left 30 s after the reader was killed"
 
 
 def test_streaming_readers_killed_while_their_read_waits_free_their_seq_files(slow, tree):
@@ -224,16 +191,15 @@ def test_streaming_readers_killed_while_their_read_waits_free_their_seq_files(sl
     base = settled_seq_fds(pid)
     cats = [subprocess.Popen(["cat", str(slow)], stdout=subprocess.DEVNULL)
             for _ in range(8)]
-    time.sleep(0.3)
-    assert seq_fds(pid) > base
+    # every cat's open answered, and its dump under way: it reads, and waits
+    assert eventually(lambda: seq_fds(pid) >= base + len(cats), 10), \
+        f"{seq_fds(pid) - base} of {len(cats)} cats opened within 10 s"
     for c in cats:
         c.send_signal(signal.SIGKILL)
     for c in cats:
         c.wait()
-    deadline = time.monotonic() + 10
-    while seq_fds(pid) != base and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert seq_fds(pid) == base
+    assert eventually(lambda: seq_fds(pid) == base, 10, step=0.05), \
+        f"{seq_fds(pid) - base} seq_file(s) left 10 s after the cats were killed"
     assert read_all(tree.mnt / "task" / "tasks").startswith(b"    PID")
 
 
@@ -244,7 +210,5 @@ def test_head_on_a_huge_dump_frees_its_seq_file(tree):
         p = subprocess.run(f"head -c 300000 {tree.mnt}/ksym/kallsyms | wc -c", shell=True,
                            capture_output=True, text=True)
         assert p.stdout.strip() == "300000"
-    deadline = time.monotonic() + 5
-    while seq_fds(pid) != base and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert seq_fds(pid) == base
+    assert eventually(lambda: seq_fds(pid) == base, 5, step=0.01), \
+        f"{seq_fds(pid) - base} seq_file(s) left 5 s after the last head exited"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -12,53 +11,32 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import (
+    BPF_SRC,
+    CGROUPS_OBJ,
+    ROOT,
+    TASKS_OBJ,
+    Daemon,
+    bpf_objects,
+    bpfdumpfs,
+    bpftool_json,
+    eventually,
+    fixed_output,
+    link_exists,
+    mount_bpffs,
+    need_kernel,
+    unmount,
+)
 
 from bpfdumpfs.dumpers import Dumper
-from helpers import (ROOT, Daemon, bpfdumpfs, eventually, link_exists, mount_bpffs,
-                     need_kernel, unmount)
-
-TASKS_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "tasks.bpf.o")
-CGROUPS_OBJ = str(ROOT / "bpfdumpfs" / "builtins" / "cgroups.bpf.o")
-LINES = 50
-
-
-def fixed_source(letter: str) -> str:
-    """An iter/task program that prints LINES fixed lines, once per seq_file."""
-    return f"""#include "common.h"
-SEC("iter/task")
-int dump_{letter.lower()}(struct bpf_iter__task *ctx)
-{{
-	if (!ctx->task || ctx->meta->seq_num != 0)
-		return 0;
-	for (int i = 0; i < {LINES}; i++)
-		BPF_SEQ_PRINTF(ctx->meta->seq, "{letter} %04d from config\\n", i);
-	return 0;
-}}
-"""
-
-
-def expected(letter: str) -> bytes:
-    return b"".join(f"{letter} {i:04d} from config\n".encode() for i in range(LINES))
 
 
 @pytest.fixture(scope="module")
-def objs(tmp_path_factory) -> dict[str, Path]:
-    """fixed_a/fixed_b: .bpf.c sources and their compiled .bpf.o objects."""
-    need_kernel()
-    from bpfdumpfs.compile import _ARCH, BUILTIN_SRC, vmlinux_h
-    where = tmp_path_factory.mktemp("objs")
-    include, arch = vmlinux_h().parent, _ARCH.get(platform.machine(), platform.machine())
-    procs, found = [], {}
-    for letter in "AB":
-        src, obj = where / f"fixed_{letter.lower()}.bpf.c", where / f"fixed_{letter.lower()}.bpf.o"
-        src.write_text(fixed_source(letter))
-        procs.append(subprocess.Popen(
-            ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", f"-I{include}",
-             f"-I{BUILTIN_SRC}", "-c", str(src), "-o", str(obj)], stderr=subprocess.PIPE))
-        found[f"src_{letter.lower()}"], found[letter.lower()] = src, obj
-    for p in procs:
-        assert p.wait() == 0, p.stderr.read()
-    return found
+def objs() -> dict[str, str]:
+    """tests/bpf/fixed_a and fixed_b: their .bpf.c sources and .bpf.o objects."""
+    built = bpf_objects("fixed_a", "fixed_b")
+    return {"a": built["fixed_a"], "b": built["fixed_b"],
+            "src_a": str(BPF_SRC / "fixed_a.bpf.c"), "src_b": str(BPF_SRC / "fixed_b.bpf.c")}
 
 
 @pytest.fixture
@@ -93,11 +71,8 @@ def facts(state: Path) -> dict[str, dict]:
     """What the kernel and bpffs say of each pin (fast: bpftool and stat, no CLI)."""
     found = {}
     for pin in sorted(state.glob("*/*")):
-        link = json.loads(subprocess.run(["bpftool", "-j", "link", "show", "pinned", str(pin)],
-                                         capture_output=True, text=True, check=True).stdout)
-        prog = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id",
-                                          str(link["prog_id"])],
-                                         capture_output=True, text=True, check=True).stdout)
+        link = bpftool_json("link", "show", "pinned", str(pin))
+        prog = bpftool_json("prog", "show", "id", str(link["prog_id"]))
         st = os.stat(pin)
         found[f"{pin.parent.name}/{pin.name}"] = {
             "link_id": link["id"], "prog_name": prog["name"], "pid": link.get("pid"),
@@ -143,7 +118,7 @@ def test_apply_adds_what_is_missing_and_a_second_run_changes_nothing(setup, objs
         ("0440", "root", "nogroup", "daemon", "config", "dump_a")
     assert (cpid["mode"], cpid["owner"], cpid["pid"], cpid["origin"]) == \
         ("0400", "nobody", os.getpid(), "config")
-    assert read_pin(state / "task" / "ca") == expected("A")
+    assert read_pin(state / "task" / "ca") == fixed_output("A")
     again = apply(cfg, state)
     assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
     assert dumpers(state) == rows                   # the same links, untouched
@@ -166,7 +141,7 @@ def test_apply_replaces_what_changed(setup, objs):
     assert applied(apply(cfg, state)) == ["updated task/ca"]
     now = facts(state)
     assert now["task/ca"] == {**before["task/ca"], "mode": "0444", "prog_name": "dump_b"}
-    assert read_pin(state / "task" / "ca") == expected("B")
+    assert read_pin(state / "task" / "ca") == fixed_output("B")
 
     parent = os.getppid()                           # a parameter changed: a new link
     two_dumpers(cfg, objs, mode="0444", pid=parent)
@@ -315,7 +290,7 @@ def test_the_daemon_applies_the_config_at_start_and_on_sighup(tmp_path, objs):
     d = Daemon(mnt, state, "--no-builtins", "--config-dir", str(cfg)).start()
     try:
         f = mnt / "task" / "web"
-        assert f.read_bytes() == expected("A")     # applied before the tree was mounted
+        assert f.read_bytes() == fixed_output("A")     # applied before the tree was mounted
         assert os.stat(f).st_mode & 0o777 == 0o444
         link_id = os.getxattr(f, "user.bpfdump.link_id")
 
@@ -327,9 +302,9 @@ def test_the_daemon_applies_the_config_at_start_and_on_sighup(tmp_path, objs):
         shutil.copy(objs["src_b"], cfg / "web.bpf.c")
         web.write_text(web.read_text() + f'\n[dumpers.more]\nobject = "{objs["b"]}"\n')
         hup_until(lambda: "more" in os.listdir(mnt / "task"))
-        assert eventually(lambda: f.read_bytes() == expected("B"), 10.0)
+        assert eventually(lambda: f.read_bytes() == fixed_output("B"), 10.0)
         assert os.getxattr(f, "user.bpfdump.link_id") == link_id   # swapped in place
-        assert (mnt / "task" / "more").read_bytes() == expected("B")
+        assert (mnt / "task" / "more").read_bytes() == fixed_output("B")
 
         # the entry goes: so does its dumper
         web.write_text('[dumpers.web]\nsource = "web.bpf.c"\nmode = "0444"\n')
@@ -339,7 +314,7 @@ def test_the_daemon_applies_the_config_at_start_and_on_sighup(tmp_path, objs):
         bad = cfg / "bad.toml"
         bad.write_text('[dumpers.oops]\nobject = "x.bpf.o"\nfrequency = 3\n')
         hup_until(lambda: f"config: {bad}:3: unknown key 'frequency'" in d.output())
-        assert d.proc.poll() is None and f.read_bytes() == expected("B")
+        assert d.proc.poll() is None and f.read_bytes() == fixed_output("B")
         assert sorted(os.listdir(mnt / "task")) == ["web"]
         bad.unlink()
 

@@ -32,8 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from helpers import ROOT, bpfdumpfs, cgroup2_root, eventually, mount_bpffs, need, unmount
+from helpers import (
+    ROOT,
+    bpfdumpfs,
+    cgroup2_root,
+    eventually,
+    mount_bpffs,
+    need,
+    unmount,
+)
 
 CORPUS = ROOT / "tests" / "corpus"
 INCLUDE = CORPUS / "include"

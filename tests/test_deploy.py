@@ -18,14 +18,11 @@ import errno
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-
-from helpers import ROOT, fstype, need, need_kernel, unmount
+from helpers import ROOT, eventually, fstype, need, need_kernel, unmount
 
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
@@ -215,7 +212,7 @@ if mode in ("listen", "serve"):
             break
     print(s.getsockname()[1], flush=True)
     if mode == "serve":
-        while True:
+        while True:  # not a wait for state: the app lives on, listening, until killed
             time.sleep(3600)
 out = {"uid": os.getuid(),
        "capeff": [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0]}
@@ -323,14 +320,6 @@ def names():
         podman("rm", "--force", "--time", "0", n, check=False)
 
 
-@pytest.fixture
-def host_listener():
-    """A TCP port listening in the host's network namespace."""
-    s = socket.create_server(("127.0.0.1", 0))
-    yield s.getsockname()[1]
-    s.close()
-
-
 def serving(path: Path) -> bool:
     """A live bpfdumpfs mount at PATH (statfs always reaches the daemon)."""
     if fstype(path) != "fuse.bpfdumpfs":
@@ -343,14 +332,14 @@ def serving(path: Path) -> bool:
 
 
 def wait_serving(container: str, path: Path) -> None:
-    deadline = time.monotonic() + SERVE_TIMEOUT
-    while not serving(path):
-        state = podman("inspect", "--format", "{{.State.Status}}", container).stdout.strip()
-        if state != "running" or time.monotonic() > deadline:
-            logs = podman("logs", container, check=False)
-            raise AssertionError(f"{container} ({state}) did not serve {path} in time:\n"
-                                 f"{logs.stdout}{logs.stderr}")
-        time.sleep(0.1)
+    """Until CONTAINER serves PATH; fails if it stops, or in SERVE_TIMEOUT seconds."""
+    def status() -> str:
+        return podman("inspect", "--format", "{{.State.Status}}", container).stdout.strip()
+    eventually(lambda: serving(path) or status() != "running", SERVE_TIMEOUT, 0.1)
+    if not serving(path):
+        logs = podman("logs", container, check=False)
+        raise AssertionError(f"{container} ({status()}) did not serve {path} in time:\n"
+                             f"{logs.stdout}{logs.stderr}")
 
 
 def wait_exited(container: str) -> int:
@@ -394,11 +383,9 @@ def test_node_daemon_serves_unprivileged_containers(image, shared, names, host_l
     podman(*RUN, "-d", "--name", app, *UNPRIVILEGED, "--network=none",
            "-v", f"{shared.path}:/run/bpfdumpfs:ro,rslave", "--entrypoint", "python3", image,
            "-c", APP, "/run/bpfdumpfs/bpfdump", str(host_listener), "serve")
-    deadline = time.monotonic() + 30
-    while not (out := podman("logs", app).stdout.split()):
-        assert time.monotonic() < deadline, podman("logs", app).stderr
-        time.sleep(0.1)
-    port = int(out[0])
+    assert eventually(lambda: podman("logs", app).stdout.split(), 30, step=0.1), \
+        f"{app} printed no port in 30 s: {podman('logs', app).stderr}"
+    port = int(podman("logs", app).stdout.split()[0])
 
     def read() -> dict:
         p = podman("exec", app, "python3", "-c", APP, "/run/bpfdumpfs/bpfdump",

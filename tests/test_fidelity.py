@@ -32,7 +32,6 @@ import concurrent.futures
 import difflib
 import errno
 import functools
-import json
 import os
 import re
 import shlex
@@ -40,18 +39,26 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import (
+    BPF_BUILD,
+    BPF_SRC,
+    Daemon,
+    bpf_objects,
+    bpftool_json,
+    cgroup2_root,
+    eventually,
+    mount_bpffs,
+    need,
+    readline,
+    unmount,
+)
 
 from bpfdumpfs import Dumper, Params, StateDir
 from bpfdumpfs.builtins import builtins
-from helpers import Daemon, cgroup2_root, mount_bpffs, need, need_kernel, unmount
-
-BPF_SRC = Path(__file__).resolve().parent / "bpf"
-BPF_BUILD = BPF_SRC / "build"
 
 # -- what the test programs print (mirrors tests/bpf/*.bpf.c) --------------------------
 
@@ -155,7 +162,7 @@ socket.send_fds(c, [b"x"], [fd])
 
 
 def _receive_fd(sock: Path, opener: subprocess.Popen) -> int:
-    assert opener.stdout.readline() == b"ready\n"
+    assert readline(opener.stdout, what="the opener ready") == b"ready\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(sock))
         _, fds, _, _ = socket.recv_fds(s, 1, 1)
@@ -214,26 +221,20 @@ LOG_PROBLEM = re.compile(r"\b(ERROR|WARNING|CRITICAL)\b")
 
 def log_lines(tree, since: int, needle: str, timeout: float = 5.0) -> list[str]:
     """Error and warning lines of the daemon's log, written after offset SINCE, that
-    contain NEEDLE (waits up to TIMEOUT for the first)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [ln for ln in tree.output()[since:].splitlines()
-                 if needle in ln and LOG_PROBLEM.search(ln)]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    contain NEEDLE (waits up to TIMEOUT for the first; none if none came)."""
+    def found() -> list[str]:
+        return [ln for ln in tree.output()[since:].splitlines()
+                if needle in ln and LOG_PROBLEM.search(ln)]
+    eventually(found, timeout, step=0.05)
+    return found()
 
 
 # -- fixtures: the test dumpers ---------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def bpf_objs() -> Path:
-    """tests/bpf compiled for the running kernel (make; a no-op once built)."""
-    need_kernel()
-    for tool in ("make", "clang", "bpftool"):
-        need(shutil.which(tool) is not None, f"{tool} (to build tests/bpf)")
-    p = subprocess.run(["make", "-s", "-C", str(BPF_SRC)], capture_output=True, text=True)
-    assert p.returncode == 0, f"building tests/bpf failed:\n{p.stdout}\n{p.stderr}"
+    """The directory of tests/bpf/fid_*.bpf.c built for the running kernel."""
+    bpf_objects(*(p.name.removesuffix(".bpf.c") for p in BPF_SRC.glob("fid_*.bpf.c")))
     return BPF_BUILD
 
 
@@ -280,7 +281,7 @@ class Holder:
         self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(FDS), str(tables)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        line = self.proc.stdout.readline()
+        line = readline(self.proc.stdout, what=f"a helper holding {FDS} fds")
         if not line:
             self.proc.wait(timeout=30)
             need(False, f"a helper holding {FDS} fds: {self.proc.stderr.read().decode()}")
@@ -351,11 +352,6 @@ def dumpers(tree, bpf_objs, cgroups):
         for d in made.values():
             d.pin.unlink(missing_ok=True)
         holder.close()
-
-
-def bpftool_json(*args: str):
-    p = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
-    return json.loads(p.stdout)
 
 
 def bss_u64(pin_path: Path) -> int:
@@ -452,15 +448,15 @@ class TestDeterministicDumpers:
                                f"less {shlex.quote(str(d.mnt))}"], env=env, check=True)
 
         def screen(until, what: str) -> list[str]:
-            deadline = time.monotonic() + 30
-            while True:
-                shown = subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True,
-                                       text=True, check=True).stdout.split("\n")
-                if until(shown):
-                    return shown
-                assert time.monotonic() < deadline, f"less never showed {what}:\n" + \
-                    "\n".join(shown)
-                time.sleep(0.1)
+            shown = []
+
+            def showing() -> bool:
+                shown[:] = subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True,
+                                          text=True, check=True).stdout.split("\n")
+                return until(shown)
+            assert eventually(showing, 30, step=0.1), f"less never showed {what}:\n" + \
+                "\n".join(shown)
+            return shown
         try:
             height = int(subprocess.run(tmux + ["display", "-p", "#{pane_height}"],
                                         capture_output=True, text=True, check=True).stdout)
@@ -522,7 +518,7 @@ class TestDeterministicDumpers:
                 got = list(pool.map(lambda off: os.pread(fd, 30_000, off), offsets))
         finally:
             os.close(fd)
-        for off, data in zip(offsets, got):
+        for off, data in zip(offsets, got, strict=True):
             assert data == want[off:off + 30_000], off
 
     def test_a_seek_back_re_runs_only_for_the_opener(self, tree, dumpers, tmp_path):

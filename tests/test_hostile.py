@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import ROOT, need_kernel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bpfdumpfs import Dumper, DumperError
 from bpfdumpfs.builtins import object_path
 from bpfdumpfs.config import ConfigError, parse
-from bpfdumpfs.dumpers import check_name
-from helpers import ROOT, need_kernel
+from bpfdumpfs.state import check_name
 
 FAST = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,31 +6,21 @@ import contextlib
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from helpers import Daemon, bpfdumpfs, eventually, mount_bpffs, unmount, waiting_in
 
 from bpfdumpfs.namespaces import HELPER_DEADLINE, MAX_PER_UID, MAX_WAITING
 from bpfdumpfs.nshelper import IDLE, kept_caps
-from helpers import Daemon, bpfdumpfs, eventually, mount_bpffs, unmount
 
 TCP_OBJ = "bpfdumpfs/builtins/tcp.bpf.o"
 
 
 def port_hex(port: int) -> str:
     return f":{port:04X} "
-
-
-@pytest.fixture
-def host_listener():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen()
-    yield s.getsockname()[1]
-    s.close()
 
 
 def in_new_netns(tree, files: list[str]) -> tuple[int, str]:
@@ -100,9 +90,8 @@ def test_pid_reader_sees_only_its_own_tasks(tree):
     host_pids = {int(ln.split()[0]) for ln in host.splitlines()[1:]}
     assert os.getpid() in host_pids and len(host_pids) > len(rows), "the daemon's own view"
     # the namespace is gone with its init, and its helper ends idle
-    deadline = time.monotonic() + 10
-    while nshelpers() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert eventually(lambda: nshelpers() <= before, 10, step=0.05), \
+        f"{nshelpers() - before} namespace helper(s) left 10 s after the namespace went"
     assert nshelpers() == before
 
 
@@ -219,7 +208,12 @@ def test_a_helper_that_stops_answering_fails_its_open_alone(tree):
         t0 = time.monotonic()
         slow = subprocess.Popen([*enter, "cat", str(tree.mnt / "task" / "tasks")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(0.5)
+
+        def cat_waits() -> bool:  # nsenter's child, cat, waits for the daemon's answer
+            kids = subprocess.run(["pgrep", "-P", str(slow.pid)], capture_output=True,
+                                  text=True, check=False).stdout.split()
+            return any(waiting_in(int(k)) == "request_wait_answer" for k in kids)
+        assert eventually(cat_waits, 3), "the cat in the namespace never waited on its open"
         assert (tree.mnt / "ksym" / "kallsyms").read_bytes()  # served meanwhile
         assert time.monotonic() - t0 < 3
         assert slow.wait(timeout=30) == 1
@@ -236,9 +230,9 @@ def test_a_helper_that_stops_answering_fails_its_open_alone(tree):
 
 def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
     """80 readers of one user at once, each in a pid namespace of its own: at most
-    MAX_PER_UID helpers run for them and MAX_WAITING opens wait (a reader beyond gets EAGAIN, never a hang),
-    the tree's other requests are served meanwhile, and once idle every helper ends, is
-    reaped, and leaves no fd behind."""
+    MAX_PER_UID helpers run for them and MAX_WAITING opens wait (a reader beyond gets
+    EAGAIN, never a hang), the tree's other requests are served meanwhile, and once idle
+    every helper ends, is reaped, and leaves no fd behind."""
     state = mount_bpffs(tmp_path / "state")
     d = Daemon(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none"))
     try:
@@ -250,13 +244,17 @@ def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for _ in range(80)]
         peak, slowest = 0, 0.0
-        while any(r.poll() is None for r in readers):
-            t = time.monotonic()  # an open and a listing, served while the flood waits
+
+        def flood_over() -> bool:  # after an open and a listing, served while it waits
+            nonlocal peak, slowest
+            t = time.monotonic()
             stats = (d.mnt / ".stats").read_text()
             assert "tasks" in os.listdir(d.mnt / "task")
             slowest = max(slowest, time.monotonic() - t)
             peak = max(peak, int(stats.split('namespace_helpers{kind="pid"} ')[1].split()[0]))
-            time.sleep(0.05)
+            return all(r.poll() is not None for r in readers)
+        assert eventually(flood_over, 120, step=0.05), \
+            f"{sum(r.poll() is None for r in readers)} of 80 readers still running after 120 s"
         assert slowest < 2.0, f"the flood held the tree's other requests {slowest:.1f} s"
         for r in readers:
             err = r.stderr.read()
@@ -303,12 +301,12 @@ def test_opens_waiting_on_stuck_helpers_never_hold_the_tree(tmp_path):
                                  stderr=subprocess.PIPE, text=True)
                 for enter, _ in stopped for _ in range(16)]
         t0, slowest = time.monotonic(), 0.0
-        while time.monotonic() - t0 < HELPER_DEADLINE - 1:
+        while time.monotonic() - t0 < HELPER_DEADLINE - 1:  # as long as the cats wait
             t = time.monotonic()
             assert "tasks" in os.listdir(d.mnt / "task")
             assert (d.mnt / ".stats").read_bytes()
             slowest = max(slowest, time.monotonic() - t)
-            time.sleep(0.1)
+            time.sleep(0.1)  # not a wait for state: a look at the tree every 0.1 s
         assert slowest < 1.0, f"stuck helpers held the tree {slowest:.1f} s"
         refused = 0
         for c in cats:

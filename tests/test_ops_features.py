@@ -12,12 +12,22 @@ import sys
 import time
 
 import pytest
+from helpers import (
+    ROOT,
+    TASKS_OBJ,
+    Daemon,
+    bpf_objects,
+    bpfdumpfs,
+    eventually,
+    mount_bpffs,
+    readline,
+    rss_kib,
+    settled,
+    traversable,
+    unmount,
+)
 
 from bpfdumpfs import Dumper, StateDir
-from bpfdumpfs.compile import compile_source
-from helpers import (ROOT, Daemon, bpfdumpfs, eventually, mount_bpffs, rss_kib, traversable,
-                     unmount)
-from test_concurrency import STABLE_HALF
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -74,6 +84,24 @@ def test_status_shows_where_since_when_and_how_busy(daemon):
     assert p.returncode == 1 and "reading" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_status_names_a_mount_point_with_a_comma_and_a_quote_whole(tmp_path):
+    """status reads the daemon's own JSON, not .stats' labels parsed back: a mount point
+    that OpenMetrics must escape comes back as it is, found with or without naming it."""
+    state = mount_bpffs(tmp_path / "state")
+    traversable(tmp_path)
+    d = Daemon(tmp_path / 'bpf,dump"x', state, "--config-dir", str(tmp_path / "none")).start()
+    try:
+        (d.mnt / "task" / "tasks").read_bytes()
+        named = json.loads(bpfdumpfs("status", str(d.mnt), "--json").stdout)
+        assert [(r["mountpoint"], r["pid"], r["opens"]) for r in named] == \
+            [(str(d.mnt), d.proc.pid, 1)]
+        every = json.loads(bpfdumpfs("status", "--json").stdout)
+        assert str(d.mnt) in [r["mountpoint"] for r in every]
+        assert f"{d.mnt}: served by pid {d.proc.pid}" in bpfdumpfs("status", str(d.mnt)).stdout
+    finally:
+        d.stop()
+
+
 @pytest.mark.parametrize("daemon", [("--max-handles", "3", "--max-handles-per-uid", "2")],
                          indirect=True)
 def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
@@ -87,7 +115,7 @@ def test_handle_limits_refuse_with_emfile_and_enfile(daemon):
         # another user may still open one, up to the total of 3 ...
         nobody = subprocess.Popen([*NOBODY, "sh", "-c", f"exec 3<{f}; echo held; sleep 30"],
                                   stdout=subprocess.PIPE)
-        assert nobody.stdout.readline() == b"held\n"
+        assert readline(nobody.stdout, what="nobody's open") == b"held\n"
         # ... and then no more
         p = subprocess.run([*NOBODY, "cat", str(f)], capture_output=True, text=True)
         assert p.returncode == 1 and "Too many open files in system" in p.stderr
@@ -232,7 +260,7 @@ def test_debug_fuse_logs_every_request_and_its_reply(daemon):
 def test_open_budget_stops_a_runaway_reader(daemon):
     f = open(daemon.mnt / "ksym" / "kallsyms", "rb", buffering=0)
     assert len(f.read(4096)) == 4096
-    time.sleep(0.7)
+    time.sleep(0.7)  # not a wait for state: the open outlives its budget of 0.5 s
     with pytest.raises(OSError) as e:
         f.read(4096)
     assert e.value.errno == errno.ETIME
@@ -245,11 +273,9 @@ def read_to_end(fd: int) -> bytes:
     return b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
 
 
-def pin_half(daemon, tmp_path) -> bytes:
+def pin_half(daemon) -> bytes:
     """Pin a 2.5 MB dump, the same at every open, as ksym/half (0444); returns its bytes."""
-    src = tmp_path / "half.bpf.c"
-    src.write_text(STABLE_HALF)
-    with Dumper.load(compile_source(src, str(tmp_path))) as d:
+    with Dumper.load(bpf_objects("stable_half")["stable_half"]) as d:
         d.pin(StateDir(daemon.state), "half", mode=0o444)
     return (daemon.state / "ksym" / "half").read_bytes()
 
@@ -259,13 +285,20 @@ def read_ahead(daemon) -> float:
     return metric((daemon.mnt / ".stats").read_text(), "bpfdumpfs_read_ahead_bytes")
 
 
+def read_ahead_settled(daemon) -> float:
+    """read_ahead once the producers started have read ahead all they may: when it has
+    stayed the same for half a second."""
+    return settled(lambda: read_ahead(daemon), "the read-ahead bytes in .stats", quiet=0.5,
+                   timeout=20)
+
+
 @pytest.mark.parametrize("daemon", [("--read-ahead", "8",)], indirect=True)
-def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon, tmp_path):
+def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon):
     """40 readers of a 2.5 MB dump each read 1 MiB, as cat does, and stop. Unbounded, each
     would have 1.25 MiB more read ahead for it (~50 MiB); with --read-ahead 8 the daemon
     holds about 6 MiB for them (one user's share of 8), and every reader still gets every
     byte."""
-    want = pin_half(daemon, tmp_path)
+    want = pin_half(daemon)
     assert len(want) > 2 << 20
     f = str(daemon.mnt / "ksym" / "half")
     base = rss_kib(daemon.proc.pid)
@@ -273,10 +306,10 @@ def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon, tmp_path):
     try:
         for fd in fds:
             assert os.read(fd, 1 << 20) == want[:1 << 20]
-        time.sleep(1)  # what producers were started have read ahead all they may
+        ahead = read_ahead_settled(daemon)
         held = (rss_kib(daemon.proc.pid) - base) / 1024
         assert held < 20, f"40 stopped readers cost the daemon {held:.0f} MiB"
-        assert 4 << 20 < read_ahead(daemon) < 9 << 20  # the budget, give or take a kernel read
+        assert 4 << 20 < ahead < 9 << 20  # the budget, give or take a kernel read
         for fd in fds:
             assert want[:1 << 20] + read_to_end(fd) == want
     finally:
@@ -302,18 +335,17 @@ for fd, head in zip(fds, heads):
 
 
 @pytest.mark.parametrize("daemon", [("--read-ahead", "8",)], indirect=True)
-def test_one_users_stopped_readers_leave_read_ahead_for_others(daemon, tmp_path):
+def test_one_users_stopped_readers_leave_read_ahead_for_others(daemon):
     """40 readers of one user read 1 MiB each and stop. They may hold no more than 3/4 of
     the read-ahead budget (6 of 8 MiB): the streams of another user, started after them,
     still read ahead. Every reader gets every byte."""
-    want = pin_half(daemon, tmp_path)
+    want = pin_half(daemon)
     f = str(daemon.mnt / "ksym" / "half")
     p = subprocess.Popen([*NOBODY, "/usr/bin/python3", "-c", STOPPED_READERS, f, "40"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert p.stdout.readline() == "stopped\n"
-        time.sleep(1)  # what producers were started have read ahead all they may
-        held = read_ahead(daemon)
+        assert readline(p.stdout, what="40 readers stopped") == "stopped\n"
+        held = read_ahead_settled(daemon)
         assert 4 << 20 < held < 7 << 20, f"one user's stopped readers hold {held / 2**20:.1f} MiB"
         fds = [os.open(f, os.O_RDONLY) for _ in range(4)]
         try:
@@ -343,7 +375,7 @@ def test_settings_file_sets_limits_and_bad_ones_are_refused(tmp_path):
         d = Daemon(tmp_path / "mnt", state, "--settings", str(good), "--no-builtins",
                    "--config-dir", str(tmp_path / "none")).start()
         try:
-            bpfdumpfs("add", "t", "bpfdumpfs/builtins/tasks.bpf.o", "--state-dir", str(state))
+            bpfdumpfs("add", "t", TASKS_OBJ, "--state-dir", str(state))
             a = open(d.mnt / "task" / "t", "rb")
             with pytest.raises(OSError) as e:
                 open(d.mnt / "task" / "t", "rb")
@@ -362,27 +394,14 @@ def test_settings_file_sets_limits_and_bad_ones_are_refused(tmp_path):
         unmount(state)
 
 
-# a built-in's program as an earlier bpfdumpfs might have shipped it: same name, other code
-OLD_TASKS = r"""
-#include "common.h"
-SEC("iter/task")
-int dump_tasks(struct bpf_iter__task *ctx)
-{
-	if (ctx->task && ctx->meta->seq_num == 0)
-		BPF_SEQ_PRINTF(ctx->meta->seq, "an older task/tasks\n");
-	return 0;
-}
-"""
-
-
 def test_builtins_pinned_by_an_earlier_version_get_this_versions_program(tmp_path):
     """Built-ins stay pinned across restarts, so an upgrade must give them its programs,
     in place: the same link, its mode and any open file kept. A program an operator put
     there with `add` is theirs, and stays."""
+    # a built-in's program as an earlier bpfdumpfs might have shipped it: same name,
+    # other code
+    old = bpf_objects("old_tasks")["old_tasks"]
     state = mount_bpffs(tmp_path / "state")
-    src = tmp_path / "old.bpf.c"
-    src.write_text(OLD_TASKS)
-    old = compile_source(src, str(tmp_path))
     try:
         with Dumper.load(old) as d:
             d.pin(StateDir(state), "tasks", mode=0o444)
@@ -421,9 +440,10 @@ def test_json_logs_have_level_and_message(tmp_path):
     try:
         # a built-in this kernel cannot serve adds a warning (with its verifier log at
         # info): read up to the line that says the tree is served
-        lines = [json.loads(p.stderr.readline())]
-        while not lines[-1]["message"].startswith("serving "):
-            lines.append(json.loads(p.stderr.readline()))
+        deadline, lines = time.monotonic() + 60, []
+        while not lines or not lines[-1]["message"].startswith("serving "):
+            lines.append(json.loads(readline(p.stderr, deadline - time.monotonic(),
+                                             "the log line saying the tree is served")))
         pinned = [e for e in lines if e["message"].startswith("built-ins: ")]
         assert len(pinned) == 1 and pinned[0]["level"] == "info"
         assert "task/tasks pinned" in pinned[0]["message"]

@@ -5,91 +5,46 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import shutil
 import struct
 import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, mount_bpffs, need_kernel, traversable, unmount
-from test_cli import bpftool_json, cli, compile_sources, ok, xattrs
+from helpers import (
+    BPF_SRC,
+    ROOT,
+    bpf_objects,
+    bpftool_json,
+    cli,
+    need_kernel,
+    ok,
+    traversable,
+    xattrs,
+)
 
 from bpfdumpfs import Dumper, btf, kernel
 
 LONG_NAME = "slab_info_collector"  # 19 characters: the kernel keeps "slab_info_colle"
 
-SOURCES = {
-    "long_name": f"""#include "common.h"
-SEC("iter/task")
-int {LONG_NAME}(struct bpf_iter__task *ctx)
-{{
-	if (ctx->task && ctx->meta->seq_num == 0)
-		BPF_SEQ_PRINTF(ctx->meta->seq, "fixed\\n");
-	return 0;
-}}
-""",
-    "reader_pid": """#include "common.h"
-SEC("iter/task")
-int print_reader_pid(struct bpf_iter__task *ctx)
-{
-	if (ctx->task && ctx->meta->seq_num == 0)
-		BPF_SEQ_PRINTF(ctx->meta->seq, "tgid %d\\n", (int)(bpf_get_current_pid_tgid() >> 32));
-	return 0;
-}
-""",
-    # the helper is called from a BPF function, which libbpf appends to the program at load
-    "in_subprog": """#include "common.h"
-static __noinline int reader_uid(void)
-{
-	return bpf_get_current_uid_gid() & 0xffff;
-}
-SEC("iter/task")
-int print_reader_uid(struct bpf_iter__task *ctx)
-{
-	if (ctx->task && ctx->meta->seq_num == 0)
-		BPF_SEQ_PRINTF(ctx->meta->seq, "uid %d\\n", reader_uid());
-	return 0;
-}
-""",
-    # kfuncs are GPL-only: the kernel stops before the first instruction is verified
-    "non_gpl_kfunc": """#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-char LICENSE[] SEC("license") = "Proprietary";
-extern void bpf_rcu_read_lock(void) __ksym;
-extern void bpf_rcu_read_unlock(void) __ksym;
-SEC("iter/task")
-int locks_rcu(struct bpf_iter__task *ctx)
-{
-	bpf_rcu_read_lock();
-	bpf_rcu_read_unlock();
-	return 0;
-}
-""",
-}
+# the test programs used here: tests/bpf/NAME.bpf.c (each says what it is)
+PROGRAMS = ["long_name", "reader_pid", "in_subprog", "non_gpl_kfunc"]
 
 
 @pytest.fixture(scope="module")
 def objs(tmp_path_factory) -> dict[str, str]:
-    """The SOURCES compiled (name -> .bpf.o), their sources beside them, readable by
-    anyone (the refusal tests load them as nobody)."""
-    need_kernel()
+    """PROGRAMS built (name -> .bpf.o), copied where anyone may read them (the refusal
+    tests load them as nobody)."""
     where = traversable(tmp_path_factory.mktemp("progs"))
-    built = compile_sources(where, SOURCES)
-    for f in where.iterdir():
-        f.chmod(0o644)
+    built = {}
+    for name, obj in bpf_objects(*PROGRAMS).items():
+        built[name] = shutil.copy(obj, where)
+        os.chmod(built[name], 0o644)
     return built
 
 
-def source(objs: dict[str, str], name: str) -> str:
-    return objs[name].replace(".bpf.o", ".bpf.c")
-
-
-@pytest.fixture
-def bare(tmp_path):
-    """A bpffs state dir that no daemon serves."""
-    state = mount_bpffs(tmp_path / "bare")
-    yield state
-    unmount(state)
+def source(name: str) -> str:
+    return str(BPF_SRC / f"{name}.bpf.c")
 
 
 def warnings(stderr: str) -> list[str]:
@@ -100,7 +55,7 @@ def warnings(stderr: str) -> list[str]:
 
 def test_full_program_names_in_ls_info_json_and_xattrs(tree, objs):
     state, mnt = tree.state, tree.mnt
-    p = cli(state, "add", "long_named", source(objs, "long_name"), "--prog", LONG_NAME)
+    p = cli(state, "add", "long_named", source("long_name"), "--prog", LONG_NAME)
     try:
         assert ok(p) == f"{mnt}/task/long_named\n"
         assert p.stderr == "", "a program without reader-dependent helpers warned"
@@ -123,15 +78,8 @@ def test_full_program_names_in_ls_info_json_and_xattrs(tree, objs):
         cli(state, "rm", "task/long_named")
 
 
-def test_a_program_without_btf_keeps_the_kernels_15_characters(tmp_path):
-    need_kernel()
-    from bpfdumpfs.compile import _ARCH, BUILTIN_SRC, vmlinux_h
-    src, obj = tmp_path / "nobtf.bpf.c", tmp_path / "nobtf.bpf.o"
-    src.write_text(SOURCES["long_name"])
-    arch = _ARCH.get(platform.machine(), platform.machine())
-    subprocess.run(["clang", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}",  # no -g
-                    f"-I{vmlinux_h().parent}", f"-I{BUILTIN_SRC}", "-c", str(src), "-o",
-                    str(obj)], check=True)
+def test_a_program_without_btf_keeps_the_kernels_15_characters():
+    obj = bpf_objects("long_name_nobtf")["long_name_nobtf"]  # long_name.bpf.c without -g
     with Dumper.load(obj) as d:
         assert d.info().prog_name == LONG_NAME[:15]
 
@@ -183,7 +131,7 @@ def test_a_non_gpl_program_calling_a_kfunc_is_refused_before_verifying(objs):
 
 def test_a_program_reading_the_current_task_warns_and_reads_the_daemons_pid(tree, objs):
     state, mnt = tree.state, tree.mnt
-    p = cli(state, "add", "reader_pid", source(objs, "reader_pid"), "--mode", "0444")
+    p = cli(state, "add", "reader_pid", source("reader_pid"), "--mode", "0444")
     try:
         assert ok(p) == f"{mnt}/task/reader_pid\n"
         warned, = warnings(p.stderr)
@@ -205,7 +153,7 @@ def test_a_program_reading_the_current_task_warns_and_reads_the_daemons_pid(tree
 
 
 def test_run_pin_and_config_files_warn_too(bare, objs, tmp_path):
-    p = cli(bare, "run", source(objs, "reader_pid"), "--pin", "pinned")
+    p = cli(bare, "run", source("reader_pid"), "--pin", "pinned")
     assert ok(p) == f"{bare}/task/pinned\n"
     assert "task/pinned calls bpf_get_current_pid_tgid" in warnings(p.stderr)[0]
     cfg = tmp_path / "cfg"

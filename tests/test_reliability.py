@@ -15,15 +15,30 @@ import threading
 import time
 
 import pytest
+from helpers import (
+    KSYM_OBJ,
+    TASKS_OBJ,
+    Daemon,
+    bpftool_pin,
+    eventually,
+    mount_bpffs,
+    read_all,
+    rss_kib,
+    seq_fds,
+    settled_seq_fds,
+    unmount,
+)
 
 from bpfdumpfs import Dumper, StateDir
 from bpfdumpfs.builtins import builtins
-from helpers import Daemon, eventually, mount_bpffs, rss_kib, unmount
-from test_concurrency import read_all, settled_seq_fds
-from test_tree import TASKS_OBJ, bpftool_pin, seq_fds
 
 SOAK = 10 if os.environ.get("BPFDUMPFS_SOAK") else 1
 CYCLES = 2000 * SOAK
+# The daemon looks at its memory every 0.5 s (TRIM_EVERY, bpfdumpfs/resources.py) and
+# gives back what readers freed; nothing outside it tells when a look was made. Where a
+# test needs looks to have happened (so a base is taken after them, or so they find
+# readers holding memory), it lets the time for two or three of them pass: a sleep.
+LOOKS = 1.0   # two looks at the daemon's memory
 
 
 def fd_count(pid: int) -> int:
@@ -85,19 +100,20 @@ def test_memory_of_a_burst_is_given_back_while_other_files_stay_open(daemon):
         os.read(small, 1)
         for _ in range(3):  # streaming: its producer fills its read-ahead and waits
             assert len(os.read(paused, 1 << 20)) == 1 << 20
-        time.sleep(1)
+        time.sleep(LOOKS)  # not a wait for state: the daemon's looks at its memory (LOOKS)
         base = rss_kib(pid)
         cats = [subprocess.Popen(["cat", ksyms], stdout=subprocess.DEVNULL) for _ in range(32)]
         peak = 0
-        while any(c.poll() is None for c in cats):
+
+        def burst_over() -> bool:  # and the peak of the daemon's memory meanwhile
+            nonlocal peak
             peak = max(peak, rss_kib(pid))
-            time.sleep(0.01)
+            return all(c.poll() is not None for c in cats)
+        assert eventually(burst_over, 120, step=0.01), "32 cats of kallsyms still reading"
         assert all(c.returncode == 0 for c in cats)
         assert peak > base + 16 * 1024, f"the burst should have held memory: {base} -> {peak}"
-        deadline = time.monotonic() + 10
-        while rss_kib(pid) > base + 8 * 1024 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert rss_kib(pid) < base + 8 * 1024, f"RSS {base} -> peak {peak} -> {rss_kib(pid)} KiB"
+        assert eventually(lambda: rss_kib(pid) < base + 8 * 1024, 10, step=0.1), \
+            f"RSS {base} -> peak {peak} -> {rss_kib(pid)} KiB"
         assert len(os.read(paused, 1 << 20)) == 1 << 20  # and the paused reader goes on
     finally:
         os.close(small)
@@ -119,7 +135,7 @@ def test_a_burst_too_short_to_be_seen_is_given_back_too(daemon):
             assert all(len(dump) > 1 << 20 for dump in dumps)
 
     burst(32)
-    time.sleep(2)  # its buffers given back
+    time.sleep(2 * LOOKS)  # not a wait for state: looks that give its buffers back (LOOKS)
     for trial in range(8):
         base = rss_kib(pid)
         time.sleep(trial % 5 * 0.1)  # the bursts fall at different times between looks
@@ -137,13 +153,13 @@ def test_the_read_ahead_of_paused_readers_is_given_back_when_they_close(daemon):
     pid = daemon.proc.pid
     ksyms = str(daemon.mnt / "ksym" / "kallsyms")
     subprocess.run(["cat", ksyms], stdout=subprocess.DEVNULL, check=True)  # warm up
-    time.sleep(1)
+    time.sleep(LOOKS)  # not a wait for state: looks that give the warm-up back (LOOKS)
     base = rss_kib(pid)
     fds = [os.open(ksyms, os.O_RDONLY) for _ in range(10)]
     try:
         for fd in fds:  # each gets a producer, which fills its read-ahead and waits
             assert len(os.read(fd, 1 << 20)) == 1 << 20
-        time.sleep(1.5)  # three looks at the daemon's memory while they hold it
+        time.sleep(1.5 * LOOKS)  # not a wait: three looks at the memory while they hold it
         held = rss_kib(pid)
         assert held > base + 8 * 1024, f"the readers should hold memory: {base} -> {held}"
     finally:
@@ -179,15 +195,12 @@ def test_load_every_builtin_from_64_readers_and_back_to_baseline(daemon):
     assert done == CYCLES // 64 * 64
     # every built-in was read to its end at least once, and gave something
     assert all(n > 0 for f, n in full.items() if not f.endswith("/cgroups")), full
-    deadline = time.monotonic() + 10
-    while (seq_fds(pid) or fd_count(pid) > base_fds) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert seq_fds(pid) == 0, "every seq_file closed"
-    assert fd_count(pid) <= base_fds, "no fd leaked"
+    assert eventually(lambda: seq_fds(pid) == 0, 10, step=0.05), \
+        f"{seq_fds(pid)} seq_file(s) still open 10 s after the readers ended"
+    assert eventually(lambda: fd_count(pid) <= base_fds, 10, step=0.05), \
+        f"fds leaked: {base_fds} -> {fd_count(pid)}"
     # the buffers of 64 readers are given back once all are closed (within seconds)
-    while rss_kib(pid) > base_rss + 8 * 1024 and time.monotonic() < deadline + 10:
-        time.sleep(0.1)
-    assert rss_kib(pid) < base_rss + 8 * 1024, \
+    assert eventually(lambda: rss_kib(pid) < base_rss + 8 * 1024, 20, step=0.1), \
         f"RSS {base_rss} -> {rss_kib(pid)} KiB; {memory_summary(pid)}"
     assert daemon.serving()
     print(f"{done} cycles by 64 readers in {took:.1f}s; RSS {base_rss} -> {rss_kib(pid)} KiB")
@@ -208,9 +221,9 @@ def test_kill_9_under_load_loses_nothing(daemon):
     threads = [threading.Thread(target=hammer) for _ in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1)
+    time.sleep(1)  # not a wait for state: the daemon is killed under a second of load
     daemon.kill(signal.SIGKILL)
-    time.sleep(0.3)
+    time.sleep(0.3)  # not a wait for state: the readers go on against the dead mount
     stop.set()
     for t in threads:
         t.join(timeout=30)
@@ -227,7 +240,7 @@ def test_kill_9_under_load_loses_nothing(daemon):
 
 def test_dumper_removed_while_20_readers_are_mid_read(daemon):
     pin = daemon.state / "ksym" / "going"
-    bpftool_pin(str(TASKS_OBJ).replace("tasks", "kallsyms"), pin)
+    bpftool_pin(KSYM_OBJ, pin)
     want = pin.read_bytes()
     f = daemon.mnt / "ksym" / "going"
     handles = [open(f, "rb", buffering=0) for _ in range(20)]
@@ -279,8 +292,8 @@ def test_a_dumper_pinned_and_removed_over_and_over_under_readers(daemon):
         for t in readers:
             t.start()
         try:
-            for _ in range(300):
-                d.pin(state, "churn", mode=0o444)
+            for _ in range(300):  # the sleeps pace the churn: time the readers find
+                d.pin(state, "churn", mode=0o444)   # the pin there, then gone
                 time.sleep(0.002)
                 os.unlink(daemon.state / "task" / "churn")
                 time.sleep(0.001)
@@ -291,7 +304,8 @@ def test_a_dumper_pinned_and_removed_over_and_over_under_readers(daemon):
     assert not any(t.is_alive() for t in readers)
     counts = collections.Counter(outcomes)
     assert set(counts) == {"whole", "ENOENT"}, counts
-    assert eventually(lambda: seq_fds(pid) == base)
+    assert eventually(lambda: seq_fds(pid) == base), \
+        f"{seq_fds(pid) - base} seq_file(s) left 5 s after the readers ended"
 
 
 def test_readers_that_never_read_or_vanish(daemon):
@@ -302,9 +316,7 @@ def test_readers_that_never_read_or_vanish(daemon):
               f"head -c 1 {f} >/dev/null; "   # reads one byte
               f"(cat {f} >/dev/null & p=$!; sleep 0.05; kill -9 $p); "  # vanishes mid-read
               "sleep 0.2; kill -9 $$")        # and the shell itself dies holding fd 3
-    subprocess.run(["bash", "-c", script])
-    deadline = time.monotonic() + 10
-    while seq_fds(pid) != base and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert seq_fds(pid) == base
+    subprocess.run(["bash", "-c", script], timeout=60)
+    assert eventually(lambda: seq_fds(pid) == base, 10, step=0.05), \
+        f"{seq_fds(pid) - base} seq_file(s) left 10 s after the readers were gone"
     assert (daemon.mnt / "task" / "tasks").read_bytes()

@@ -8,41 +8,27 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
+from helpers import (
+    BPF_SRC,
+    CGROUPS_OBJ,
+    ROOT,
+    bpf_objects,
+    bpfdumpfs,
+    eventually,
+    need_kernel,
+    waiting_in,
+)
 
 from bpfdumpfs import kernel
-from helpers import ROOT, bpfdumpfs, eventually, need_kernel
-
-CGROUPS_OBJ = ROOT / "bpfdumpfs" / "builtins" / "cgroups.bpf.o"
-
-# A uniquely named program, so the ids it leaves (or not) can be told from others'.
-SOURCE = r"""
-#include "common.h"
-SEC("iter/ksym")
-int dump_run_probe(struct bpf_iter__ksym *ctx)
-{
-	struct kallsym_iter *it = ctx->ksym;
-	if (!it)
-		return 0;
-	BPF_SEQ_PRINTF(ctx->meta->seq, "%016llx %s\n", it->value, it->name);
-	return 0;
-}
-"""
 
 
 @pytest.fixture(scope="module")
-def probe_obj(tmp_path_factory):
-    need_kernel()
-    d = tmp_path_factory.mktemp("run")
-    src = d / "probe.bpf.c"
-    src.write_text(SOURCE)
-    obj = d / "probe.bpf.o"
-    subprocess.run([sys.executable, "-c", "import sys\nfrom bpfdumpfs.compile import "
-                    "compile_source\nprint(compile_source(sys.argv[1], sys.argv[2]))",
-                    str(src), str(d)], check=True, cwd=ROOT, capture_output=True)
-    return obj
+def probe_obj() -> str:
+    """tests/bpf/run_probe.bpf.c: a uniquely named program, so the ids it leaves (or not)
+    can be told from others'."""
+    return bpf_objects("run_probe")["run_probe"]
 
 
 def ours() -> set[tuple[str, int]]:
@@ -82,8 +68,8 @@ def test_run_streams_to_stdout_and_leaves_nothing(probe_obj):
     assert ours() == before
 
 
-def test_run_compiles_a_source(probe_obj):
-    p = bpfdumpfs("run", str(probe_obj.with_suffix("").with_suffix(".bpf.c")), text=False)
+def test_run_compiles_a_source():
+    p = bpfdumpfs("run", str(BPF_SRC / "run_probe.bpf.c"), text=False)
     assert p.returncode == 0 and p.stdout.count(b"\n") > 10000
 
 
@@ -114,18 +100,15 @@ def test_run_killed_mid_stream_leaves_nothing(probe_obj, sig, code):
     r, w = os.pipe()
     p = start_run(probe_obj, stdout=w)
     os.close(w)
-    deadline = time.monotonic() + 30
-    while ours() == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ours() != before, "the run should hold its link while streaming"
+    assert eventually(lambda: ours() != before, 30, step=0.05), \
+        "the run should hold its link while streaming"
     p.send_signal(sig)
     assert p.wait(timeout=30) == code
     os.close(r)
     assert b"Traceback" not in p.stderr.read()
-    deadline = time.monotonic() + 5
-    while ours() != before and time.monotonic() < deadline:
-        time.sleep(0.05)  # the kernel frees the link and program once the fds are gone
-    assert ours() == before
+    # the kernel frees the link and program once the fds are gone
+    assert eventually(lambda: ours() == before, 5, step=0.05), \
+        f"left behind: {sorted(ours() - before)}"
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -137,9 +120,10 @@ def test_run_stopped_in_a_half_done_write_ends(probe_obj, sig, code):
     p = start_run(probe_obj, stdout=w)
     os.close(w)
     try:
-        # the pipe is full: the run is inside a write
+        # the pipe is full, and the run waits inside a write
         assert eventually(lambda: unread(r) >= 4096, 30), "the run never filled its pipe"
-        time.sleep(0.2)
+        assert eventually(lambda: waiting_in(p.pid).endswith("pipe_write"), 10), \
+            f"the run is not waiting in a write to its pipe: {waiting_in(p.pid)}"
         p.send_signal(sig)
         assert p.wait(timeout=10) == code
         assert b"Traceback" not in p.stderr.read()

@@ -8,33 +8,24 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import (
+    ROOT,
+    TASKS_OBJ,
+    Daemon,
+    bpfdumpfs,
+    bpftool_pin,
+    eventually,
+    fstype,
+    mount_bpffs,
+    seq_fds,
+    unmount,
+)
 
 from bpfdumpfs import targets
 from bpfdumpfs.builtins import builtins
-from helpers import ROOT, Daemon, bpfdumpfs, eventually, fstype, mount_bpffs, unmount
-
-TASKS_OBJ = str(Path(__file__).resolve().parent.parent / "bpfdumpfs/builtins/tasks.bpf.o")
-
-
-def seq_fds(pid: int) -> int:
-    """How many bpf_iter seq_files process PID holds open."""
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf_iter":
-                n += 1
-        except FileNotFoundError:
-            pass
-    return n
-
-
-def bpftool_pin(obj: str, path: Path) -> None:
-    path.parent.mkdir(exist_ok=True)
-    subprocess.run(["bpftool", "iter", "pin", obj, str(path)], check=True, capture_output=True)
 
 
 def test_one_directory_per_kernel_target(tree):
@@ -196,16 +187,14 @@ def test_release_frees_the_kernel_fd_at_once(tree):
     f.read(10)
     assert seq_fds(pid) == base + 1
     f.close()
-    deadline = time.monotonic() + 2
-    while seq_fds(pid) != base and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert seq_fds(pid) == base
+    assert eventually(lambda: seq_fds(pid) == base, 2, step=0.01), \
+        f"{seq_fds(pid) - base} seq_file(s) left 2 s after the close"
     # head stops reading early and exits: its seq_file goes too
     out = subprocess.run(f"head -c 100 {tree.mnt}/task/tasks", shell=True,
                          capture_output=True, check=True)
     assert len(out.stdout) == 100
-    time.sleep(0.1)
-    assert seq_fds(pid) == base
+    assert eventually(lambda: seq_fds(pid) == base, 2, step=0.01), \
+        f"{seq_fds(pid) - base} seq_file(s) left 2 s after head exited"
 
 
 def test_statfs_works_for_df(tree):

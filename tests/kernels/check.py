@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bpfdumpfs import builtins, dumpers, kernel, targets
+from bpfdumpfs import builtins, dumpers, kernel, stream, targets
 from bpfdumpfs.errors import DumperError
 
 LOG_TAIL = 30  # lines of verifier log and libbpf warnings kept per failure
@@ -216,15 +216,15 @@ def attach(b: builtins.Builtin, spec: kernel.ProgSpec, target: targets.Target) -
 def dump(link: int, label: str) -> bytes:
     """One seq_file of LINK, read to the end as the daemon reads it."""
     try:
-        stream = dumpers.Stream(kernel.iter_create(link), label)
+        out = stream.Stream(kernel.iter_create(link), label)
     except DumperError as e:
         raise Failure("open", e) from None
     try:
-        return b"".join(iter(stream.read_chunk, b""))
+        return b"".join(iter(out.read_chunk, b""))
     except DumperError as e:
         raise Failure("read", e) from None
     finally:
-        stream.close()
+        out.close()
 
 
 def check(b: builtins.Builtin, have: dict[str, targets.Target], probe: Probe) -> dict:
