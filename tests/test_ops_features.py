@@ -100,6 +100,7 @@ def test_status_names_a_mount_point_with_a_comma_and_a_quote_whole(tmp_path):
         assert f"{d.mnt}: served by pid {d.proc.pid}" in bpfdumpfs("status", str(d.mnt)).stdout
     finally:
         d.stop()
+        unmount(state)
 
 
 @pytest.mark.parametrize("daemon", [("--max-handles", "3", "--max-handles-per-uid", "2")],
