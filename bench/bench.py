@@ -129,6 +129,21 @@ def p99(xs: list[float]) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process PID, its ended threads included (utime and
+    stime of /proc/PID/stat, in clock ticks: measured over whole sections, not rounds)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_row(what: str, seconds: float, per: float, unit: str, scale: float) -> tuple:
+    """A row of the daemon's CPU time per unit of work: a figure that a busy or slow
+    VM moves much less than it moves a wall-clock ratio."""
+    return (f"daemon CPU per {what}, {unit}", "", f"{seconds / per * scale:.1f}", "",
+            f"{seconds:.2f} s over {per:,.0f} {what.split()[0]}s")
+
+
 def rss_kib(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -211,7 +226,9 @@ def main() -> int:
 
             # 1. large dump throughput: a round is a fraction of a second, and a pair
             # varies by +-10%, so three times the rounds for a steadier median
+            cpu = cpu_seconds(m.proc.pid)
             d_bps, m_bps, ratios = paired(throughput, big_pin, big, 3 * rounds)
+            cpu_big = cpu_seconds(m.proc.pid) - cpu, 3 * rounds * size_big / 1e6
             rows.append((f"large dump ({size_big / 1e6:.1f} MB kallsyms), MB/s",
                          f"{d_bps / 1e6:.1f}", f"{m_bps / 1e6:.1f}",
                          *ratio_cells(ratios, ">= 0.95")))
@@ -222,12 +239,14 @@ def main() -> int:
             # a round measures both overheads together, the order alternating
             d_t, m_t, p_t, l_t = [], [], [], []
             lx_uptime = str(lx.dir / "proc/uptime")
+            cpu = cpu_seconds(m.proc.pid)
             for i in range(rounds):
                 for direct, mounted, ds, ms in ((small_pin, small, d_t, m_t),
                                                 ("/proc/uptime", lx_uptime, p_t, l_t)):
                     runs = [(direct, ds), (mounted, ms)]
                     for path, out in (runs if i % 2 else runs[::-1]):
                         out.append(per_open(path, opens))
+            cpu_small = cpu_seconds(m.proc.pid) - cpu, rounds * (opens + 1)
             ours, theirs = ([(m - d) * 1e6 for d, m in zip(*xs, strict=True)]
                             for xs in ((d_t, m_t), (p_t, l_t)))
             med = statistics.median
@@ -238,13 +257,18 @@ def main() -> int:
                          f"{med(l_t) * 1e6:.0f}", f"overhead {med(theirs):.0f} us", ""))
             rows.append(("per-open overhead, bpfdumpfs / lxcfs", "", "",
                          *ratio_cells([o / t for o, t in zip(ours, theirs, strict=True)], "< 1")))
+            rows.append(cpu_row("open (small dump)", *cpu_small, "us", 1e6))
 
             # 3. 32 concurrent readers of the large dump: the noisiest figure, so as
             # many rounds as the small dump's (a round is ~4 s)
+            cpu = cpu_seconds(m.proc.pid)
             d_agg, m_agg, ratios = paired(lambda p: concurrent_cats(p, 32), big_pin, big,
                                           rounds)
+            cpu_32 = cpu_seconds(m.proc.pid) - cpu, rounds * 33 * size_big / 1e6
             rows.append(("32 concurrent readers, aggregate MB/s", f"{d_agg / 1e6:.1f}",
                          f"{m_agg / 1e6:.1f}", *ratio_cells(ratios, ">= 0.9")))
+            rows.append(cpu_row("MB (large dump, one reader)", *cpu_big, "ms", 1e3))
+            rows.append(cpu_row("MB (32 readers)", *cpu_32, "ms", 1e3))
 
             # 4. fairness: small-dump latency while a slow dumper streams
             def latencies(n: int) -> list[float]:
