@@ -132,9 +132,13 @@ class Origin:
 @dataclass(frozen=True)
 class Admitted:
     """An open counted in the limits whose seq_file is not made yet (open_quick)."""
-    origin: Origin
+    dumper: Dumper
     pin: Pin
-    label: str
+    view: str
+    key: Key
+    uid: int
+    pid: int
+    user: User
 
 
 class OpenFiles:
@@ -211,8 +215,7 @@ class OpenFiles:
 
     # -- make ------------------------------------------------------------------------
     @staticmethod
-    def _origin(d: Dumper, pin: Pin, view: str, target: str, uid: int, pid: int,
-                user: User) -> Origin:
+    def _origin(d: Dumper, view: str, target: str, uid: int, pid: int, user: User) -> Origin:
         caps = None
         if view == "reader" and target in privilege.CRED_TARGETS:
             caps = privilege.effective(pid)
@@ -254,15 +257,19 @@ class OpenFiles:
         return Reader(Stream(fd, label), pin.pace, self.read_ahead.account(user))
 
     # -- register --------------------------------------------------------------------
+    def _new_fh(self) -> int:
+        """A fresh fh; the caller holds the lock."""
+        fh = self.next_fh
+        self.next_fh += 1
+        return fh
+
     def _register(self, reader: Seekable | Snapshot, label: str, user: User, pid: int,
                   fh: int = 0) -> int:
         """Register READER as an admitted open's file, under FH if open_quick() answered
         with it."""
         with self.lock:
             self.admitted -= 1
-            if not fh:
-                fh = self.next_fh
-                self.next_fh += 1
+            fh = fh or self._new_fh()
             self.handles[fh] = Handle(reader, label, pid, user[0], user, time.monotonic())
             return fh
 
@@ -287,11 +294,9 @@ class OpenFiles:
         user = privilege.user(uid, pid)
         if self._refusal(key, uid, pid, user):
             return None
-        origin = self._origin(dumper, pin, view, key[0], uid, pid, user)
         with self.lock:
-            fh = self.next_fh
-            self.next_fh += 1
-            self.unmade[fh] = Admitted(origin, pin, f"{key[0]}/{key[1]}")
+            fh = self._new_fh()
+            self.unmade[fh] = Admitted(dumper, pin, view, key, uid, pid, user)
         return fh
 
     def make_quick(self, fh: int) -> None:
@@ -300,14 +305,16 @@ class OpenFiles:
         before it reads /dev/fuse again."""
         with self.lock:
             a = self.unmade.pop(fh)
+        label = f"{a.key[0]}/{a.key[1]}"
+        # made after the answer: the reader's capabilities are a read of /proc
+        origin = self._origin(a.dumper, a.view, a.key[0], a.uid, a.pid, a.user)
         try:
-            fd = self._make_here(a.origin)
+            fd = self._make_here(origin)
         except DumperError as e:
-            h = self.handles[self._register(Snapshot(b""), a.label, a.origin.user,
-                                            a.origin.pid, fh)]
+            h = self.handles[self._register(Snapshot(b""), label, a.user, a.pid, fh)]
             self._fail(h, errno.EIO, str(e))
             return
-        self._opened(fd, a.origin, a.pin, a.label, fh)
+        self._opened(fd, origin, a.pin, label, fh)
 
     async def open(self, key: Key, uid: int, pid: int) -> int:
         """Open dumper KEY for the requester, in trio; FUSEError says why not."""
@@ -319,8 +326,8 @@ class OpenFiles:
             if pin is None or pin.hidden or not self.pins.cached:
                 pin, _ = self.pins.check(target, name)  # while watched, a known pin needs no stat
             view = self.pins.view(pin, target, name)
-            origin = self._origin(self.pins.dumper(pin, target, name), pin, view, target,
-                                  uid, pid, user)
+            origin = self._origin(self.pins.dumper(pin, target, name), view, target, uid,
+                                  pid, user)
             fd = await self._make_in_view(origin)
         except DumperError as e:
             self._unadmit(user)
@@ -334,9 +341,16 @@ class OpenFiles:
             raise
         return self._opened(fd, origin, pin, label)
 
-    def open_snapshot(self, label: str, data: bytes, uid: int, pid: int) -> int:
-        """A file of DATA (.stats), counted in the limits like any open file."""
+    def open_snapshot(self, label: str, render: Callable[[], bytes], uid: int,
+                      pid: int) -> int:
+        """A file of what RENDER makes (.stats), counted in the limits like any open file
+        and made only once admitted: a refused open costs no rendering."""
         user = self._admit(None, label, uid, pid)
+        try:
+            data = render()
+        except BaseException:
+            self._unadmit(user)
+            raise
         return self._register(Snapshot(data), label, user, pid)
 
     # -- reads and releases, on the device's threads ---------------------------------

@@ -304,13 +304,15 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
         if inode == STATS_INODE:
-            data = self.metrics.render(self.files.read_ahead.held,
-                                       *self.files.namespaces.counts())
-            return file_info(self.files.open_snapshot(STATS_NAME, data, ctx.uid, ctx.pid))
+            return file_info(self.files.open_snapshot(STATS_NAME, self._stats, ctx.uid,
+                                                      ctx.pid))
         key = self.inodes.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if self.inodes.is_dir(inode) else errno.ENOENT)
         return file_info(await self.files.open(key, ctx.uid, ctx.pid))
+
+    def _stats(self) -> bytes:
+        return self.metrics.render(self.files.read_ahead.held, *self.files.namespaces.counts())
 
     def read_handle(self, fh: int, offset: int, size: int, answer: Answer | None = None,
                     tag: int = 0) -> list | ReadLater:
