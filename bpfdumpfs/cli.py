@@ -290,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
                         "exists)")
     for name, f in limits.FIELDS.items():
         m.add_argument(f.metadata["flag"], dest=name, metavar=f.metadata["metavar"],
-                       type=float if f.type == "float" else _count, help=f.metadata["help"])
+                       type=float if name in limits.FRACTIONAL else _count, help=f.metadata["help"])
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.set_defaults(func=cmd_mount)
 

@@ -48,11 +48,13 @@ class Limits:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Limits)}
+# limits that take a fraction (seconds); the others count whole things
+FRACTIONAL = frozenset(name for name, f in FIELDS.items() if f.type == "float")
 
 
 def _valid(name: str, value: Any) -> bool:
     """A number >= 0 of the limit's type (a float limit takes an int too; no bools)."""
-    kinds = (int, float) if FIELDS[name].type == "float" else (int,)
+    kinds = (int, float) if name in FRACTIONAL else (int,)
     return isinstance(value, kinds) and not isinstance(value, bool) and value >= 0
 
 
