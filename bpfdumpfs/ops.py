@@ -115,7 +115,6 @@ class Operations(pyfuse3.Operations):
         self.pins = Pins(state)
         self.files = OpenFiles(self.pins, metrics, limits, self.refusals)
         self.mounted_ns = time.time_ns()
-        self.cache_timeout = 0.0  # > 0 only while the state dir is watched
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
@@ -154,9 +153,13 @@ class Operations(pyfuse3.Operations):
                 log.exception("watching %s failed", self.state.path)
             self._cache(False)
 
+    @property
+    def cache_timeout(self) -> float:
+        """How long the kernel may keep names and attributes: only while watched."""
+        return CACHE_TIMEOUT if self.pins.cached else 0.0
+
     def _cache(self, on: bool) -> None:
         """Start or stop caching; what was cached may be from another state dir."""
-        self.cache_timeout = CACHE_TIMEOUT if on else 0.0
         self.pins.cached = on
         for target in self.inodes.targets:
             self.changed(target, None)
