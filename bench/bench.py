@@ -151,14 +151,20 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+URING = Path("/sys/module/fuse/parameters/enable_uring")
+
+
 class Mounted:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, io_uring: bool = False) -> None:
         self.state = work / "state"
         self.mnt = work / "mnt"
         self.state.mkdir()
         self.mnt.mkdir()
         subprocess.run(["mount", "-t", "bpf", "bpf", str(self.state)], check=True)
         self.log = open(work / "daemon.log", "wb")
+        self.uring_was = URING.read_text().strip() if io_uring else ""
+        if io_uring:
+            URING.write_text("Y")  # the daemon's INIT then offers it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bpfdumpfs", "mount", str(self.mnt), "--state-dir",
              str(self.state), "--config-dir", str(work / "none")],
@@ -172,6 +178,8 @@ class Mounted:
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
+        if self.uring_was:  # kept while mounted: every command on the rings checks it
+            URING.write_text(self.uring_was)
         subprocess.run(["umount", "-l", str(self.state)], check=False)
 
 
@@ -200,6 +208,9 @@ class Lxcfs:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    ap.add_argument("--io-uring", action="store_true",
+                    help="mount with fuse.enable_uring=Y (FUSE over io_uring; the parameter "
+                    "is host-wide, and put back after the mount)")
     ap.add_argument("--rounds", type=int, metavar="N",
                     help="paired rounds of each ratio (default 15, three times that for the "
                     "large dump): more for a median that moves less from run to run")
@@ -212,7 +223,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bpfdumpfs-bench-") as tmp:
         work = Path(tmp)
-        m = Mounted(work)
+        m = Mounted(work, args.io_uring)
         lx = Lxcfs(work)
         try:
             state = StateDir(m.state)

@@ -1,25 +1,26 @@
-"""The FUSE connection: opens, reads and releases served by a pool of threads,
-every other request relayed to pyfuse3.
+"""The FUSE connection: /dev/fuse read by the data plane's C threads (core.py), which
+serve the opens, reads and releases they can and forward the rest here; and the
+relay of what is forwarded to pyfuse3.
 
 pyfuse3 runs each request through trio, about 65 us of Python per round trip on
-this kind of machine -- and a `cat` of a small dump is four of them (OPEN, READ,
-READ at the end, RELEASE), more than lxcfs spends on a whole open. Kernel reads
-of a seq_file also block, so in trio they need a thread hand-off each.
+this kind of machine, and kernel reads of a seq_file block, so in trio they would
+need a thread hand-off each. So the daemon owns /dev/fuse. It mounts it itself and
+gives pyfuse3 one end of a SOCK_SEQPACKET socketpair as its session ("/dev/fd/N":
+libfuse reads requests from it and writes replies and notifications to it, one
+message each).
 
-So the daemon owns /dev/fuse. It mounts it itself and gives pyfuse3 one end of a
-SOCK_SEQPACKET socketpair as its session ("/dev/fd/N": libfuse reads requests
-from it and writes replies and notifications to it, one message each). Worker
-threads take turns reading /dev/fuse: READ and RELEASE of any open file, and the
-OPEN of a dumper whose link is cached, and the getxattrs `ls -l` makes of every
-file, they answer at once through the small interface of `Served` (ops.py serves
-it, with files.py). A READ
-blocks only the worker that took it, and a READ of a file being read ahead that
-must wait is left with its producer, which answers it. Everything else (lookups,
-listings, first opens, opens in another namespace, changes) goes to pyfuse3
-whole, and its answers come back through the relay thread.
+What C forwards comes through another socketpair to a pool of Python workers, which
+take turns reading it: READ and RELEASE of the files Python serves (those C handed
+over, and those opened here), and the getxattrs `ls -l` makes of every file, they
+answer at once through the small interface of `Served` (ops.py serves it, with
+files.py). A READ blocks only the worker that took it, and a READ of a file being
+read ahead that must wait is left with its producer, which answers it. Everything
+else (lookups, listings, first opens, opens in another namespace, changes) goes to
+pyfuse3 whole, and its answers come back through the relay thread.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import mmap
@@ -33,21 +34,16 @@ from typing import NamedTuple, Protocol
 
 import pyfuse3
 
-from . import libc
+from . import core, libc, privilege
 from .files import OPEN_FLAGS, Answer, ReadLater
+from .seek import BACK
+from .stream import KERNEL_BUF, MAX_EAGAIN
 
 
 class Served(Protocol):
     """What the device's threads ask of the tree: each call answers without waiting on
     trio, may run concurrently with trio and with the others, and fails with
     pyfuse3.FUSEError(errno)."""
-
-    def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:
-        """The fh of an open answered now (its seq_file made by make_quick), or None
-        to pass the OPEN to pyfuse3."""
-
-    def make_quick(self, fh: int) -> None:
-        """Make what open_quick() promised; called right after the answer is written."""
 
     def read_handle(self, fh: int, offset: int, size: int, answer: Answer | None = None,
                     tag: int = 0) -> list | ReadLater:
@@ -78,14 +74,18 @@ log = logging.getLogger(__name__)
 # the kernel's FUSE ABI (include/uapi/linux/fuse.h)
 IN_HEADER = struct.Struct("<IIQQIIIHH")   # len, opcode, unique, nodeid, uid, gid, pid, ...
 OUT_HEADER = struct.Struct("<IiQ")        # len, error, unique
-OPEN_IN = struct.Struct("<II")            # flags, open_flags
-OPEN_OUT = struct.Struct("<QIi")          # fh, open_flags, backing_id
 READ_IN = struct.Struct("<QQI")           # fh, offset, size
 FH_IN = struct.Struct("<Q")               # fuse_release_in starts with fh
 UNIQUE = struct.Struct("<Q")              # at offset 8 of fuse_out_header
 BODY = IN_HEADER.size                     # where a request's own struct starts
 GETXATTR_IN = struct.Struct("<II")        # size, padding; the name follows
-FUSE_OPEN, FUSE_READ, FUSE_RELEASE, FUSE_GETXATTR, FUSE_INTERRUPT = 14, 15, 18, 22, 36
+FUSE_READ, FUSE_RELEASE, FUSE_GETXATTR, FUSE_INIT, FUSE_INTERRUPT = 15, 18, 22, 26, 36
+INIT_IN = struct.Struct("<IIIII")         # major, minor, max_readahead, flags, flags2
+# major, minor, max_readahead, flags, max_background, congestion_threshold, max_write,
+# time_gran, max_pages, map_alignment, flags2
+INIT_OUT = struct.Struct("<IIIIHHIIHHI")
+FUSE_INIT_EXT = 1 << 30
+FUSE_OVER_IO_URING = 1 << 9               # of flags2 (bit 41 of the 64-bit flags)
 OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 6: "SYMLINK",
            8: "MKNOD", 9: "MKDIR", 10: "UNLINK", 11: "RMDIR", 12: "RENAME", 13: "LINK",
            14: "OPEN", 15: "READ", 16: "WRITE", 17: "STATFS", 18: "RELEASE", 20: "FSYNC",
@@ -97,11 +97,16 @@ OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 
            46: "LSEEK", 47: "COPY_FILE_RANGE", 48: "SETUPMAPPING", 49: "REMOVEMAPPING",
            50: "SYNCFS", 51: "TMPFILE", 52: "STATX"}
 # libfuse's buffer: the largest request (a 1 MiB write) and its headers
-BUFSIZE = 256 * 4096 + 4096
-FIRST_WORKERS = 2   # workers started with the mount
+MAX_READ = 256 * 4096   # the largest READ: max_pages (256) pages
+BUFSIZE = MAX_READ + 4096
+FIRST_WORKERS = 2   # Python workers, and C threads, started with the mount
 REPLIERS = 2        # threads writing the answers to parked reads
-SPIN = 200e-6       # seconds the leader asks for a next request before it sleeps
 MAX_WAITING = 4     # a worker that finds this many others waiting for the lead retires
+# io_uring queues in SCHED_IDLE (see _watch_pressure): CPU pressure looked at every
+# PRESSURE_EVERY s; the normal class once some task waited for a CPU PRESSURE_SPIKE of
+# one look's time, or PRESSURE_BUSY of the last second's; back to SCHED_IDLE after
+# PRESSURE_CALM s below PRESSURE_BUSY
+PRESSURE_EVERY, PRESSURE_SPIKE, PRESSURE_BUSY, PRESSURE_CALM = 0.1, 0.1, 0.02, 2.0
 # a message must fit the socket's buffer whole (a READ reply of .stats, a listing)
 SOCKET_BUF = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in Python's socket module
@@ -121,7 +126,10 @@ class Device:
         self.max_workers = max_workers
         self.fd = -1
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (self.ours, self.theirs):
+        # what the data plane forwards: read here, written by C
+        self.forwarded, self.core_end = socket.socketpair(socket.AF_UNIX,
+                                                          socket.SOCK_SEQPACKET)
+        for s in (self.ours, self.theirs, self.forwarded, self.core_end):
             for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF),
                                  (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
                 try:
@@ -137,6 +145,8 @@ class Device:
         self.unmounted = threading.Event()  # the mount is gone: workers stop
         self.notices: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.answers: queue.SimpleQueue[tuple] = queue.SimpleQueue()  # (unique, result)
+        self.init_unique = 0          # INIT, until answered
+        self.uring_offered = False    # INIT offered FUSE over io_uring (core.py)
 
     def mount(self) -> str:
         """Mount the tree; returns the session path to give pyfuse3.init()."""
@@ -153,6 +163,11 @@ class Device:
         return f"/dev/fd/{self.theirs.detach()}"
 
     def start(self) -> None:
+        core.start(self.fd, self.core_end.fileno(), first_threads=FIRST_WORKERS,
+                   max_threads=self.max_workers, debug=self.debug, kernel_buf=KERNEL_BUF,
+                   max_eagain=MAX_EAGAIN, back=BACK, max_read=MAX_READ, bufsize=BUFSIZE,
+                   open_flags=OPEN_FLAGS,
+                   read_private_caps=sum(1 << c for c in privilege.READ_PRIVATE_CAPS))
         threading.Thread(target=self._relay, name="fuse-relay", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
         for _ in range(REPLIERS):
@@ -182,10 +197,9 @@ class Device:
         threading.Thread(target=self._work, name="fuse-worker", daemon=True).start()
 
     def _work(self) -> None:
-        """Wait to lead, then lead: read requests and answer them until one may block
-        (a kernel read of a dumper not known to be quick), which is answered after
-        handing the lead to another worker. So the common requests are answered by
-        one thread, with no hand-offs, and no request ever waits behind a slow one."""
+        """Wait to lead, then lead: read forwarded requests and answer them until one may
+        block (a kernel read of a dumper not known to be quick), which is answered after
+        handing the lead to another worker. So no request waits behind a slow one."""
         # mapped, not a bytearray: its pages are touched only as requests fill them,
         # where zeroing 1 MiB for every worker a burst of opens starts was a quarter
         # of the daemon's page faults
@@ -226,26 +240,12 @@ class Device:
                 break
 
     def _next_request(self, buf: mmap.mmap) -> int:
-        """The next request, into BUF. For SPIN seconds the leader asks again and again
-        rather than sleep: a reader's next request follows its last answer within tens
-        of us, and on a VM a vCPU that halts pays a hypervisor exit and an IPI to wake
-        (most of a small dump's per-open cost here). Idle longer, it sleeps in a blocking
-        read: the fd's O_NONBLOCK is the leader's alone to set, since only the leader
-        reads (and poll() would fail with EINVAL where RLIMIT_NOFILE is 0)."""
-        deadline = 0.0
-        while True:
-            try:
-                return os.readv(self.fd, [buf])
-            except BlockingIOError:
-                now = time.perf_counter()
-                if not deadline:
-                    deadline = now + SPIN
-                elif now > deadline:
-                    os.set_blocking(self.fd, True)
-                    try:
-                        return os.readv(self.fd, [buf])
-                    finally:
-                        os.set_blocking(self.fd, False)
+        """The next request C forwarded, into BUF; ENODEV once the mount is gone (C
+        shuts its end down)."""
+        n = self.forwarded.recv_into(buf)
+        if not n:
+            raise OSError(errno.ENODEV, "unmounted")
+        return n
 
     def _dispatch(self, mv: memoryview, n: int, head: InHeader, wait: bool) -> bool:
         """Answer the request, or pass it on to pyfuse3. Unless WAIT, a read that may
@@ -266,20 +266,14 @@ class Device:
                 self.ops.release_handle(FH_IN.unpack_from(mv, BODY)[0])
                 self._reply(unique)
                 return True
-            if opcode == FUSE_OPEN:
-                fh = self.ops.open_quick(head.nodeid, OPEN_IN.unpack_from(mv, BODY)[0],
-                                         head.uid, head.pid)
-                if fh is not None:
-                    # answered first: the seq_file is made while the answer travels
-                    self._reply(unique, OPEN_OUT.pack(fh, OPEN_FLAGS, 0))
-                    self.ops.make_quick(fh)
-                    return True
             if opcode == FUSE_GETXATTR:
                 name = bytes(mv[BODY + GETXATTR_IN.size:n]).split(b"\0", 1)[0]
                 err = self.ops.xattr_refusal(name)
                 if err:
                     self._reply_error(unique, err)
                     return True
+            if opcode == FUSE_INIT:
+                self._saw_init(mv, head)
             if opcode == FUSE_INTERRUPT:
                 # Nothing here can stop a kernel read midway, and pyfuse3's handlers do
                 # not look: the interrupted request completes (or the kernel drops it).
@@ -297,6 +291,72 @@ class Device:
             log.error("passing a FUSE request to pyfuse3: %s", e)
             self._reply_error(unique, errno.EIO)
         return True
+
+    # -- FUSE over io_uring (core.c) ---------------------------------------------------------
+    def _saw_init(self, mv: memoryview, head: InHeader) -> None:
+        """Note whether the kernel offers io_uring (the operator set fuse.enable_uring),
+        for pyfuse3's INIT reply to ask for it."""
+        _, _, _, flags, flags2 = INIT_IN.unpack_from(mv, BODY)
+        self.init_unique = head.unique
+        self.uring_offered = bool(flags & FUSE_INIT_EXT and flags2 & FUSE_OVER_IO_URING)
+
+    def _init_reply(self, msg: memoryview) -> bytes | memoryview:
+        """pyfuse3's INIT reply, asking for io_uring where the kernel offers it."""
+        self.init_unique = 0
+        if not self.uring_offered or len(msg) < OUT_HEADER.size + INIT_OUT.size:
+            self.uring_offered = False
+            return msg
+        out = list(INIT_OUT.unpack_from(msg, OUT_HEADER.size))
+        out[3] |= FUSE_INIT_EXT
+        out[10] |= FUSE_OVER_IO_URING
+        patched = bytearray(msg)
+        INIT_OUT.pack_into(patched, OUT_HEADER.size, *out)
+        return bytes(patched)
+
+    def _start_uring(self, init_reply: bytes | memoryview) -> None:
+        """The queues, once the kernel has the INIT reply; every entry's payload holds
+        the largest request and reply (max_write, max_pages)."""
+        out = INIT_OUT.unpack_from(init_reply, OUT_HEADER.size)
+        payload = max(8192, out[6], out[8] * mmap.PAGESIZE, MAX_READ)
+        try:
+            core.start_uring(payload)
+        except OSError as e:
+            # the kernel waits for every CPU's queue: one missing would hang readers
+            log.error("FUSE over io_uring offered, but %s: unmounting rather than hang "
+                      "readers", e)
+            self.unmount()
+            return
+        log.info("serving FUSE requests through io_uring: %d queues (one per CPU)",
+                 core.uring_queues())
+        threading.Thread(target=self._watch_pressure, name="cpu-pressure", daemon=True).start()
+
+    def _watch_pressure(self) -> None:
+        """Keep the queues' threads in SCHED_IDLE while the CPUs are calm, so that the
+        scheduler leaves a reader on its CPU (core.c: core_uring_idle_class), and in the
+        normal class as soon as tasks wait for CPUs (the kernel's pressure stall
+        information): there SCHED_IDLE would starve the queues. An idle machine still
+        shows stalls of a few ms now and then, so calm is judged over PRESSURE_CALM
+        seconds, busy over one look or the last second. Without PSI they stay in the
+        normal class."""
+        try:
+            f = open("/proc/pressure/cpu", "rb", buffering=0)
+        except OSError:
+            return
+        with f:
+            looks = round(PRESSURE_CALM / PRESSURE_EVERY)
+            shares: collections.deque[float] = collections.deque(maxlen=looks)
+            idle = False
+            last, t_last = _stalled(f), time.monotonic()
+            while not self.unmounted.wait(PRESSURE_EVERY):
+                total, now = _stalled(f), time.monotonic()
+                shares.append((total - last) / 1e6 / max(now - t_last, 1e-3))
+                last, t_last = total, now
+                recent = list(shares)[-round(1 / PRESSURE_EVERY):]
+                busy = shares[-1] > PRESSURE_SPIKE or sum(recent) / len(recent) > PRESSURE_BUSY
+                calm = len(shares) == looks and sum(shares) / looks < PRESSURE_BUSY
+                if idle and busy or not idle and calm:
+                    idle = not idle
+                    core.uring_idle_class(idle)
 
     def _answer(self, unique: int, result: list | int) -> None:
         """The reply to a parked read (its pieces, or an errno), written by a replier:
@@ -322,7 +382,10 @@ class Device:
         if self.debug:
             _log_reply(parts)
         try:
-            os.writev(self.fd, parts)
+            if core.uring_queues():
+                core.reply(parts)  # to the ring entry of its request, if it came so
+            else:
+                os.writev(self.fd, parts)
         except OSError as e:
             # ENOENT: the request was interrupted (its reader died); ENODEV: unmounted
             if e.errno not in (errno.ENOENT, errno.ENODEV):
@@ -343,14 +406,27 @@ class Device:
             if not n:  # pyfuse3 closed its session
                 self.notices.put(None)
                 return
-            if UNIQUE.unpack_from(mv, 8)[0] == 0:
+            unique = UNIQUE.unpack_from(mv, 8)[0]
+            if unique == 0:
                 self.notices.put(bytes(mv[:n]))
+            elif unique == self.init_unique:
+                msg = self._init_reply(mv[:n])
+                self._write([msg])
+                if self.uring_offered:
+                    self._start_uring(msg)
             else:
                 self._write([mv[:n]])
 
     def _notify(self) -> None:
         while (msg := self.notices.get()) is not None:
             self._write([msg])
+
+
+def _stalled(f) -> int:
+    """us some task waited for a CPU, in all (the "some" line of /proc/pressure/cpu)."""
+    f.seek(0)
+    line = f.readline()
+    return int(line.rsplit(b"total=", 1)[1])
 
 
 def _log_request(head: InHeader, n: int) -> None:

@@ -1,29 +1,27 @@
 """Open files of the tree: each a fresh kernel seq_file of a dumper (or .stats' snapshot),
 counted in the daemon's limits, read at any offset (seek.py over reader.py).
 
-One open path, in three steps, whoever serves the FUSE OPEN:
+One open path, in three steps:
 
     admit    may the requester read it (privilege.py), and do the limits allow one
-             more file? Counted here, before anything waits.
+             more file? Counted here (in core.c's counts), before anything waits.
     make     the seq_file, as the reader would make it: in its namespaces (its view,
              namespaces.py), with no more capabilities than it has where the kernel
              weighs them.
     register the file gets its fh, and reads may come.
 
-The device's threads (device.py) serve an open themselves when nothing in it can
-wait: the pin's link is cached and its view is known, and the reader is in the
-daemon's namespaces (open_quick). They answer the OPEN at once and make the seq_file
-right after (make_quick), so the reader's wake-up overlaps the making; a making that
-fails then fails the file's reads with EIO, and the log says why. Anything else --
-a first open, another namespace, a refusal to report -- goes to open() in trio,
-which answers the OPEN with the making's errno.
+Once a pin's first open succeeded here with its link cached, the pin is published
+to the data plane (core.py), whose C threads then admit, make and register the
+opens that need no judgement themselves, and serve their reads. A file C serves
+comes to Python only when it needs one -- a seek, an error, a slow dumper, its time
+budget spent -- and Python then adopts it (_adopt), to serve it from there on.
 
 Thread safety: opens, reads and releases run on the device's threads and in trio at
-once. `lock` guards the handles, the fh counter, the per-user counts and the opens
-admitted but not yet registered. It is held only for bookkeeping: never across a
-kernel call or a wait, and the only lock taken while it is held is the metrics'
-(metrics.py). Reads look a handle up without it (one dict lookup); a handle's reader
-has locks of its own (seek.py, reader.py). pins.py's lock is never held with it.
+once. `lock` guards the handles and the fh counter; it is held only for bookkeeping:
+never across a kernel call or a wait, and the only locks taken while it is held are
+the metrics' (metrics.py) and core.c's. Reads look a handle up without it (one dict
+lookup); a handle's reader has locks of its own (seek.py, reader.py). pins.py's lock
+is never held with it. `adopting` serializes adoptions, and is taken before `lock`.
 """
 from __future__ import annotations
 
@@ -35,14 +33,13 @@ import os
 import stat
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
-from . import privilege
+from . import core, privilege
 from .dumpers import Dumper
 from .errors import DumperError
 from .inodes import Key
@@ -51,10 +48,10 @@ from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
 from .pins import Pin, Pins
 from .privilege import User
-from .reader import Budget, Reader
+from .reader import MAX_AHEAD, READ_AHEAD, STREAMING_AFTER, Budget, Pace, Reader
 from .refusals import Refusals
-from .seek import Seekable
-from .stream import Stream
+from .seek import BACK, Seekable
+from .stream import Stream, kernel_error
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +126,6 @@ class Origin:
     caps: int | None   # the reader's effective capabilities, for CRED_TARGETS
 
 
-@dataclass(frozen=True)
-class Admitted:
-    """An open counted in the limits whose seq_file is not made yet (open_quick)."""
-    dumper: Dumper
-    pin: Pin
-    view: str
-    key: Key
-    uid: int
-    pid: int
-    user: User
-
-
 class OpenFiles:
     def __init__(self, pins: Pins, metrics: Metrics, limits: Limits,
                  refusals: Refusals) -> None:
@@ -152,10 +137,10 @@ class OpenFiles:
         self.read_ahead = Budget(limits.read_ahead_mib << 20)
         self.lock = threading.Lock()
         self.handles: dict[int, Handle] = {}
+        self.adopting = threading.Lock()  # one adoption at a time (_adopt)
         self.next_fh = 1
-        self.uid_handles: Counter[User] = Counter()  # counted from admission
-        self.admitted = 0  # admitted opens not registered yet
-        self.unmade: dict[int, Admitted] = {}  # fh -> what make_quick() makes
+        core.set_limits(limits.max_handles, limits.max_handles_per_uid, limits.open_budget,
+                        self.read_ahead.ptr, STREAMING_AFTER, READ_AHEAD, MAX_AHEAD)
         self.trio_token: trio.lowlevel.TrioToken | None = None  # for seeks back (_remake)
 
     # -- admit -----------------------------------------------------------------------
@@ -169,17 +154,15 @@ class OpenFiles:
         if key is not None and not self._may_read(key, uid, pid):
             return errno.EACCES, ("a dumper that is not world-readable needs CAP_SYS_ADMIN "
                                   "(in the initial user namespace) of uid 0")
-        lim = self.limits
-        with self.lock:
-            files = len(self.handles) + self.admitted
-            if lim.max_handles and files >= lim.max_handles:
-                return errno.ENFILE, f"{files} files open, the limit (max_handles)"
-            if lim.max_handles_per_uid and self.uid_handles[user] >= lim.max_handles_per_uid:
-                return errno.EMFILE, (f"the user has {self.uid_handles[user]} files open, "
-                                      "the limit (max_handles_per_uid)")
-            self.uid_handles[user] += 1
-            self.admitted += 1
-            return None
+        err = core.admit(*user)
+        files, mine = core.files(*user)
+        if err == errno.ENFILE:
+            return err, f"{files} files open, the limit (max_handles)"
+        if err == errno.EMFILE:
+            return err, f"the user has {mine} files open, the limit (max_handles_per_uid)"
+        if err:
+            return err, os.strerror(err)
+        return None
 
     def _admit(self, key: Key | None, label: str, uid: int, pid: int) -> User:
         """The user an open counts for, once admitted; FUSEError (logged) if refused."""
@@ -195,11 +178,10 @@ class OpenFiles:
         self.metrics.error(label, err)
         return pyfuse3.FUSEError(err)
 
-    def _unadmit(self, user: User) -> None:
-        """An admitted open made no file."""
-        with self.lock:
-            self.uid_handles[user] -= 1
-            self.admitted -= 1
+    @staticmethod
+    def _unadmit(user: User) -> None:
+        """An admitted open made no file, or a file was released."""
+        core.unadmit(*user)
 
     def _may_read(self, key: Key, uid: int, pid: int) -> bool:
         """Whether the requester may read the dumper KEY, beyond the kernel's mode check
@@ -236,7 +218,7 @@ class OpenFiles:
         with privilege.capabilities(o.caps):
             return o.dumper.open_fd()
 
-    def _remake(self, o: Origin, pin: Pin, label: str) -> Reader:
+    def _remake(self, o: Origin, pace: Pace, label: str) -> Reader:
         """A new seq_file for a seek back (seek.py), on a device thread, made as the
         open made its first; refused once the opener is gone, where what it would
         show depends on who reads (a pid reused by another process must not lend its
@@ -251,10 +233,10 @@ class OpenFiles:
                                       o.uid, trio_token=self.trio_token)
         else:
             fd = self._make_here(o)
-        return self._reader(fd, pin, label, o.user)
+        return self._reader(fd, pace, label, o.user)
 
-    def _reader(self, fd: int, pin: Pin, label: str, user: User) -> Reader:
-        return Reader(Stream(fd, label), pin.pace, self.read_ahead.account(user))
+    def _reader(self, fd: int, pace: Pace, label: str, user: User) -> Reader:
+        return Reader(Stream(fd, label), pace, self.read_ahead.account(user))
 
     # -- register --------------------------------------------------------------------
     def _new_fh(self) -> int:
@@ -263,61 +245,72 @@ class OpenFiles:
         self.next_fh += 1
         return fh
 
-    def _register(self, reader: Seekable | Snapshot, label: str, user: User, pid: int,
-                  fh: int = 0) -> int:
-        """Register READER as an admitted open's file, under FH if open_quick() answered
-        with it."""
+    def _register(self, reader: Seekable | Snapshot, label: str, user: User, pid: int) -> int:
+        """Register READER as an admitted open's file."""
         with self.lock:
-            self.admitted -= 1
-            fh = fh or self._new_fh()
+            fh = self._new_fh()
             self.handles[fh] = Handle(reader, label, pid, user[0], user, time.monotonic())
             return fh
 
-    def _opened(self, fd: int, origin: Origin, pin: Pin, label: str, fh: int = 0) -> int:
+    def _opened(self, fd: int, origin: Origin, pin: Pin, label: str) -> int:
         """The handle of an admitted open's new seq_file FD."""
-        reader = Seekable(self._reader(fd, pin, label, origin.user),
-                          functools.partial(self._remake, origin, pin, label))
+        reader = Seekable(self._reader(fd, pin.pace, label, origin.user),
+                          functools.partial(self._remake, origin, pin.pace, label))
         self.metrics.opened(label)
-        return self._register(reader, label, origin.user, origin.pid, fh)
+        return self._register(reader, label, origin.user, origin.pid)
 
-    # -- the two ways in -------------------------------------------------------------
-    def open_quick(self, key: Key, pin: Pin, uid: int, pid: int) -> int | None:
-        """Admit an open of a pin whose link is cached and view known, if nothing in
-        making it can wait; returns the fh to answer with, or None to leave it to
-        open() (which also reports refusals)."""
-        dumper, view = pin.dumper, pin.view
-        if dumper is None or view is None or pin.hidden:
-            return None
-        kind = kind_of(key[0])
-        if view == "reader" and kind and not self.namespaces.at_home(kind, pid):
-            return None
-        user = privilege.user(uid, pid)
-        if self._refusal(key, uid, pid, user):
-            return None
-        with self.lock:
-            fh = self._new_fh()
-            self.unmade[fh] = Admitted(dumper, pin, view, key, uid, pid, user)
-        return fh
-
-    def make_quick(self, fh: int) -> None:
-        """Make the seq_file of an open that open_quick() answered with FH. No request
-        of the file can come first: the device thread that answered the open calls this
-        before it reads /dev/fuse again."""
-        with self.lock:
-            a = self.unmade.pop(fh)
-        label = f"{a.key[0]}/{a.key[1]}"
-        # made after the answer: the reader's capabilities are a read of /proc
-        origin = self._origin(a.dumper, a.view, a.key[0], a.uid, a.pid, a.user)
-        try:
-            fd = self._make_here(origin)
-        except DumperError as e:
-            h = self.handles[self._register(Snapshot(b""), label, a.user, a.pid, fh)]
-            self._fail(h, errno.EIO, str(e))
+    # -- the ways in -----------------------------------------------------------------
+    def _publish(self, inode: int, key: Key, pin: Pin, view: str) -> None:
+        """Let the data plane serve the pin's next opens (core.py), once its link is
+        cached and its view known. Readers whose open needs a judgement (another
+        namespace, uid 0 and a private dumper, a limit) are still sent here."""
+        dumper = pin.dumper
+        if dumper is None or pin.nodeid or pin.hidden:
             return
-        self._opened(fd, origin, a.pin, label, fh)
+        target = key[0]
+        kind = kind_of(target) if view == "reader" else None
+        cred = view == "reader" and target in privilege.CRED_TARGETS
+        try:
+            core.publish(inode, dumper.fd, f"{target}/{key[1]}", self.pins.state.pin_str(*key),
+                         kind, self.namespaces.mine[kind] if kind else "", cred,
+                         self.metrics.stats(f"{target}/{key[1]}"), pin.pace)
+        except OSError as e:
+            log.warning("%s: its opens stay in Python", e)
+            return
+        pin.nodeid = inode
 
-    async def open(self, key: Key, uid: int, pid: int) -> int:
-        """Open dumper KEY for the requester, in trio; FUSEError says why not."""
+    def _adopt(self, fh: int) -> Handle | None:
+        """The handle of FH, taken over from the data plane if it served the file until
+        now (see the module's docstring); None if neither side has it. Adoptions take
+        turns (one may wait for a kernel read of the file under way in C), without the
+        lock the opens need."""
+        if not core.served_here(fh):
+            return None
+        with self.adopting:
+            h = self.handles.get(fh)
+            if h is not None:
+                return h  # adopted meanwhile
+            a = core.adopt(fh, BACK)
+            if a is None:
+                return None
+            target = a.label.split("/", 1)[0]
+            pin = self.pins.known.get(tuple(a.label.split("/", 1)))  # type: ignore[arg-type]
+            # a pin changed since: the reader's view is the one that shows no more
+            view = pin.view if pin is not None and pin.view else "reader"
+            user = (a.uid, a.user_ns)
+            origin = self._origin(Dumper(a.link_fd, a.label), view, target, a.uid, a.pid, user)
+            reader = self._reader(a.fd, a.pace, a.label, user)
+            reader.resume(a.surplus, a.ended, kernel_error(a.label, a.err) if a.err else None)
+            seekable = Seekable(reader, functools.partial(self._remake, origin, a.pace, a.label),
+                                a.pos, a.back)
+            h = Handle(seekable, a.label, a.pid, a.uid, user, a.opened)
+            with self.lock:
+                self.handles[fh] = h
+            return h
+
+    async def open(self, inode: int, key: Key, uid: int, pid: int) -> int:
+        """Open dumper KEY (inode INODE) for the requester, in trio; FUSEError says why
+        not."""
         target, name = key
         label = f"{target}/{name}"
         user = self._admit(key, label, uid, pid)
@@ -339,6 +332,7 @@ class OpenFiles:
         except BaseException:  # refused, failed or cancelled: it made no file
             self._unadmit(user)
             raise
+        self._publish(inode, key, pin, view)
         return self._opened(fd, origin, pin, label)
 
     def open_snapshot(self, label: str, render: Callable[[], bytes], uid: int,
@@ -361,7 +355,7 @@ class OpenFiles:
         long is instead left with the file's producer, which calls ANSWER(TAG, pieces)
         -- or ANSWER(TAG, errno) -- once it can (PARKED); or, with no producer to leave
         it with, not made (MAY_WAIT)."""
-        h = self.handles.get(fh)
+        h = self.handles.get(fh) or self._adopt(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if h.failed:
@@ -403,14 +397,14 @@ class OpenFiles:
             h = self.handles.pop(fh, None)
             if h is None:
                 return
-            self.uid_handles[h.user] -= 1
+        self._unadmit(h.user)
         if isinstance(h.reader, Seekable):
             self.metrics.closed(h.label)
         h.reader.release()
 
     def streaming(self) -> bool:
         """Whether any open file is being read ahead now (see Reader.streaming)."""
-        return any(isinstance(h.reader, Seekable) and h.reader.streaming
+        return core.producing() or any(isinstance(h.reader, Seekable) and h.reader.streaming
                    for h in list(self.handles.values()))
 
     def shutdown(self) -> None:
@@ -420,3 +414,4 @@ class OpenFiles:
             self.handles.clear()
         for h in handles:
             h.reader.release()
+        core.release_all()

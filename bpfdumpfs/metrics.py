@@ -4,8 +4,6 @@ node_exporter's textfile collector) and, summed up, as JSON in the mount root's
 xattr user.bpfdump.status (for `bpfdumpfs status`)."""
 from __future__ import annotations
 
-import bisect
-import copy
 import errno as errno_names
 import os
 import threading
@@ -13,23 +11,21 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from . import __version__
+from . import __version__, core
 
 STATUS_XATTR = b"user.bpfdump.status"  # of the mount root: status(), as JSON
 
 # read latency buckets, seconds: a FUSE read from 20 us (small) to seconds (slow)
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
            0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+core.set_buckets(BUCKETS)
 
 
 @dataclass
 class _Dumper:
-    opens: int = 0
-    bytes: int = 0
-    handles: int = 0
+    # opens, bytes, open files and read latency: counted in C too (core.py)
+    stats: core.Stats = field(default_factory=core.Stats)
     errors: Counter = field(default_factory=Counter)      # errno name -> count
-    latency: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
-    latency_sum: float = 0.0
 
 
 class Metrics:
@@ -41,22 +37,19 @@ class Metrics:
         self.by_dumper: dict[str, _Dumper] = defaultdict(_Dumper)
         self.lock = threading.Lock()  # counted from the device's threads and trio's
 
-    def opened(self, dumper: str) -> None:
+    def stats(self, dumper: str) -> core.Stats:
+        """DUMPER's counters, for C to count in too (core.publish)."""
         with self.lock:
-            d = self.by_dumper[dumper]
-            d.opens += 1
-            d.handles += 1
+            return self.by_dumper[dumper].stats
+
+    def opened(self, dumper: str) -> None:
+        self.stats(dumper).opened()
 
     def closed(self, dumper: str) -> None:
-        with self.lock:
-            self.by_dumper[dumper].handles -= 1
+        self.stats(dumper).closed()
 
     def read(self, dumper: str, nbytes: int, seconds: float) -> None:
-        with self.lock:
-            d = self.by_dumper[dumper]
-            d.bytes += nbytes
-            d.latency[bisect.bisect_left(BUCKETS, seconds)] += 1
-            d.latency_sum += seconds
+        self.stats(dumper).read(nbytes, seconds)
 
     def error(self, dumper: str, err: int) -> None:
         with self.lock:
@@ -68,8 +61,8 @@ class Metrics:
             rows = list(self.by_dumper.values())
             return {"mountpoint": self.mountpoint, "state_dir": self.state_dir,
                     "version": __version__, "pid": os.getpid(), "since": self.started,
-                    "handles": sum(d.handles for d in rows),
-                    "opens": sum(d.opens for d in rows),
+                    "handles": sum(d.stats.handles for d in rows),
+                    "opens": sum(d.stats.opens for d in rows),
                     "errors": sum(sum(d.errors.values()) for d in rows),
                     "unavailable": dict(sorted(self.unavailable.items()))}
 
@@ -102,7 +95,7 @@ class Metrics:
         out += [f'bpfdumpfs_builtin_unavailable{{builtin="{_esc(name)}",reason="{_esc(why)}"}} 1'
                 for name, why in sorted(self.unavailable.items())]
         with self.lock:
-            rows = sorted((k, copy.deepcopy(v)) for k, v in self.by_dumper.items())
+            rows = sorted((k, _Row(v)) for k, v in self.by_dumper.items())
         families = [
             ("opens", "counter", "opens of the dumper", lambda d: [("", d.opens)]),
             ("read_bytes", "counter", "bytes read from the dumper",
@@ -131,6 +124,16 @@ class Metrics:
             out.append(f"{metric}_sum{{{label}}} {d.latency_sum:.6f}")
         out.append("# EOF")
         return ("\n".join(out) + "\n").encode()
+
+
+class _Row:
+    """One dumper's counters, read once (C may count on meanwhile)."""
+
+    def __init__(self, d: _Dumper) -> None:
+        s = d.stats
+        self.opens, self.bytes, self.handles = s.opens, s.bytes, s.handles
+        self.latency, self.latency_sum = s.latency(len(BUCKETS)), s.latency_sum
+        self.errors = Counter(d.errors)
 
 
 def _esc(value: str) -> str:

@@ -17,9 +17,10 @@ has one job and says how it may be used from which thread:
     files.py    open files: admission, the limits, making seq_files, reads, releases
 
 Threads: pyfuse3's handlers (everything async here) run in trio, one at a time.
-The device's threads (device.py) call the methods of device.Served -- open_quick,
-make_quick, read_handle, release_handle, xattr_refusal -- at any time, concurrently
-with trio and each other; these touch only what the parts above document as safe.
+The device's threads (device.py) call the methods of device.Served -- read_handle,
+release_handle, xattr_refusal -- at any time, concurrently with trio and each other;
+these touch only what the parts above document as safe. The data plane's C threads
+(core.py) serve most opens, reads and releases before any of this sees them.
 """
 from __future__ import annotations
 
@@ -290,19 +291,8 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: FileHandleT) -> None:
         self.inodes.close_listing(fh)
 
-    # -- files: opens come to open_quick() first, on a device thread; what it declines
-    # (first opens, other namespaces, refusals) comes to open() in trio (files.py) ---------
-    def open_quick(self, inode: int, flags: int, uid: int, pid: int) -> int | None:
-        """Open without waiting for anything, or None to leave it to open()."""
-        key = self.inodes.ino_file.get(inode)
-        pin = self.pins.known.get(key) if key else None
-        if flags & os.O_ACCMODE != os.O_RDONLY or pin is None or key is None:
-            return None
-        return self.files.open_quick(key, pin, uid, pid)
-
-    def make_quick(self, fh: int) -> None:
-        self.files.make_quick(fh)
-
+    # -- files: opens the data plane declines (first opens, other namespaces, refusals)
+    # come to open() in trio (files.py) -------------------------------------------------
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -312,7 +302,7 @@ class Operations(pyfuse3.Operations):
         key = self.inodes.ino_file.get(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if self.inodes.is_dir(inode) else errno.ENOENT)
-        return file_info(await self.files.open(key, ctx.uid, ctx.pid))
+        return file_info(await self.files.open(inode, key, ctx.uid, ctx.pid))
 
     def _stats(self) -> bytes:
         return self.metrics.render(self.files.read_ahead.held, *self.files.namespaces.counts())

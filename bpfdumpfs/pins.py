@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import kernel
+from . import core, kernel
+from .core import Pace
 from .dumpers import Dumper, iter_link_info
 from .errors import DumperError
 from .inodes import Key
-from .reader import Pace
 from .state import StateDir, is_dumper_name
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class Pin:
     # change event. Open files hold their Dumper by reference, so a pin removed while
     # read keeps its link until they close.
     dumper: Dumper | None = None
+    nodeid: int = 0             # its inode, once published to the data plane (core.py)
 
 
 class Pins:
@@ -90,6 +91,8 @@ class Pins:
             if pin is not None and pin.dumper is not None:
                 pin.dumper = None
                 self.cached_links -= 1
+        if pin is not None and pin.nodeid:
+            core.unpublish(pin.nodeid)
 
     def dumper(self, pin: Pin, target: str, name: str) -> Dumper:
         """The pin's dumper, cached while the state dir is watched. Uncached, each open

@@ -22,37 +22,25 @@ not spend the host root's share.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
-from . import libc
+from . import core, libc
 
 CAP_SYS_ADMIN, CAP_BPF = 21, 39
 CHANGE_CAPS = (CAP_SYS_ADMIN, CAP_BPF)
 READ_PRIVATE_CAPS = (CAP_SYS_ADMIN,)
 
-User = tuple[int, str]  # uid, pid namespace ("pid:[N]"; "" if unknown)
+User = tuple[int, int]  # uid, pid namespace's inode (0 if unknown)
 
 # iterators that weigh the credentials of the task making the seq_file: ksym shows
 # addresses only to CAP_SYSLOG (bpf_iter_ksym_init: kallsyms_show_value(current_cred()))
 CRED_TARGETS = frozenset({"ksym"})
 
-# the daemon's own user namespace: it serves as host root, so the initial one
-_INIT_USERNS = os.readlink("/proc/self/ns/user")
-
-
 def effective(pid: int) -> int:
     """Process PID's effective capabilities in the initial user namespace, as a mask:
-    none if it is in another user namespace, gone, or not visible (0)."""
-    if pid <= 0:
-        return 0
-    try:
-        if os.readlink(f"/proc/{pid}/ns/user") != _INIT_USERNS:
-            return 0
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
-    except (OSError, StopIteration):
-        return 0
+    none if it is in another user namespace, gone, or not visible (0). (In C, as the
+    data plane weighs them too: core.c.)"""
+    return core.effective_caps(pid)
 
 
 def capable(pid: int, caps: tuple[int, ...]) -> bool:
@@ -85,7 +73,4 @@ def may_change(uid: int, pid: int) -> bool:
 
 def user(uid: int, pid: int) -> User:
     """The key per-user limits count UID under: the uid in its pid namespace."""
-    try:
-        return uid, os.readlink(f"/proc/{pid}/ns/pid") if pid > 0 else ""
-    except OSError:
-        return uid, ""
+    return uid, core.pid_ns(pid)

@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from ._core import ffi, lib
+from .core import Pace
 from .errors import DumperError
 from .stream import KERNEL_BUF, Stream
 
 log = logging.getLogger(__name__)
 
-QUICK_NS = 300_000        # a dumper is quick while its kernel reads average less
-LEARN_READS = 3           # reads before a dumper may be called quick
 STREAMING_AFTER = 2       # full reads in a row before a producer takes over
 READ_AHEAD = 3            # FUSE reads' worth a producer may hold for its reader...
 MAX_AHEAD = 256 << 10     # ...but no more bytes than this, beyond one read
@@ -50,36 +50,41 @@ MAX_PIECES = 64           # more chunks in one reply are joined (writev takes 10
 UID_SHARE = 0.75          # of the read-ahead budget one user's streams may hold
 
 
-@dataclass
-class Pace:
-    """What the kernel reads of one dumper took, as a moving average."""
-    reads: int = 0
-    avg_ns: float = 0.0
-
-    @property
-    def quick(self) -> bool:
-        return self.reads >= LEARN_READS and self.avg_ns < QUICK_NS
-
-    def record(self, ns: int) -> None:
-        self.reads += 1
-        # one slow read weighs enough to make the dumper slow at once
-        self.avg_ns = ns if ns > QUICK_NS else 0.8 * self.avg_ns + 0.2 * ns
-
-
 class Budget:
     """Bytes that all producers together may hold ahead of their readers; one user's
     producers at most UID_SHARE of them, so that one user's stopped readers (a
-    container's many `less`es left open) cannot take every other user's read-ahead."""
+    container's many `less`es left open) cannot take every other user's read-ahead.
+    Kept in C (core.c), where the data plane's producers count in it too."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit       # 0: no limit
-        self.held = 0
-        self.by_uid: dict[Hashable, int] = {}  # by user (privilege.User: uid, pid namespace)
-        self.lock = threading.Lock()
+        self.ptr = lib.core_budget_new(limit, UID_SHARE)  # never freed: one per daemon
+        if self.ptr == ffi.NULL:
+            raise MemoryError("the read-ahead budget")
+
+    @property
+    def held(self) -> int:
+        return lib.core_budget_held(self.ptr, 0, True)
+
+    def held_by(self, uid: Hashable) -> int:
+        return lib.core_budget_held(self.ptr, user_key(uid), False)
+
+    @property
+    def users(self) -> int:
+        """Users holding any read-ahead."""
+        return lib.core_budget_users(self.ptr)
 
     def account(self, uid: Hashable) -> Account:
         """UID's share, as its readers spend it."""
         return Account(self, uid)
+
+
+def user_key(user: Hashable) -> int:
+    """The budget's key for USER: a privilege.User (uid, pid namespace) as core.c keys
+    its files' users; any other key (tests) by its hash."""
+    if isinstance(user, tuple) and len(user) == 2 and all(isinstance(x, int) for x in user):
+        return user[1] << 32 | user[0]
+    return hash(user) & (1 << 63) - 1
 
 
 class Account:
@@ -87,23 +92,14 @@ class Account:
 
     def __init__(self, budget: Budget, uid: Hashable) -> None:
         self.budget = budget
-        self.uid = uid
+        self.key = user_key(uid)
 
     def add(self, n: int) -> None:
-        b = self.budget
-        with b.lock:
-            b.held += n
-            mine = b.by_uid.get(self.uid, 0) + n
-            if mine:
-                b.by_uid[self.uid] = mine
-            else:
-                b.by_uid.pop(self.uid, None)
+        lib.core_budget_add(self.budget.ptr, self.key, n)
 
     @property
     def spent(self) -> bool:
-        b = self.budget
-        return 0 < b.limit and (b.held >= b.limit
-                                or b.by_uid.get(self.uid, 0) >= b.limit * UID_SHARE)
+        return bool(lib.core_budget_spent(self.budget.ptr, self.key))
 
 
 Deliver = Callable[["list | DumperError"], None]
@@ -140,6 +136,14 @@ class Reader:
         self.parked: Parked | None = None  # a READ the producer answers
         self.busy = 0                # threads inside a kernel read of the stream
         self.released = False
+
+    def resume(self, pending: bytes, ended: bool, error: DumperError | None) -> None:
+        """Go on from where another reader of the stream stopped (core.adopt): PENDING
+        read from the kernel and not yet given, and whether (and how) it ended."""
+        if pending:
+            self.pending.append(pending)
+            self.pending_len = len(pending)
+        self.ended, self.error = ended, error
 
     @property
     def quick(self) -> bool:

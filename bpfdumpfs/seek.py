@@ -31,13 +31,14 @@ SKIP_READ = 8 * KERNEL_BUF  # bytes read at a time while passing over output
 class Seekable:
     """One open dumper file: a Reader at a position, and how to start it over."""
 
-    def __init__(self, reader: Reader, remake: Callable[[], Reader]) -> None:
+    def __init__(self, reader: Reader, remake: Callable[[], Reader], pos: int = 0,
+                 back: bytes = b"") -> None:
         self.reader = reader
         self.remake = remake           # a new Reader of a new seq_file, made as the first
-        self.pos = 0                   # offset of the next byte the reader gives
+        self.pos = pos                 # offset of the next byte the reader gives
         # a copy of the last bytes before pos: references to the pieces would hold a
         # 1-byte view, and a 32 KiB kernel chunk behind it, per byte `dd bs=1` read
-        self.back = bytearray()
+        self.back = bytearray(back)
         self.cond = threading.Condition()
         self.parked = False            # a read left with the producer is yet to be answered
         self.released = False

@@ -25,6 +25,17 @@ EOPNOTSUPP_HINT = ("this target can fill only one buffer per seq_file (the cgrou
 
 
 
+def kernel_error(label: str, err: int) -> DumperError:
+    """What a read of dumper LABEL failing with ERR says (EAGAIN: after MAX_EAGAIN)."""
+    if err == errno.EAGAIN:
+        return DumperError(err, f"reading dumper {label}: the program asked {MAX_EAGAIN} "
+                           "times in a row to run an object again",
+                           "return 1 only to retry an object once in a while; "
+                           "return 0 to go on")
+    hint = {errno.E2BIG: E2BIG_HINT, errno.EOPNOTSUPP: EOPNOTSUPP_HINT}.get(err, "")
+    return DumperError(err, f"reading dumper {label}", hint)
+
+
 class Stream(io.RawIOBase):
     """One kernel seq_file: a read-once, unseekable stream of a dumper's output.
 
@@ -68,17 +79,10 @@ class Stream(io.RawIOBase):
                 again += 1
                 if again < MAX_EAGAIN:
                     continue
-                raise DumperError(errno.EAGAIN, f"reading dumper {self.label}: the program "
-                                  f"asked {MAX_EAGAIN} times in a row to run an object again",
-                                  "return 1 only to retry an object once in a while; "
-                                  "return 0 to go on") from None
+                raise kernel_error(self.label, errno.EAGAIN) from None
             except OSError as e:
-                raise self._kernel_error(e.errno or errno.EIO) from None
+                raise kernel_error(self.label, e.errno or errno.EIO) from None
             return data
-
-    def _kernel_error(self, err: int) -> DumperError:
-        hint = {errno.E2BIG: E2BIG_HINT, errno.EOPNOTSUPP: EOPNOTSUPP_HINT}.get(err, "")
-        return DumperError(err, f"reading dumper {self.label}", hint)
 
     def close(self) -> None:
         if not self.closed and self.fd >= 0:

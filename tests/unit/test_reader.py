@@ -14,16 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bpfdumpfs.core import LEARN_READS, QUICK_NS, Pace
 from bpfdumpfs.errors import DumperError
 from bpfdumpfs.reader import (
-    LEARN_READS,
     MAX_AHEAD,
     MAX_PIECES,
-    QUICK_NS,
     READ_AHEAD,
     UID_SHARE,
     Budget,
-    Pace,
     Reader,
 )
 
@@ -202,7 +200,7 @@ def test_a_streaming_reader_gets_read_ahead_bounded_by_read_ahead_reads(cleanup)
     assert ahead < READ_AHEAD * size + CHUNK
     assert 0 < budget.held <= ahead  # the producer's bytes are what the budget counts
     c.drain(size)
-    assert budget.held == 0 and budget.by_uid == {}
+    assert budget.held == 0 and budget.users == 0
 
 
 def test_a_large_read_starts_a_producer_bounded_by_max_ahead(cleanup):
@@ -255,13 +253,13 @@ def test_one_users_stopped_readers_leave_read_ahead_for_another_user(cleanup):
         c.read(8192)
         assert eventually(lambda r=c.reader: not r.streaming), "a producer never stopped"
         held.append(c)
-    assert budget.by_uid[a] < limit * UID_SHARE + CHUNK
-    assert budget.by_uid.get(b, 0) > 0, "the second user got no read-ahead"
+    assert budget.held_by(a) < limit * UID_SHARE + CHUNK
+    assert budget.held_by(b) > 0, "the second user got no read-ahead"
     assert budget.held < limit + CHUNK
     # reading on frees the budget as the bytes are handed out
     for c in held:
         c.drain(65536)
-    assert budget.held == 0 and budget.by_uid == {}
+    assert budget.held == 0 and budget.users == 0
 
 
 def test_no_producer_while_the_budget_is_spent_and_one_once_it_is_not(cleanup):
@@ -411,7 +409,7 @@ def test_release_gives_back_the_read_ahead_and_closes_the_seq_file_once():
     c.read(4096)
     assert eventually(lambda: budget.held > 0 and not r.streaming)
     r.release()
-    assert budget.held == 0 and budget.by_uid == {}
+    assert budget.held == 0 and budget.users == 0
     assert eventually(lambda: stream.closed == 1)
     assert stream.closed == 1 and stream.misuse == []
 
@@ -487,7 +485,7 @@ def test_budget_given_back_forgets_the_user():
     a = b.account(7)
     a.add(80)
     a.add(-80)
-    assert b.held == 0 and b.by_uid == {} and not a.spent
+    assert b.held == 0 and b.users == 0 and not a.spent
 
 
 def test_pace_learns_before_calling_a_dumper_quick():
