@@ -764,6 +764,7 @@ static __thread char *thread_out;  /* room for a READ's data on this thread (/de
 static __thread uint32_t out_used; /* how much of it READs touched since it was trimmed */
 
 static char *entry_payload(struct queue *q, int ent);
+static uint32_t entry_payload_size(struct queue *q, int ent);
 
 static struct req job_req(struct job *j)
 {
@@ -1106,6 +1107,48 @@ static int release_file(const struct req *r)
     return 1;
 }
 
+/* GETXATTR names answered without a look at the file (ops.XATTR_REFUSALS): the first
+ * prefix a name starts with gives the errno, 0 for Python to answer. */
+#define MAX_XATTR_RULES 8
+static struct { char prefix[32]; size_t len; int err; } xattr_rules[MAX_XATTR_RULES];
+static int nxattr_rules;
+
+/* Add a rule; a NULL PREFIX clears them. */
+int core_xattr_rule(const char *prefix, int err)
+{
+    if (!prefix) {
+        nxattr_rules = 0;
+        return 0;
+    }
+    if (nxattr_rules == MAX_XATTR_RULES || strlen(prefix) >= sizeof(xattr_rules[0].prefix))
+        return ENOSPC;
+    snprintf(xattr_rules[nxattr_rules].prefix, sizeof(xattr_rules[0].prefix), "%s", prefix);
+    xattr_rules[nxattr_rules].len = strlen(prefix);
+    xattr_rules[nxattr_rules++].err = err;
+    return 0;
+}
+
+static int getxattr_refused(const struct req *r)
+{
+    const char *name;
+    size_t len;
+    if (r->q) {
+        name = entry_payload(r->q, r->ent);
+        len = entry_payload_size(r->q, r->ent);
+    } else {
+        name = (const char *)r->body + sizeof(struct fuse_getxattr_in);
+        len = r->raw_len - sizeof(struct fuse_in_header) - sizeof(struct fuse_getxattr_in);
+    }
+    len = strnlen(name, len);
+    for (int i = 0; i < nxattr_rules; i++)
+        if (len >= xattr_rules[i].len && !memcmp(name, xattr_rules[i].prefix, xattr_rules[i].len)) {
+            if (xattr_rules[i].err)
+                reply(r, xattr_rules[i].err, NULL, 0);
+            return xattr_rules[i].err != 0;
+        }
+    return 0;
+}
+
 /* Serve or forward one request; *leading (/dev/fuse) says whether this thread leads. */
 static void dispatch(const struct req *r, int *leading)
 {
@@ -1122,6 +1165,9 @@ static void dispatch(const struct req *r, int *leading)
         case FUSE_RELEASE:
             served = (((const struct fuse_release_in *)r->body)->fh & CORE_FH_BIT)
                 && release_file(r);
+            break;
+        case FUSE_GETXATTR:
+            served = getxattr_refused(r);
             break;
         case FUSE_INTERRUPT:
             /* nothing here can stop a kernel read midway: the request completes */
@@ -1415,6 +1461,14 @@ static void arm_wake(struct queue *q)
 static char *entry_payload(struct queue *q, int ent)
 {
     return q->payloads[ent];
+}
+
+/* the size of the request's data in the payload (a name, for GETXATTR) */
+static uint32_t entry_payload_size(struct queue *q, int ent)
+{
+    uint32_t size;
+    memcpy(&size, q->headers[ent] + URING_ENT + 16, 4);
+    return size;
 }
 
 static void commit(struct queue *q, int ent)

@@ -201,6 +201,15 @@ def adopt(fh: int, back: int) -> Adopted | None:
                    Pace(a.pace))
 
 
+def set_xattr_refusals(rules: tuple[tuple[bytes, int], ...]) -> None:
+    """GETXATTR names C answers itself: the first prefix a name starts with gives the
+    errno, 0 for Python to answer (ops.XATTR_REFUSALS)."""
+    lib.core_xattr_rule(ffi.NULL, 0)
+    for prefix, err in rules:
+        if lib.core_xattr_rule(prefix, err):
+            raise ValueError(f"xattr rule {prefix!r}: too many, or too long")
+
+
 def start(dev_fd: int, fwd_fd: int, *, first_threads: int, max_threads: int, debug: bool,
           kernel_buf: int, max_eagain: int, back: int, max_read: int, bufsize: int,
           open_flags: int, read_private_caps: int) -> None:

@@ -53,6 +53,7 @@ CDEF = """
     int core_start(int dev, int fwd, const struct core_config *c, int first_threads,
                    int most_threads, int debugging);
     int core_threads(void);
+    int core_xattr_rule(const char *prefix, int err);
     int core_producing(void);
     struct iovec { void *iov_base; size_t iov_len; };
     int core_reply(const struct iovec *iov, int n);

@@ -49,7 +49,7 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
-from . import privilege
+from . import core, privilege
 from .errors import DumperError
 from .files import Answer, OpenFiles, ReadLater, file_info
 from .inodes import ROOT, STATS_INODE, Inodes
@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 STATS_NAME = ".stats"
 DIR_MODE = stat.S_IFDIR | 0o755
 XATTR_PREFIX = b"user.bpfdump."
+# GETXATTR names answered without a look at the file, first match: (prefix, errno; 0 to
+# look). Served by the data plane too (core.c).
+XATTR_REFUSALS = ((b"security.", errno.EOPNOTSUPP), (b"trusted.", errno.EOPNOTSUPP),
+                  (XATTR_PREFIX, 0), (b"", pyfuse3.ENOATTR))
 CACHE_TIMEOUT = 60.0  # entries/attributes, while the state dir is watched
 STATE_RETRY = 1.0      # seconds between looks for a state dir that went away
 # cat, cp and Python size their reads by st_blksize: a dump is then read in 1 MiB
@@ -115,6 +119,7 @@ class Operations(pyfuse3.Operations):
         self.inodes = Inodes(targets)
         self.pins = Pins(state)
         self.files = OpenFiles(self.pins, metrics, limits, self.refusals)
+        core.set_xattr_refusals(XATTR_REFUSALS)
         self.mounted_ns = time.time_ns()
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -431,12 +436,10 @@ class Operations(pyfuse3.Operations):
         `ls -l` asks every file for its security label and its ACL. There are no labels
         here: saying "not supported" (not "no such attribute") lets coreutils stop asking
         after the first file. ACLs must be answered "none": the kernel asks for them in
-        permission checks. Both are answered on the device's threads (device.py)."""
-        if name.startswith((b"security.", b"trusted.")):
-            return errno.EOPNOTSUPP
-        if not name.startswith(XATTR_PREFIX):
-            return pyfuse3.ENOATTR
-        return None
+        permission checks. Both are answered by the data plane (core.c), or on the
+        device's threads (device.py) where it forwards them."""
+        return next((err or None for prefix, err in XATTR_REFUSALS if name.startswith(prefix)),
+                    None)
 
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         refused = self.xattr_refusal(name)
