@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 import queue
+import resource
 import socket
 import struct
 import threading
@@ -107,6 +108,7 @@ MAX_WAITING = 4     # a worker that finds this many others waiting for the lead 
 # one look's time, or PRESSURE_BUSY of the last second's; back to SCHED_IDLE after
 # PRESSURE_CALM s below PRESSURE_BUSY
 PRESSURE_EVERY, PRESSURE_SPIKE, PRESSURE_BUSY, PRESSURE_CALM = 0.1, 0.1, 0.02, 2.0
+CAP_SYS_NICE = 23
 # a message must fit the socket's buffer whole (a READ reply of .stats, a listing)
 SOCKET_BUF = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in Python's socket module
@@ -338,6 +340,10 @@ class Device:
         shows stalls of a few ms now and then, so calm is judged over PRESSURE_CALM
         seconds, busy over one look or the last second. Without PSI they stay in the
         normal class."""
+        if not _may_leave_sched_idle():
+            log.info("FUSE over io_uring: the queues stay in the normal class (leaving "
+                     "SCHED_IDLE would need CAP_SYS_NICE or RLIMIT_NICE 20)")
+            return
         try:
             f = open("/proc/pressure/cpu", "rb", buffering=0)
         except OSError:
@@ -420,6 +426,13 @@ class Device:
     def _notify(self) -> None:
         while (msg := self.notices.get()) is not None:
             self._write([msg])
+
+
+def _may_leave_sched_idle() -> bool:
+    """Whether the daemon may move a thread out of SCHED_IDLE again (the kernel's
+    can_nice(): CAP_SYS_NICE, or an RLIMIT_NICE that allows nice 0)."""
+    return bool(libc.capget()[0] >> CAP_SYS_NICE & 1) \
+        or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
 
 
 def _stalled(f) -> int:

@@ -39,7 +39,8 @@ def test_unit_keeps_the_mount_visible_and_caps_bounded():
         assert hides not in settings, hides
     assert unit_caps() == {"CAP_SYS_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE",
                            "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_CHOWN", "CAP_SETUID",
-                           "CAP_SETGID", "CAP_SETPCAP", "CAP_SYS_CHROOT", "CAP_SYSLOG"}
+                           "CAP_SETGID", "CAP_SETPCAP", "CAP_SYS_CHROOT", "CAP_SYSLOG",
+                           "CAP_SYS_NICE"}
 
 
 def unit_caps() -> set[str]:
