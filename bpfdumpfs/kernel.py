@@ -1,8 +1,9 @@
-"""The one place that speaks bpf(2) and libbpf.
+"""The one place in Python that speaks bpf(2) and libbpf (the data plane, core.c,
+makes the seq_files of the opens it serves itself: BPF_ITER_CREATE alone).
 
-cffi in ABI mode: nothing is compiled at install time, so the package installs
-without a C compiler. bpf(2) is reached through libc's syscall(); compiled BPF
-objects (CO-RE relocations, .rodata/.bss, kconfig externs) are loaded by libbpf.
+cffi in ABI mode, on libc.py's FFI. bpf(2) is reached through libc's syscall();
+compiled BPF objects (CO-RE relocations, .rodata/.bss, kconfig externs) are loaded
+by libbpf.
 
 Every function returns plain file descriptors that the caller owns, and every
 failure raises DumperError with the errno and a sentence naming the command and
