@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,23 @@ def test_busy_cpus_take_the_queues_out_of_sched_idle_and_readers_are_answered(ri
             h.kill()
             h.wait()
     assert eventually(lambda: policies() == {os.SCHED_IDLE}, 10, step=0.1), policies()
+
+
+def test_without_cap_sys_nice_the_queues_keep_the_normal_class(ring, tmp_path):
+    """Leaving SCHED_IDLE needs CAP_SYS_NICE: a daemon without it never enters it (it
+    could not leave it when the CPUs get busy), says so, and serves as before."""
+    d, pin, f = ring
+    other = Daemon(tmp_path / "mnt", d.state, "--config-dir", str(tmp_path / "none"),
+                   "--no-builtins", prefix=["setpriv", "--bounding-set=-sys_nice"])
+    other.start()
+    try:
+        assert eventually(lambda: "the queues stay in the normal class" in other.output(), 10,
+                          step=0.1), other.output()
+        want = pin.read_bytes()
+        assert (other.mnt / "ksym" / "stable").read_bytes() == want
+        time.sleep(3)  # not a wait for state: longer than a calm that would move them
+        tids = queue_threads(other.proc.pid).values()
+        assert tids and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_OTHER}
+    finally:
+        other.stop()
+    assert other.proc.returncode == 0, other.output()
