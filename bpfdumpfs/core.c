@@ -1136,8 +1136,11 @@ static int getxattr_refused(const struct req *r)
         name = entry_payload(r->q, r->ent);
         len = entry_payload_size(r->q, r->ent);
     } else {
+        size_t head = sizeof(struct fuse_in_header) + sizeof(struct fuse_getxattr_in);
+        if (r->raw_len <= head)
+            return 0;
         name = (const char *)r->body + sizeof(struct fuse_getxattr_in);
-        len = r->raw_len - sizeof(struct fuse_in_header) - sizeof(struct fuse_getxattr_in);
+        len = r->raw_len - head;
     }
     len = strnlen(name, len);
     for (int i = 0; i < nxattr_rules; i++)
@@ -1488,7 +1491,11 @@ static void ring_reply(struct queue *q, int ent, uint64_t unique, int err, const
                        int n)
 {
     char *h = q->headers[ent], *p = q->payloads[ent];
-    uint32_t size = 0;
+    uint32_t size = 0, total = 0;
+    for (int i = 0; i < n; i++)
+        total += iov[i].iov_len;
+    if (!err && total > payload_size)
+        err = EIO;  /* cannot be: no request asks for more than a payload holds */
     for (int i = 0; i < n && !err; i++) {
         if (iov[i].iov_base != p + size && iov[i].iov_len)
             memmove(p + size, iov[i].iov_base, iov[i].iov_len);
@@ -1517,7 +1524,7 @@ static int ring_forward(const struct req *r)
     uint32_t payload_sz, len = r->in->len;
     memcpy(&payload_sz, h + URING_ENT + 16, 4);
     uint32_t op = len - sizeof(*r->in) - payload_sz;
-    if (op > URING_HEADER - URING_OP_IN || len > cfg.bufsize)
+    if (len < sizeof(*r->in) + payload_sz || op > URING_ENT - URING_OP_IN || len > cfg.bufsize)
         return -1;
     /* on a worker (a READ that failed) the queue's buffer may be in use */
     char *buf = my_queue == q ? q->fwd : malloc(len);
