@@ -155,14 +155,14 @@ class OpenFiles:
             return errno.EACCES, ("a dumper that is not world-readable needs CAP_SYS_ADMIN "
                                   "(in the initial user namespace) of uid 0")
         err = core.admit(*user)
+        if not err:
+            return None
         files, mine = core.files(*user)
         if err == errno.ENFILE:
             return err, f"{files} files open, the limit (max_handles)"
         if err == errno.EMFILE:
             return err, f"the user has {mine} files open, the limit (max_handles_per_uid)"
-        if err:
-            return err, os.strerror(err)
-        return None
+        return err, os.strerror(err)
 
     def _admit(self, key: Key | None, label: str, uid: int, pid: int) -> User:
         """The user an open counts for, once admitted; FUSEError (logged) if refused."""
@@ -293,8 +293,8 @@ class OpenFiles:
             a = core.adopt(fh, BACK)
             if a is None:
                 return None
-            target = a.label.split("/", 1)[0]
-            pin = self.pins.known.get(tuple(a.label.split("/", 1)))  # type: ignore[arg-type]
+            target, name = a.label.split("/", 1)
+            pin = self.pins.known.get((target, name))
             # a pin changed since: the reader's view is the one that shows no more
             view = pin.view if pin is not None and pin.view else "reader"
             user = (a.uid, a.user_ns)
