@@ -10,13 +10,14 @@ libfuse reads requests from it and writes replies and notifications to it, one
 message each).
 
 What C forwards comes through another socketpair to a pool of Python workers, which
-take turns reading it: READ and RELEASE of the files Python serves (those C handed
-over, and those opened here), and the getxattrs `ls -l` makes of every file, they
-answer at once through the small interface of `Served` (ops.py serves it, with
-files.py). A READ blocks only the worker that took it, and a READ of a file being
-read ahead that must wait is left with its producer, which answers it. Everything
-else (lookups, listings, first opens, opens in another namespace, changes) goes to
-pyfuse3 whole, and its answers come back through the relay thread.
+wait for it together. READ and RELEASE of the files Python serves (those C handed
+over, and those opened here) they answer at once through the small interface of
+`Served` (ops.py serves it, with files.py), and so the getxattrs C answers itself,
+when --debug-fuse has it forward everything. A READ blocks only the worker that took
+it, and a READ of a file being read ahead that must wait is left with its producer,
+which answers it. Everything else (lookups, listings, first opens, opens in another
+namespace, changes) goes to pyfuse3 whole, and its answers come back through the
+relay thread.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ MAX_READ = 256 * 4096   # the largest READ: max_pages (256) pages
 BUFSIZE = MAX_READ + 4096
 FIRST_WORKERS = 2   # Python workers, and C threads, started with the mount
 REPLIERS = 2        # threads writing the answers to parked reads
-MAX_WAITING = 4     # a worker that finds this many others waiting for the lead retires
+MAX_WAITING = 4     # a worker that finds this many others waiting retires
 # io_uring queues in SCHED_IDLE (see _watch_pressure): CPU pressure looked at every
 # PRESSURE_EVERY s; the normal class once some task waited for a CPU PRESSURE_SPIKE of
 # one look's time, or PRESSURE_BUSY of the last second's; back to SCHED_IDLE after
@@ -141,9 +142,8 @@ class Device:
                     # up to net.core.[wr]mem_max, which fits pyfuse3's small replies
                     s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUF)
         self.lock = threading.Lock()
-        self.lead = threading.Lock()  # held by the one worker reading /dev/fuse
         self.workers = 0
-        self.waiting = 0              # workers waiting for the lead
+        self.waiting = 0              # workers waiting for a request
         self.unmounted = threading.Event()  # the mount is gone: workers stop
         self.notices: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.answers: queue.SimpleQueue[tuple] = queue.SimpleQueue()  # (unique, result)
@@ -199,9 +199,10 @@ class Device:
         threading.Thread(target=self._work, name="fuse-worker", daemon=True).start()
 
     def _work(self) -> None:
-        """Wait to lead, then lead: read forwarded requests and answer them until one may
-        block (a kernel read of a dumper not known to be quick), which is answered after
-        handing the lead to another worker. So no request waits behind a slow one."""
+        """Wait for a forwarded request and answer it; one that may block (a kernel read
+        of a dumper not known to be quick) is answered once another worker waits, so
+        no request waits behind a slow one. Workers wait in recv() together: the
+        socket gives each request to one of them."""
         # mapped, not a bytearray: its pages are touched only as requests fill them,
         # where zeroing 1 MiB for every worker a burst of opens starts was a quarter
         # of the daemon's page faults
@@ -213,41 +214,27 @@ class Device:
                     self.workers -= 1
                     return
                 self.waiting += 1
-            self.lead.acquire()
+            try:
+                n = self.forwarded.recv_into(buf)
+            except OSError as e:
+                log.error("reading the data plane's requests: %s", e)
+                n = 0
             with self.lock:
                 self.waiting -= 1
-            while True:
-                try:
-                    n = self._next_request(buf)
-                except OSError as e:
-                    if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
-                        continue  # ENOENT: the request was interrupted before we took it
-                    if e.errno != errno.ENODEV:
-                        log.error("reading /dev/fuse: %s", e)
-                    self.unmounted.set()  # ENODEV: unmounted
-                    self.lead.release()
-                    break
-                head = InHeader._make(IN_HEADER.unpack_from(mv))
-                if self.debug:
-                    _log_request(head, n)
-                # opens, releases, passing requests on and quick reads never wait long,
-                # and a read of a file read ahead is left for its producer to answer
-                if self._dispatch(mv, n, head, wait=False):
-                    continue
-                with self.lock:
-                    if not self.waiting and self.workers < self.max_workers:
-                        self._spawn()
-                self.lead.release()
-                self._dispatch(mv, n, head, wait=True)
-                break
-
-    def _next_request(self, buf: mmap.mmap) -> int:
-        """The next request C forwarded, into BUF; ENODEV once the mount is gone (C
-        shuts its end down)."""
-        n = self.forwarded.recv_into(buf)
-        if not n:
-            raise OSError(errno.ENODEV, "unmounted")
-        return n
+            if not n:  # C shut its end down: the mount is gone
+                self.unmounted.set()
+                continue
+            head = InHeader._make(IN_HEADER.unpack_from(mv))
+            if self.debug:
+                _log_request(head, n)
+            # releases, passing requests on and quick reads never wait long, and a read
+            # of a file read ahead is left for its producer to answer
+            if self._dispatch(mv, n, head, wait=False):
+                continue
+            with self.lock:
+                if not self.waiting and self.workers < self.max_workers:
+                    self._spawn()
+            self._dispatch(mv, n, head, wait=True)
 
     def _dispatch(self, mv: memoryview, n: int, head: InHeader, wait: bool) -> bool:
         """Answer the request, or pass it on to pyfuse3. Unless WAIT, a read that may
