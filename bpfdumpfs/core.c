@@ -2,14 +2,15 @@
  * of dumper files they serve without Python (see core.py for the design).
  *
  * Everything here is either a quick decision or a kernel call. Whatever needs a
- * judgement -- a first open, a refusal to log, a seek, an error, a slow dumper, a
- * request for anything but a published dumper file -- is forwarded to Python whole,
+ * judgement -- a first open, a refusal to log, a seek, an error, a request for
+ * anything but a published dumper file -- is forwarded to Python whole,
  * one SOCK_SEQPACKET message per request, as /dev/fuse gave it; Python then takes
  * over the file (core_adopt) and serves it from there on.
  *
- * Locks: pool_lock (threads), tbl_lock (published dumpers), fh_lock (files),
- * user_lock (counts), each held only for bookkeeping and never nested, except that
- * a file's own lock is held across its kernel reads and taken with none of them. */
+ * Locks: pool_lock (threads), entries.lock (published dumpers), files.lock (files),
+ * user_lock (counts), a budget's lock, and a file's own (its flags), each held only for
+ * bookkeeping; the only one taken inside another is a budget's (inside a file's, at
+ * adoption). A file's `busy` flag, not a lock, keeps one thread at a time reading it. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -66,15 +67,27 @@ struct core_adopted {
     uint32_t back_len, surplus_len;
     char *surplus;           /* malloc'd: the caller frees it (core_free) */
     struct core_pace *pace;
-    struct core_stats *stats;
     char label[512];
 };
 
 /* -- private ------------------------------------------------------------------------- */
+/* The head of a reference-counted object kept in a table by key: published dumpers by
+ * inode, open files by fh. References are taken and put atomically: a table's lock
+ * guards its chains, not the counts. */
+struct node {
+    struct node *next;
+    uint64_t key;
+    int refs;
+};
+
+struct table {
+    pthread_mutex_t lock;
+    struct node *chains[TABLE];
+};
+
 struct entry {                       /* a published dumper: what an open needs */
-    struct entry *next;
-    uint64_t nodeid;
-    int refs, link_fd, ns_kind, cred;  /* ns_kind: 0, or 1 pid / 2 net (reader's view) */
+    struct node node;                  /* by inode */
+    int link_fd, ns_kind, cred;  /* ns_kind: 0, or 1 pid / 2 net (reader's view) */
     char home_ns[64];                  /* the daemon's namespace of ns_kind */
     char *pin_path, *label;
     struct core_stats *stats;
@@ -82,9 +95,8 @@ struct entry {                       /* a published dumper: what an open needs *
 };
 
 struct file {                        /* an open dumper file served here */
-    struct file *next;
-    uint64_t fh;
-    int refs, fd, released, python, ended, err;
+    struct node node;                 /* by fh */
+    int fd, released, python, ended, err;
     struct entry *e;
     uint32_t uid, pid;
     uint64_t user_ns, pos, opened_ns;
@@ -103,18 +115,21 @@ struct file {                        /* an open dumper file served here */
     char *back; uint32_t back_len;
 };
 
+/* A count per user (core_user_key), in a small array: few users read at once. A
+ * user whose count falls to 0 is dropped. Its owner's lock guards it. */
+struct tally {
+    struct { uint64_t key, n; } *slots;
+    uint32_t len, cap;
+};
+
 /* The read-ahead budget (reader.py's Budget): bytes all producers together may hold
  * ahead of their readers, one user's at most `share` of them. */
-struct budget_user { uint64_t key, held; };
 struct core_budget {
     pthread_mutex_t lock;
     uint64_t limit, held;   /* limit 0: none */
     double share;
-    struct budget_user *users;
-    uint32_t n, cap;
+    struct tally users;
 };
-
-struct user { uint32_t uid; uint64_t ns; uint32_t files; };
 
 static struct core_config cfg;
 static uint64_t quick_ns;      /* a dumper is quick while its reads average less... */
@@ -131,16 +146,13 @@ static pthread_mutex_t lead = PTHREAD_MUTEX_INITIALIZER;
 static int threads, waiting, dead;
 static pthread_cond_t job_cond;
 
-static pthread_mutex_t tbl_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct entry *entries[TABLE];
-
-static pthread_mutex_t fh_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct file *files[TABLE];
-static uint64_t next_fh = 1;
+static struct table entries = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static struct table files = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static uint64_t next_fh = 1;  /* under files.lock */
 
 static pthread_mutex_t user_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct user *users;
-static uint32_t nusers, users_cap, total_files;
+static struct tally user_files;  /* open files per user */
+static uint32_t total_files;
 
 static uint64_t now_ns(void)
 {
@@ -203,58 +215,75 @@ void core_count_read(struct core_stats *s, uint64_t nbytes, uint64_t ns)
     __atomic_add_fetch(&s->latency_ns, ns, __ATOMIC_RELAXED);
 }
 
-static struct user *find_user(uint32_t uid, uint64_t ns)
+/* The key a user's counts are kept under: the uid in its pid namespace (privilege.User),
+ * for Python (reader.user_key) and C alike. */
+uint64_t core_user_key(uint32_t uid, uint64_t ns)
 {
-    for (uint32_t i = 0; i < nusers; i++)
-        if (users[i].uid == uid && users[i].ns == ns)
-            return &users[i];
-    if (nusers == users_cap) {
-        uint32_t cap = users_cap ? 2 * users_cap : 16;
-        struct user *u = realloc(users, cap * sizeof(*u));
-        if (!u)
-            return NULL;
-        users = u;
-        users_cap = cap;
+    return ns << 32 | uid;
+}
+
+static uint64_t tally_get(const struct tally *t, uint64_t key)
+{
+    for (uint32_t i = 0; i < t->len; i++)
+        if (t->slots[i].key == key)
+            return t->slots[i].n;
+    return 0;
+}
+
+/* KEY's count moved by N; ENOMEM if a new key found no room (the count unchanged). */
+static int tally_add(struct tally *t, uint64_t key, int64_t n)
+{
+    uint32_t i = 0;
+    while (i < t->len && t->slots[i].key != key)
+        i++;
+    if (i == t->len) {
+        if (t->len == t->cap) {
+            uint32_t cap = t->cap ? 2 * t->cap : 16;
+            void *grown = realloc(t->slots, cap * sizeof(*t->slots));
+            if (!grown)
+                return ENOMEM;
+            t->slots = grown;
+            t->cap = cap;
+        }
+        t->slots[t->len].key = key;
+        t->slots[t->len++].n = 0;
     }
-    users[nusers] = (struct user){uid, ns, 0};
-    return &users[nusers++];
+    t->slots[i].n += n;
+    if (!t->slots[i].n)
+        t->slots[i] = t->slots[--t->len];
+    return 0;
 }
 
 int core_admit(uint32_t uid, uint64_t ns)
 {
+    uint64_t key = core_user_key(uid, ns);
     int err = 0;
     pthread_mutex_lock(&user_lock);
-    struct user *u = find_user(uid, ns);
-    if (!u)
-        err = ENOMEM;
-    else if (lim.max_files && total_files >= lim.max_files)
+    if (lim.max_files && total_files >= lim.max_files)
         err = ENFILE;
-    else if (lim.max_user_files && u->files >= lim.max_user_files)
+    else if (lim.max_user_files && tally_get(&user_files, key) >= lim.max_user_files)
         err = EMFILE;
-    else {
-        u->files++;
+    else if (!(err = tally_add(&user_files, key, 1)))
         total_files++;
-    }
     pthread_mutex_unlock(&user_lock);
     return err;
 }
 
 void core_unadmit(uint32_t uid, uint64_t ns)
 {
+    uint64_t key = core_user_key(uid, ns);
     pthread_mutex_lock(&user_lock);
-    struct user *u = find_user(uid, ns);
-    if (u && u->files) {
-        u->files--;
+    if (tally_get(&user_files, key)) {
+        tally_add(&user_files, key, -1);
         total_files--;
     }
     pthread_mutex_unlock(&user_lock);
 }
 
-uint32_t core_files(uint32_t uid, uint64_t ns, uint32_t *user_files)
+uint32_t core_files(uint32_t uid, uint64_t ns, uint32_t *mine)
 {
     pthread_mutex_lock(&user_lock);
-    struct user *u = find_user(uid, ns);
-    *user_files = u ? u->files : 0;
+    *mine = tally_get(&user_files, core_user_key(uid, ns));
     uint32_t total = total_files;
     pthread_mutex_unlock(&user_lock);
     return total;
@@ -275,24 +304,7 @@ void core_budget_add(struct core_budget *b, uint64_t key, int64_t n)
 {
     pthread_mutex_lock(&b->lock);
     b->held += n;
-    uint32_t i = 0;
-    while (i < b->n && b->users[i].key != key)
-        i++;
-    if (i == b->n) {
-        if (b->n == b->cap) {
-            uint32_t cap = b->cap ? 2 * b->cap : 8;
-            struct budget_user *u = realloc(b->users, cap * sizeof(*u));
-            if (!u)
-                goto out;  /* uncounted per user: the total still bounds it */
-            b->users = u;
-            b->cap = cap;
-        }
-        b->users[b->n++] = (struct budget_user){key, 0};
-    }
-    b->users[i].held += n;
-    if (!b->users[i].held)
-        b->users[i] = b->users[--b->n];
-out:
+    tally_add(&b->users, key, n);  /* on ENOMEM uncounted per user: the total still bounds */
     pthread_mutex_unlock(&b->lock);
 }
 
@@ -301,37 +313,30 @@ int core_budget_spent(struct core_budget *b, uint64_t key)
     if (!b->limit)
         return 0;
     pthread_mutex_lock(&b->lock);
-    uint64_t mine = 0;
-    for (uint32_t i = 0; i < b->n; i++)
-        if (b->users[i].key == key)
-            mine = b->users[i].held;
-    int spent = b->held >= b->limit || mine >= b->limit * b->share;
+    int spent = b->held >= b->limit || tally_get(&b->users, key) >= b->limit * b->share;
     pthread_mutex_unlock(&b->lock);
     return spent;
 }
 
-/* Count N more bytes for KEY if that keeps within the budget: 1, or 0 if spent. */
+/* Count N more bytes for KEY if that keeps within the budget: 1, or 0 if spent. Checked
+ * and counted under one lock, so that producers asking at once cannot pass it together. */
 static int budget_take(struct core_budget *b, uint64_t key, uint64_t n)
 {
     pthread_mutex_lock(&b->lock);
-    uint64_t mine = 0;
-    for (uint32_t i = 0; i < b->n; i++)
-        if (b->users[i].key == key)
-            mine = b->users[i].held;
-    int room = !b->limit || (b->held + n <= b->limit && mine + n <= b->limit * b->share);
+    int room = !b->limit || (b->held + n <= b->limit
+                             && tally_get(&b->users, key) + n <= b->limit * b->share);
+    if (room) {
+        b->held += n;
+        tally_add(&b->users, key, n);
+    }
     pthread_mutex_unlock(&b->lock);
-    if (room)
-        core_budget_add(b, key, n);
     return room;
 }
 
 uint64_t core_budget_held(struct core_budget *b, uint64_t key, int all)
 {
     pthread_mutex_lock(&b->lock);
-    uint64_t held = all ? b->held : 0;
-    for (uint32_t i = 0; !all && i < b->n; i++)
-        if (b->users[i].key == key)
-            held = b->users[i].held;
+    uint64_t held = all ? b->held : tally_get(&b->users, key);
     pthread_mutex_unlock(&b->lock);
     return held;
 }
@@ -339,7 +344,7 @@ uint64_t core_budget_held(struct core_budget *b, uint64_t key, int all)
 uint32_t core_budget_users(struct core_budget *b)
 {
     pthread_mutex_lock(&b->lock);
-    uint32_t n = b->n;
+    uint32_t n = b->users.len;
     pthread_mutex_unlock(&b->lock);
     return n;
 }
@@ -415,10 +420,61 @@ static int iter_create(int link_fd, int limit, uint64_t mask)
     return fd;
 }
 
+/* -- tables ------------------------------------------------------------------------------ */
+static void node_hold(struct node *n)
+{
+    __atomic_add_fetch(&n->refs, 1, __ATOMIC_ACQ_REL);
+}
+
+/* Put a reference: whether it was the last (the caller frees the object). */
+static int node_put(struct node *n)
+{
+    return __atomic_sub_fetch(&n->refs, 1, __ATOMIC_ACQ_REL) == 0;
+}
+
+/* KEY's node with a reference of the caller's, or NULL. */
+static struct node *table_get(struct table *t, uint64_t key)
+{
+    pthread_mutex_lock(&t->lock);
+    struct node *n = t->chains[key % TABLE];
+    while (n && n->key != key)
+        n = n->next;
+    if (n)
+        node_hold(n);
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
+/* With t->lock held: KEY's node out of T, the table's reference passed to the caller. */
+static struct node *table_unlink_locked(struct table *t, uint64_t key)
+{
+    struct node **p = &t->chains[key % TABLE], *n;
+    while ((n = *p) && n->key != key)
+        p = &n->next;
+    if (n)
+        *p = n->next;
+    return n;
+}
+
+static struct node *table_unlink(struct table *t, uint64_t key)
+{
+    pthread_mutex_lock(&t->lock);
+    struct node *n = table_unlink_locked(t, key);
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
+/* With t->lock held: N in T, holding the reference it was made with. */
+static void table_add_locked(struct table *t, struct node *n)
+{
+    n->next = t->chains[n->key % TABLE];
+    t->chains[n->key % TABLE] = n;
+}
+
 /* -- published dumpers ---------------------------------------------------------------- */
 static void entry_put(struct entry *e)
 {
-    if (__atomic_sub_fetch(&e->refs, 1, __ATOMIC_ACQ_REL))
+    if (!node_put(&e->node))
         return;
     close(e->link_fd);
     core_pace_put(e->pace);
@@ -429,31 +485,12 @@ static void entry_put(struct entry *e)
 
 static struct entry *entry_get(uint64_t nodeid)
 {
-    pthread_mutex_lock(&tbl_lock);
-    struct entry *e = entries[nodeid % TABLE];
-    while (e && e->nodeid != nodeid)
-        e = e->next;
-    if (e)
-        e->refs++;
-    pthread_mutex_unlock(&tbl_lock);
-    return e;
-}
-
-static struct entry *entry_unlink(uint64_t nodeid)
-{
-    struct entry **p = &entries[nodeid % TABLE], *e;
-    while ((e = *p) && e->nodeid != nodeid)
-        p = &e->next;
-    if (e)
-        *p = e->next;
-    return e;
+    return (struct entry *)table_get(&entries, nodeid);
 }
 
 void core_unpublish(uint64_t nodeid)
 {
-    pthread_mutex_lock(&tbl_lock);
-    struct entry *e = entry_unlink(nodeid);
-    pthread_mutex_unlock(&tbl_lock);
+    struct entry *e = (struct entry *)table_unlink(&entries, nodeid);
     if (e)
         entry_put(e);
 }
@@ -477,19 +514,17 @@ int core_publish(uint64_t nodeid, int link_fd, const char *label, const char *pi
         free(e);
         return err;
     }
-    e->refs = 1;
-    e->nodeid = nodeid;
+    e->node = (struct node){.key = nodeid, .refs = 1};
     e->ns_kind = ns_kind;
     snprintf(e->home_ns, sizeof(e->home_ns), "%s", home_ns);
     e->cred = cred;
     e->stats = stats;
     __atomic_add_fetch(&pace->refs, 1, __ATOMIC_ACQ_REL);
     e->pace = pace;
-    pthread_mutex_lock(&tbl_lock);
-    struct entry *old = entry_unlink(nodeid);
-    e->next = entries[nodeid % TABLE];
-    entries[nodeid % TABLE] = e;
-    pthread_mutex_unlock(&tbl_lock);
+    pthread_mutex_lock(&entries.lock);
+    struct entry *old = (struct entry *)table_unlink_locked(&entries, nodeid);
+    table_add_locked(&entries, &e->node);
+    pthread_mutex_unlock(&entries.lock);
     if (old)
         entry_put(old);
     return 0;
@@ -500,7 +535,7 @@ static void budget_give(struct file *f, uint64_t n);
 
 static void file_put(struct file *f)
 {
-    if (__atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL))
+    if (!node_put(&f->node))
         return;
     if (f->fd >= 0)
         close(f->fd);
@@ -516,7 +551,7 @@ static void file_put(struct file *f)
 
 static uint64_t user_key(const struct file *f)
 {
-    return f->user_ns << 32 | f->uid;
+    return core_user_key(f->uid, f->user_ns);
 }
 
 /* Give back up to N of the bytes F's producer counted in the budget (reader.py: the
@@ -533,27 +568,13 @@ static void budget_give(struct file *f, uint64_t n)
 
 static struct file *file_get(uint64_t fh)
 {
-    pthread_mutex_lock(&fh_lock);
-    struct file *f = files[fh % TABLE];
-    while (f && f->fh != fh)
-        f = f->next;
-    if (f)
-        f->refs++;
-    pthread_mutex_unlock(&fh_lock);
-    return f;
+    return (struct file *)table_get(&files, fh);
 }
 
 /* FH out of the table, its reference passed to the caller; NULL if not here. */
 static struct file *file_unlink(uint64_t fh)
 {
-    pthread_mutex_lock(&fh_lock);
-    struct file **p = &files[fh % TABLE], *f;
-    while ((f = *p) && f->fh != fh)
-        p = &f->next;
-    if (f)
-        *p = f->next;
-    pthread_mutex_unlock(&fh_lock);
-    return f;
+    return (struct file *)table_unlink(&files, fh);
 }
 
 static void file_release(struct file *f)
@@ -602,7 +623,6 @@ int core_adopt(uint64_t fh, struct core_adopted *a, char *back)
     budget_give(f, f->counted);  /* Python's reader counts only what it reads ahead */
     __atomic_add_fetch(&f->e->pace->refs, 1, __ATOMIC_ACQ_REL);
     a->pace = f->e->pace;
-    a->stats = f->e->stats;
     snprintf(a->label, sizeof(a->label), "%s", f->e->label);
     pthread_mutex_unlock(&f->lock);
     file_put(f);  /* its count in the limits and the stats now Python's */
@@ -612,14 +632,14 @@ int core_adopt(uint64_t fh, struct core_adopted *a, char *back)
 void core_release_all(void)
 {
     for (int i = 0; i < TABLE; i++) {
-        pthread_mutex_lock(&fh_lock);
-        struct file *f = files[i];
-        files[i] = NULL;
-        pthread_mutex_unlock(&fh_lock);
-        while (f) {
-            struct file *next = f->next;
-            file_release(f);
-            f = next;
+        pthread_mutex_lock(&files.lock);
+        struct node *n = files.chains[i];
+        files.chains[i] = NULL;
+        pthread_mutex_unlock(&files.lock);
+        while (n) {
+            struct node *next = n->next;
+            file_release((struct file *)n);
+            n = next;
         }
     }
 }
@@ -706,7 +726,7 @@ static int open_file(const struct req *r)
     }
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->idle, NULL);
-    f->refs = 1;
+    f->node.refs = 1;
     f->fd = fd;
     f->e = e;  /* the entry's reference passes to the file */
     f->uid = in->uid;
@@ -714,12 +734,11 @@ static int open_file(const struct req *r)
     f->user_ns = user_ns;
     f->opened_ns = now_ns();
     core_count_open(e->stats);
-    pthread_mutex_lock(&fh_lock);
-    f->fh = next_fh++ | CORE_FH_BIT;
-    f->next = files[f->fh % TABLE];
-    files[f->fh % TABLE] = f;
-    pthread_mutex_unlock(&fh_lock);
-    struct fuse_open_out out = {.fh = f->fh, .open_flags = cfg.open_flags};
+    pthread_mutex_lock(&files.lock);
+    f->node.key = next_fh++ | CORE_FH_BIT;
+    table_add_locked(&files, &f->node);
+    pthread_mutex_unlock(&files.lock);
+    struct fuse_open_out out = {.fh = f->node.key, .open_flags = cfg.open_flags};
     reply(r, 0, &out, sizeof(out));
     return 1;
 decline:
@@ -1003,7 +1022,7 @@ static void run(struct job *j, int *leading, int on_queue)
                     if (w) {
                         *w = *j;
                         w->write_reply = 1;
-                        __atomic_add_fetch(&f->refs, 1, __ATOMIC_ACQ_REL);
+                        node_hold(&f->node);
                         pthread_mutex_lock(&f->lock);
                         f->replying = 1;
                         pthread_mutex_unlock(&f->lock);
@@ -1804,12 +1823,4 @@ int core_start(int dev, int fwd, const struct core_config *c, int first_threads,
     int started = threads;
     pthread_mutex_unlock(&pool_lock);
     return started ? 0 : EAGAIN;
-}
-
-int core_threads(void)
-{
-    pthread_mutex_lock(&pool_lock);
-    int n = threads;
-    pthread_mutex_unlock(&pool_lock);
-    return n;
 }

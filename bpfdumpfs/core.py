@@ -261,7 +261,3 @@ def release_all() -> None:
 def producing() -> bool:
     """Whether C reads ahead for a reader now (resources.py waits for the end to trim)."""
     return bool(lib.core_producing())
-
-
-def threads() -> int:
-    return lib.core_threads()

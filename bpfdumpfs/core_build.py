@@ -24,8 +24,7 @@ CDEF = """
     uint32_t core_budget_users(struct core_budget *b);
     struct core_adopted { int fd, link_fd, err, ended; uint32_t uid, pid;
                           uint64_t user_ns, pos, opened_ns; uint32_t back_len, surplus_len;
-                          char *surplus; struct core_pace *pace; struct core_stats *stats;
-                          char label[512]; };
+                          char *surplus; struct core_pace *pace; char label[512]; };
 
     struct core_pace *core_pace_new(void);
     void core_pace_put(struct core_pace *p);
@@ -37,7 +36,8 @@ CDEF = """
     void core_count_read(struct core_stats *s, uint64_t nbytes, uint64_t ns);
     int core_admit(uint32_t uid, uint64_t ns);
     void core_unadmit(uint32_t uid, uint64_t ns);
-    uint32_t core_files(uint32_t uid, uint64_t ns, uint32_t *user_files);
+    uint32_t core_files(uint32_t uid, uint64_t ns, uint32_t *mine);
+    uint64_t core_user_key(uint32_t uid, uint64_t ns);
     uint64_t core_pid_ns(uint32_t pid);
     uint64_t core_effective_caps(uint32_t pid);
     int core_publish(uint64_t nodeid, int link_fd, const char *label, const char *pin_path,
@@ -52,7 +52,6 @@ CDEF = """
     void core_set_limits(const struct core_limits *l);
     int core_start(int dev, int fwd, const struct core_config *c, int first_threads,
                    int most_threads, int debugging);
-    int core_threads(void);
     int core_xattr_rule(const char *prefix, int err);
     int core_producing(void);
     struct iovec { void *iov_base; size_t iov_len; };

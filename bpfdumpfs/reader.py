@@ -83,7 +83,7 @@ def user_key(user: Hashable) -> int:
     """The budget's key for USER: a privilege.User (uid, pid namespace) as core.c keys
     its files' users; any other key (tests) by its hash."""
     if isinstance(user, tuple) and len(user) == 2 and all(isinstance(x, int) for x in user):
-        return user[1] << 32 | user[0]
+        return lib.core_user_key(user[0], user[1])
     return hash(user) & (1 << 63) - 1
 
 
