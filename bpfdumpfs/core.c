@@ -36,7 +36,8 @@
 #define MAX_BUCKETS 32
 #define TABLE 4096                 /* hash buckets of published dumpers and of files */
 #define MAX_WAITING 4              /* a thread that finds this many waiting to lead ends */
-#define KEEP_TOUCHED (64 << 10)    /* of a reply buffer, kept resident after a large reply */
+#define KEEP_TOUCHED (64 << 10)    /* of a ring entry's payload, kept resident after a large reply */
+#define LARGE_REPLY (64 << 10)     /* a reply a worker writes while the kernel reads on */
 
 /* -- shared with Python (declared in core.py's cdef) ------------------------------- */
 struct core_pace { int refs; uint64_t reads; double avg_ns; };
@@ -105,15 +106,33 @@ struct file {                        /* an open dumper file served here */
     int busy;                         /* a thread reads it (or reads ahead): one at a time */
     struct job *parked;               /* a READ that came while busy, answered after */
     /* read from the kernel beyond pos, not yet asked for: a kernel read's overshoot,
-     * or a producer's read-ahead (counted in the budget as `counted`) */
-    char *surplus; uint32_t surplus_off, surplus_len, surplus_cap;
+     * or a producer's read-ahead (counted in the budget as `counted`); only the
+     * thread that has the file busy touches it */
+    struct chunk *head, *tail;        /* head_off of head's bytes are served */
+    uint32_t head_off, surplus_len;
     uint64_t counted;
     uint32_t full_reads;              /* READs answered whole in a row */
     uint32_t largest;                 /* the largest READ so far */
-    char *reply_buf;                  /* a READ answered from read-ahead, being written */
-    int replying;                     /* by a worker (/dev/fuse): busy until written */
     char *back; uint32_t back_len;
 };
+
+/* Read-ahead is kept in chunks that a reply lends to writev as they are, so a byte
+ * is copied once between the kernel's seq_file and the reader's pages. A chunk holds
+ * two kernel buffers: a kernel read goes into the tail's room while a whole kernel
+ * buffer fits, so every chunk but the last holds more than one, and a READ's reply
+ * spans at most max_read / kernel_buf + 2 of them. Chunks are reference-counted (the
+ * file's queue, and each reply being written that lends from it): nobody writes to a
+ * byte once it is in the queue. Spare chunks are kept for the next stream -- fresh
+ * memory costs a page fault per 4 KiB, ~5% of a large dump here -- until
+ * core_trim. */
+struct chunk {
+    struct chunk *next;
+    int refs;
+    uint32_t len;
+    char data[];                      /* 2 * cfg.kernel_buf */
+};
+#define MAX_LEND 48                   /* iovecs of one reply: 1 MiB / 32 KiB + 2, and room */
+#define SPARE_CHUNKS 64               /* 4 MiB of 64 KiB chunks */
 
 /* A count per user (core_user_key), in a small array: few users read at once. A
  * user whose count falls to 0 is dropped. Its owner's lock guards it. */
@@ -530,6 +549,131 @@ int core_publish(uint64_t nodeid, int link_fd, const char *label, const char *pi
     return 0;
 }
 
+/* -- read-ahead chunks ---------------------------------------------------------------- */
+static struct {
+    pthread_mutex_t lock;
+    struct chunk *free;
+    uint32_t n;
+} spare = {PTHREAD_MUTEX_INITIALIZER, NULL, 0};
+
+static struct chunk *chunk_new(void)
+{
+    pthread_mutex_lock(&spare.lock);
+    struct chunk *c = spare.free;
+    if (c) {
+        spare.free = c->next;
+        spare.n--;
+    }
+    pthread_mutex_unlock(&spare.lock);
+    if (!c && !(c = malloc(sizeof(*c) + 2 * (size_t)cfg.kernel_buf)))
+        return NULL;
+    c->next = NULL;
+    c->refs = 1;
+    c->len = 0;
+    return c;
+}
+
+static void chunk_put(struct chunk *c)
+{
+    if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL))
+        return;
+    pthread_mutex_lock(&spare.lock);
+    if (spare.n < SPARE_CHUNKS) {
+        c->next = spare.free;
+        spare.free = c;
+        spare.n++;
+        c = NULL;
+    }
+    pthread_mutex_unlock(&spare.lock);
+    free(c);
+}
+
+/* Free the spare chunks (before a malloc_trim: resources.py). */
+void core_trim(void)
+{
+    pthread_mutex_lock(&spare.lock);
+    struct chunk *c = spare.free;
+    spare.free = NULL;
+    spare.n = 0;
+    pthread_mutex_unlock(&spare.lock);
+    while (c) {
+        struct chunk *next = c->next;
+        free(c);
+        c = next;
+    }
+}
+
+/* One kernel read of F into its surplus: into the tail chunk while a whole kernel
+ * buffer fits there (the cgroup iterator fails a read after one that left output
+ * behind), else into a new one. Returns read(2)'s result. */
+static ssize_t surplus_read(struct file *f)
+{
+    struct chunk *c = f->tail;
+    int fresh = !c || 2 * cfg.kernel_buf - c->len < cfg.kernel_buf;
+    if (fresh && !(c = chunk_new())) {
+        errno = ENOMEM;
+        return -1;
+    }
+    ssize_t n = read(f->fd, c->data + c->len, cfg.kernel_buf);
+    if (n > 0) {
+        c->len += n;
+        f->surplus_len += n;
+    }
+    if (fresh && n > 0) {
+        if (f->tail)
+            f->tail->next = c;
+        else
+            f->head = c;
+        f->tail = c;
+    } else if (fresh) {
+        chunk_put(c);
+    }
+    return n;
+}
+
+/* Consume N bytes of F's surplus from the head: into OUT if given, else lent as up
+ * to MAX_LEND iovecs into IOV (always enough for max_read: see struct chunk), each
+ * with a reference of its chunk in HELD, put by the caller once the reply is
+ * written. Returns how many iovecs. */
+static int surplus_take(struct file *f, uint32_t n, char *out, struct iovec *iov,
+                        struct chunk **held)
+{
+    int i = 0;
+    for (uint32_t done = 0; done < n && (out || i < MAX_LEND); i++) {
+        struct chunk *c = f->head;
+        uint32_t k = c->len - f->head_off < n - done ? c->len - f->head_off : n - done;
+        if (out) {
+            memcpy(out + done, c->data + f->head_off, k);
+        } else {
+            __atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+            iov[i] = (struct iovec){c->data + f->head_off, k};
+            held[i] = c;
+        }
+        done += k;
+        f->head_off += k;
+        f->surplus_len -= k;
+        if (f->head_off == c->len) {
+            f->head = c->next;
+            if (!f->head)
+                f->tail = NULL;
+            f->head_off = 0;
+            chunk_put(c);
+        }
+    }
+    return i;
+}
+
+static void surplus_free(struct file *f)
+{
+    while (f->head) {
+        struct chunk *next = f->head->next;
+        chunk_put(f->head);
+        f->head = next;
+    }
+    f->tail = NULL;
+    f->head_off = f->surplus_len = 0;
+}
+
 /* -- files ------------------------------------------------------------------------------- */
 static void budget_give(struct file *f, uint64_t n);
 
@@ -543,9 +687,8 @@ static void file_put(struct file *f)
     entry_put(f->e);
     pthread_mutex_destroy(&f->lock);
     pthread_cond_destroy(&f->idle);
-    free(f->surplus);
+    surplus_free(f);
     free(f->back);
-    free(f->reply_buf);
     free(f);
 }
 
@@ -612,13 +755,14 @@ int core_adopt(uint64_t fh, struct core_adopted *a, char *back)
     a->opened_ns = f->opened_ns;
     a->back_len = f->back_len;
     memcpy(back, f->back, f->back_len);
-    a->surplus_len = f->surplus_len;
-    a->surplus = NULL;
-    if (f->surplus_len) {  /* a kernel read's overshoot, or up to a producer's read-ahead */
-        memmove(f->surplus, f->surplus + f->surplus_off, f->surplus_len);
-        a->surplus = f->surplus;
-        f->surplus = NULL;
-        f->surplus_len = f->surplus_cap = 0;
+    /* a kernel read's overshoot, or up to a producer's read-ahead */
+    a->surplus = f->surplus_len ? malloc(f->surplus_len) : NULL;
+    a->surplus_len = a->surplus ? f->surplus_len : 0;
+    if (a->surplus)
+        surplus_take(f, a->surplus_len, a->surplus, NULL, NULL);
+    else if (f->surplus_len) {  /* the bytes are lost: the file ends in an error */
+        a->err = ENOMEM;
+        a->ended = 1;
     }
     budget_give(f, f->counted);  /* Python's reader counts only what it reads ahead */
     __atomic_add_fetch(&f->e->pace->refs, 1, __ATOMIC_ACQ_REL);
@@ -654,7 +798,8 @@ struct req {                     /* a request being served */
     size_t raw_len;
     struct queue *q;             /* io_uring: the queue and entry holding it; NULL: /dev/fuse */
     int ent;
-    char *out;                   /* room for a READ's data: max_read + a kernel buffer */
+    char *out;                   /* io_uring: room for a READ's data, max_read + a kernel
+                                  * buffer; NULL: /dev/fuse, whose replies lend chunks */
 };
 
 static void ring_reply(struct queue *q, int ent, uint64_t unique, int err, const struct iovec *iov,
@@ -662,18 +807,27 @@ static void ring_reply(struct queue *q, int ent, uint64_t unique, int err, const
 static int ring_forward(const struct req *r);
 static void hand_off(void);
 
-static void reply(const struct req *r, int err, const void *data, size_t size)
+static void reply_iov(const struct req *r, int err, const struct iovec *iov, int n)
 {
-    struct iovec iov = {(void *)data, err ? 0 : size};
     if (r->q) {
-        ring_reply(r->q, r->ent, r->in->unique, err, &iov, 1);
+        ring_reply(r->q, r->ent, r->in->unique, err, iov, err ? 0 : n);
         return;
     }
-    struct fuse_out_header out = {sizeof(out) + iov.iov_len, -err, r->in->unique};
-    struct iovec v[2] = {{&out, sizeof(out)}, iov};
+    struct fuse_out_header out = {sizeof(out), -err, r->in->unique};
+    struct iovec v[1 + MAX_LEND] = {{&out, sizeof(out)}};
+    for (int i = 0; i < n && !err; i++) {
+        v[1 + i] = iov[i];
+        out.len += iov[i].iov_len;
+    }
     /* ENOENT: the request was interrupted (its reader died); ENODEV: unmounted */
-    if (writev(dev_fd, v, 2) < 0 && errno != ENOENT && errno != ENODEV)
+    if (writev(dev_fd, v, err ? 1 : 1 + n) < 0 && errno != ENOENT && errno != ENODEV)
         fprintf(stderr, "bpfdumpfs core: writing to /dev/fuse: %s\n", strerror(errno));
+}
+
+static void reply(const struct req *r, int err, const void *data, size_t size)
+{
+    struct iovec iov = {(void *)data, size};
+    reply_iov(r, err, &iov, 1);
 }
 
 static void forward(const struct req *r)
@@ -762,6 +916,17 @@ static void keep_back(struct file *f, const char *data, uint32_t n)
     f->back_len = keep + n;
 }
 
+/* The same, of a reply's iovecs: only those holding its last cfg.back bytes. */
+static void keep_back_iov(struct file *f, const struct iovec *iov, int n)
+{
+    size_t after = 0;
+    int i = n;
+    while (i > 0 && after < cfg.back)
+        after += iov[--i].iov_len;
+    for (; i < n; i++)
+        keep_back(f, iov[i].iov_base, iov[i].iov_len);
+}
+
 /* A READ of a file of ours: what moves with it from thread to thread -- parked with a
  * file busy, or handed from a queue's thread to a worker (io_uring). */
 struct job {
@@ -774,20 +939,28 @@ struct job {
     struct queue *q;               /* io_uring: its entry, whose payload holds the data */
     int ent;
     int produce;                   /* not a READ: read ahead for the file's reader */
-    int write_reply;               /* not a READ: write f->reply_buf's got bytes */
     uint32_t got;
     uint64_t t0;
+    int nlent;                     /* a reply to write (/dev/fuse): iovecs lent by chunks */
+    struct iovec lent[MAX_LEND];
+    struct chunk *held[MAX_LEND];
 };
-
-static __thread char *thread_out;  /* room for a READ's data on this thread (/dev/fuse) */
-static __thread uint32_t out_used; /* how much of it READs touched since it was trimmed */
 
 static char *entry_payload(struct queue *q, int ent);
 static uint32_t entry_payload_size(struct queue *q, int ent);
 
+/* Write J's reply from the chunks it lends, and put them back. */
+static void reply_lent(const struct req *r, struct job *j)
+{
+    reply_iov(r, 0, j->lent, j->nlent);
+    for (int i = 0; i < j->nlent; i++)
+        chunk_put(j->held[i]);
+    j->nlent = 0;
+}
+
 static struct req job_req(struct job *j)
 {
-    char *out = j->q ? entry_payload(j->q, j->ent) : thread_out;
+    char *out = j->q ? entry_payload(j->q, j->ent) : NULL;
     return (struct req){&j->msg.in, &j->msg.rd, (const char *)&j->msg, sizeof(j->msg), j->q,
                         j->ent, out};
 }
@@ -795,7 +968,8 @@ static struct req job_req(struct job *j)
 static void post_job(struct job *j);
 static void run(struct job *j, int *leading, int on_queue);
 
-/* Kernel reads of F until SIZE bytes are in out (j->got so far), the end or an error
+/* Kernel reads of F until SIZE bytes are in OUT (j->got so far) or, without OUT
+ * (/dev/fuse), in its surplus, to be lent to the reply; or the end or an error
  * (f->ended, f->err). Before a read that may take long -- any, of a dumper not known
  * to be quick, and the next ones of a large dump -- the thread hands the lead off
  * (/dev/fuse, *leading), or, on a queue's thread (io_uring), moves the rest to a
@@ -804,18 +978,17 @@ static int fill(struct job *j, char *out, int *leading, int on_queue)
 {
     struct file *f = j->f;
     uint32_t size = j->msg.rd.size, again = 0;
-    if (f->surplus_len && j->got < size) {
+    if (out && f->surplus_len && j->got < size) {
         uint32_t n = f->surplus_len < size - j->got ? f->surplus_len : size - j->got;
-        memcpy(out + j->got, f->surplus + f->surplus_off, n);
-        f->surplus_off += n;
-        f->surplus_len -= n;
+        surplus_take(f, n, out + j->got, NULL, NULL);
         j->got += n;
         budget_give(f, n);
     }
     uint64_t t0 = now_ns();
     int read_kernel = 0;
-    while (j->got < size && !f->ended) {
-        if (!core_pace_quick(f->e->pace) || j->got >= cfg.kernel_buf / 2) {
+    uint32_t have;
+    while ((have = out ? j->got : f->surplus_len) < size && !f->ended) {
+        if (!core_pace_quick(f->e->pace) || have >= cfg.kernel_buf / 2) {
             if (on_queue) {
                 if (read_kernel)
                     core_pace_record(f->e->pace, now_ns() - t0);
@@ -830,7 +1003,7 @@ static int fill(struct job *j, char *out, int *leading, int on_queue)
         read_kernel = 1;
         /* room for a whole kernel buffer: the cgroup iterator fails a read after one
          * that left output behind */
-        ssize_t n = read(f->fd, out + j->got, cfg.kernel_buf);
+        ssize_t n = out ? read(f->fd, out + j->got, cfg.kernel_buf) : surplus_read(f);
         if (n < 0 && errno == EAGAIN && ++again < cfg.max_eagain)
             continue;
         if (n <= 0) {
@@ -839,25 +1012,25 @@ static int fill(struct job *j, char *out, int *leading, int on_queue)
             break;
         }
         again = 0;
+        if (!out)
+            continue;
         if (j->got + n > size) {  /* a kernel read gives what it has: keep the rest */
             uint32_t extra = j->got + n - size;
-            if (f->surplus_cap < extra) {
-                free(f->surplus);
-                f->surplus_cap = 0;
-                if (!(f->surplus = malloc(cfg.kernel_buf))) {
-                    f->err = ENOMEM;
-                    f->ended = 1;
-                    break;
-                }
-                f->surplus_cap = cfg.kernel_buf;
+            struct chunk *c = chunk_new();  /* the surplus is empty: it was taken first */
+            if (!c) {
+                f->err = ENOMEM;
+                f->ended = 1;
+                break;
             }
-            f->surplus_off = 0;
-            f->surplus_len = extra;
-            memcpy(f->surplus, out + size, extra);
+            memcpy(c->data, out + size, extra);
+            c->len = f->surplus_len = extra;
+            f->head = f->tail = c;
             n = size - j->got;
         }
         j->got += n;
     }
+    if (!out)
+        j->got = f->surplus_len < size ? f->surplus_len : size;
     if (read_kernel && !f->err)
         core_pace_record(f->e->pace, now_ns() - t0);
     return 1;
@@ -937,19 +1110,7 @@ static struct job *produce_more(struct file *f, uint32_t ahead)
                 return NULL;
             f->counted += cfg.kernel_buf;
         }
-        if (f->surplus_off && f->surplus_off + f->surplus_len + cfg.kernel_buf > f->surplus_cap) {
-            memmove(f->surplus, f->surplus + f->surplus_off, f->surplus_len);
-            f->surplus_off = 0;
-        }
-        if (f->surplus_len + cfg.kernel_buf > f->surplus_cap) {
-            uint32_t cap = ahead + cfg.kernel_buf;
-            char *grown = realloc(f->surplus, cap);
-            if (!grown)
-                return NULL;
-            f->surplus = grown;
-            f->surplus_cap = cap;
-        }
-        ssize_t n = read(f->fd, f->surplus + f->surplus_off + f->surplus_len, cfg.kernel_buf);
+        ssize_t n = surplus_read(f);
         budget_give(f, cfg.kernel_buf - (n > 0 ? n : 0));  /* taken, down to what was read */
         if (n < 0 && errno == EAGAIN && ++again < cfg.max_eagain)
             continue;
@@ -958,7 +1119,6 @@ static struct job *produce_more(struct file *f, uint32_t ahead)
             f->err = n < 0 ? errno : 0;
             f->ended = 1;
         } else {
-            f->surplus_len += n;
             __atomic_store_n(&last_produced_ns, now_ns(), __ATOMIC_RELAXED);
         }
     }
@@ -979,60 +1139,36 @@ static void run(struct job *j, int *leading, int on_queue)
             }
             next = produce(f, j->msg.rd.size);
             free(j);
-        } else if (j->write_reply) {
+        } else if (j->nlent) {
             /* a worker's: the producer reads on meanwhile, on another CPU */
             struct req r = job_req(j);
-            reply(&r, 0, f->reply_buf, j->got);
+            reply_lent(&r, j);
             free(j);
-            pthread_mutex_lock(&f->lock);
-            f->replying = 0;
-            pthread_cond_broadcast(&f->idle);
-            pthread_mutex_unlock(&f->lock);
-            file_put(f);
-            return;
+            return;  /* the chunks it lent, not the file, were the job's */
         } else {
             struct req r = job_req(j);
             uint32_t size = j->msg.rd.size;
-            /* answered from read-ahead (/dev/fuse): the reply is written by a worker,
-             * since copying 1 MiB into /dev/fuse takes the producer 0.3-1.5 ms */
-            int handed = !r.q && !j->got && f->surplus_len >= size && size > KEEP_TOUCHED
-                && (f->reply_buf || (f->reply_buf = malloc(cfg.max_read)));
-            if (handed) {
-                pthread_mutex_lock(&f->lock);
-                while (f->replying)  /* another READ of the file, read in parallel */
-                    pthread_cond_wait(&f->idle, &f->lock);
-                pthread_mutex_unlock(&f->lock);
-                r.out = f->reply_buf;
-            }
             if (!fill(j, r.out, leading, on_queue))
                 return;  /* a worker goes on */
-            if (r.out == thread_out && j->got > out_used)
-                out_used = j->got;
             if (!j->got && f->err) {
                 pthread_mutex_lock(&f->lock);
                 f->python = 1;  /* Python fails the file, and says why */
                 pthread_mutex_unlock(&f->lock);
                 forward(&r);
+                free(j);
             } else {
-                f->pos += j->got;
-                keep_back(f, r.out, j->got);
-                core_count_read(f->e->stats, j->got, now_ns() - j->t0);
-                if (handed) {
-                    struct job *w = malloc(sizeof(*w));
-                    if (w) {
-                        *w = *j;
-                        w->write_reply = 1;
-                        node_hold(&f->node);
-                        pthread_mutex_lock(&f->lock);
-                        f->replying = 1;
-                        pthread_mutex_unlock(&f->lock);
-                        post_job(w);
-                    } else {
-                        reply(&r, 0, r.out, j->got);
-                    }
+                if (r.out) {
+                    keep_back(f, r.out, j->got);
                 } else {
-                    reply(&r, 0, r.out, j->got);
+                    j->nlent = surplus_take(f, j->got, NULL, j->lent, j->held);
+                    j->got = 0;
+                    for (int i = 0; i < j->nlent; i++)
+                        j->got += j->lent[i].iov_len;
+                    budget_give(f, j->got);
+                    keep_back_iov(f, j->lent, j->nlent);
                 }
+                f->pos += j->got;
+                core_count_read(f->e->stats, j->got, now_ns() - j->t0);
                 /* two whole READs in a row, or one larger than a kernel read: a large
                  * dump is being read, and the kernel had better go on while the reply
                  * travels (reader.py) */
@@ -1047,8 +1183,22 @@ static void run(struct job *j, int *leading, int on_queue)
                     f->largest = size;
                 uint32_t extra = (lim.read_ahead_reads - 1) * f->largest;
                 uint32_t ahead = f->largest + (extra < lim.max_ahead ? extra : lim.max_ahead);
-                if (streams && lim.read_ahead_reads && !f->ended && f->surplus_len < ahead
-                    && !(lim.read_ahead && core_budget_spent(lim.read_ahead, user_key(f)))) {
+                int produce = streams && lim.read_ahead_reads && !f->ended
+                    && f->surplus_len < ahead
+                    && !(lim.read_ahead && core_budget_spent(lim.read_ahead, user_key(f)));
+                /* a large reply to write while the kernel reads on is a worker's: writing
+                 * 1 MiB to /dev/fuse takes 0.3-1.5 ms */
+                struct job *w = produce && j->got > LARGE_REPLY && j->nlent
+                    ? malloc(sizeof(*w)) : NULL;
+                if (w) {
+                    *w = *j;
+                    post_job(w);
+                } else if (j->nlent) {
+                    reply_lent(&r, j);
+                } else {
+                    reply(&r, 0, r.out, j->got);
+                }
+                if (produce) {
                     *j = (struct job){.f = f, .produce = 1, .msg.rd.size = ahead};
                     if (on_queue) {
                         post_job(j);
@@ -1056,8 +1206,8 @@ static void run(struct job *j, int *leading, int on_queue)
                     }
                     continue;
                 }
+                free(j);
             }
-            free(j);
         }
         pthread_mutex_lock(&f->lock);
         if (!next)
@@ -1240,24 +1390,18 @@ static ssize_t next_request(char *buf)
 static void *work(void *arg)
 {
     (void)arg;
-    size_t req_size = cfg.bufsize, out_size = cfg.max_read + cfg.kernel_buf;
-    /* mapped: pages are touched only as requests and replies fill them */
+    size_t req_size = cfg.bufsize;
+    /* mapped: pages are touched only as requests fill them */
     char *buf = mmap(NULL, req_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    char *out = mmap(NULL, out_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    thread_out = out;
     for (;;) {
         pthread_mutex_lock(&pool_lock);
-        if (waiting >= MAX_WAITING || dead || buf == MAP_FAILED || out == MAP_FAILED) {
+        if (waiting >= MAX_WAITING || dead || buf == MAP_FAILED) {
             threads--;
             pthread_mutex_unlock(&pool_lock);
             break;
         }
         waiting++;
         pthread_mutex_unlock(&pool_lock);
-        if (out_used > KEEP_TOUCHED) {  /* an idle thread keeps no large reply's pages */
-            madvise(out + KEEP_TOUCHED, out_size - KEEP_TOUCHED, MADV_DONTNEED);
-            out_used = 0;
-        }
         pthread_mutex_lock(&lead);
         pthread_mutex_lock(&pool_lock);
         waiting--;
@@ -1282,14 +1426,12 @@ static void *work(void *arg)
                 break;
             }
             const struct fuse_in_header *in = (const void *)buf;
-            struct req r = {in, buf + sizeof(*in), buf, n, NULL, 0, out};
+            struct req r = {in, buf + sizeof(*in), buf, n, NULL, 0, NULL};
             dispatch(&r, &leading);
         }
     }
     if (buf != MAP_FAILED)
         munmap(buf, req_size);
-    if (out != MAP_FAILED)
-        munmap(out, out_size);
     return NULL;
 }
 

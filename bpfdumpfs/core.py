@@ -261,3 +261,9 @@ def release_all() -> None:
 def producing() -> bool:
     """Whether C reads ahead for a reader now (resources.py waits for the end to trim)."""
     return bool(lib.core_producing())
+
+
+def trim() -> None:
+    """Free the read-ahead chunks C keeps for the next stream (resources.py, once no
+    file streams)."""
+    lib.core_trim()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import config, mounts, resources, targets
+from . import config, core, mounts, resources, targets
 from .builtins import BuiltinReport, pin_builtins
 from .device import Device
 from .errors import DumperError
@@ -96,7 +96,7 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations,
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signals)
-        nursery.start_soon(resources.give_back_memory, ops.streaming)
+        nursery.start_soon(resources.give_back_memory, ops.streaming, core.trim)
         # opens, reads and releases go to the device's threads: few requests wait here
         await pyfuse3.main(min_tasks=1, max_tasks=64)
         ops.shutdown()
