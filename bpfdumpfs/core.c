@@ -53,6 +53,8 @@ struct core_config {
     uint32_t max_read;       /* the largest FUSE READ */
     uint32_t bufsize;        /* room for the largest request */
     uint32_t open_flags;     /* FOPEN_* of every open */
+    uint32_t blksize;        /* a dumper file's st_blksize (ops._file_attr) */
+    uint32_t attr_valid;     /* seconds the kernel may keep a published file's attributes */
     uint64_t read_private_caps;  /* what uid 0 needs to read a dumper not world-readable */
 };
 struct core_limits {
@@ -91,6 +93,7 @@ struct entry {                       /* a published dumper: what an open needs *
     int link_fd, ns_kind, cred;  /* ns_kind: 0, or 1 pid / 2 net (reader's view) */
     char home_ns[64];                  /* the daemon's namespace of ns_kind */
     char *pin_path, *label;
+    uint64_t pin_ino;                  /* the pin published: another at pin_path is not */
     struct core_stats *stats;
     struct core_pace *pace;
 };
@@ -515,7 +518,7 @@ void core_unpublish(uint64_t nodeid)
 }
 
 int core_publish(uint64_t nodeid, int link_fd, const char *label, const char *pin_path,
-                 int ns_kind, const char *home_ns, int cred, struct core_stats *stats,
+                 uint64_t pin_ino, int ns_kind, const char *home_ns, int cred, struct core_stats *stats,
                  struct core_pace *pace)
 {
     struct entry *e = calloc(1, sizeof(*e));
@@ -534,6 +537,7 @@ int core_publish(uint64_t nodeid, int link_fd, const char *label, const char *pi
         return err;
     }
     e->node = (struct node){.key = nodeid, .refs = 1};
+    e->pin_ino = pin_ino;
     e->ns_kind = ns_kind;
     snprintf(e->home_ns, sizeof(e->home_ns), "%s", home_ns);
     e->cred = cred;
@@ -1264,6 +1268,29 @@ static int read_file(const struct req *r, int *leading)
     return 1;
 }
 
+/* Serve a GETATTR of a published dumper as ops._file_attr answers it, or return 0 to
+ * forward it: a pin gone or replaced is Python's to find out. */
+static int getattr_file(const struct req *r)
+{
+    struct entry *e = entry_get(r->in->nodeid);
+    if (!e)
+        return 0;
+    struct stat st;
+    int ours = !lstat(e->pin_path, &st) && S_ISREG(st.st_mode) && st.st_ino == e->pin_ino;
+    entry_put(e);
+    if (!ours)
+        return 0;
+    struct fuse_attr_out out = {.attr_valid = cfg.attr_valid, .attr = {
+        .ino = r->in->nodeid, .size = 0,  /* unknown until read: made at each open */
+        .atime = st.st_atim.tv_sec, .atimensec = st.st_atim.tv_nsec,
+        .mtime = st.st_mtim.tv_sec, .mtimensec = st.st_mtim.tv_nsec,
+        .ctime = st.st_ctim.tv_sec, .ctimensec = st.st_ctim.tv_nsec,
+        .mode = S_IFREG | (st.st_mode & 07777), .nlink = 1, .uid = st.st_uid,
+        .gid = st.st_gid, .blksize = cfg.blksize}};
+    reply(r, 0, &out, sizeof(out));
+    return 1;
+}
+
 static int release_file(const struct req *r)
 {
     struct file *f = file_unlink(((const struct fuse_release_in *)r->body)->fh);
@@ -1340,6 +1367,9 @@ static void dispatch(const struct req *r, int *leading)
             break;
         case FUSE_GETXATTR:
             served = getxattr_refused(r);
+            break;
+        case FUSE_GETATTR:
+            served = getattr_file(r);
             break;
         case FUSE_INTERRUPT:
             /* nothing here can stop a kernel read midway: the request completes */

@@ -14,6 +14,8 @@ common case whole:
               with no more capabilities than the reader has, for CRED_TARGETS
     READ      of a file opened so, at its position, of a dumper that is not slow
     RELEASE   of such a file
+    GETATTR   of a published dumper while its pin is the one published (`cat`
+              asks after every open: each read makes the kernel drop the atime)
 
 Anything else -- every other request, and any of these that needs a judgement (a
 first open, a refusal to log, a seek, a kernel error, a slow dumper, a file past
@@ -153,12 +155,13 @@ def effective_caps(pid: int) -> int:
     return lib.core_effective_caps(max(pid, 0))
 
 
-def publish(nodeid: int, link_fd: int, label: str, pin_path: str, ns_kind: str | None,
-            home_ns: str, cred: bool, stats: Stats, pace: Pace) -> None:
-    """Let C serve opens of inode NODEID (see the module's docstring). C keeps a
-    duplicate of LINK_FD; the dumper's file opens are then made with the reader's
-    capabilities if CRED, and only for readers in HOME_NS if NS_KIND."""
-    err = lib.core_publish(nodeid, link_fd, label.encode(), pin_path.encode(),
+def publish(nodeid: int, link_fd: int, label: str, pin_path: str, pin_ino: int,
+            ns_kind: str | None, home_ns: str, cred: bool, stats: Stats, pace: Pace) -> None:
+    """Let C serve opens and attributes of inode NODEID (see the module's docstring),
+    while PIN_PATH is the pin PIN_INO. C keeps a duplicate of LINK_FD; the dumper's
+    file opens are then made with the reader's capabilities if CRED, and only for
+    readers in HOME_NS if NS_KIND."""
+    err = lib.core_publish(nodeid, link_fd, label.encode(), pin_path.encode(), pin_ino,
                            NS_KINDS[ns_kind], home_ns.encode(), cred, stats.ptr, pace.ptr)
     if err:
         raise OSError(err, f"publishing {label}: {os.strerror(err)}")
@@ -212,12 +215,12 @@ def set_xattr_refusals(rules: tuple[tuple[bytes, int], ...]) -> None:
 
 def start(dev_fd: int, fwd_fd: int, *, first_threads: int, max_threads: int, debug: bool,
           kernel_buf: int, max_eagain: int, back: int, max_read: int, bufsize: int,
-          open_flags: int, read_private_caps: int) -> None:
+          open_flags: int, blksize: int, attr_valid: int, read_private_caps: int) -> None:
     """Start C's threads reading DEV_FD (/dev/fuse), forwarding to FWD_FD."""
     config = ffi.new("struct core_config *", {
         "spin_ns": int(SPIN * 1e9), "kernel_buf": kernel_buf, "max_eagain": max_eagain,
         "back": back, "max_read": max_read, "bufsize": bufsize, "open_flags": open_flags,
-        "read_private_caps": read_private_caps})
+        "blksize": blksize, "attr_valid": attr_valid, "read_private_caps": read_private_caps})
     err = lib.core_start(dev_fd, fwd_fd, config, first_threads, max_threads, debug)
     if err:
         raise OSError(err, f"starting the FUSE threads: {os.strerror(err)}")

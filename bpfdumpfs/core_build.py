@@ -12,7 +12,8 @@ CDEF = """
     struct core_stats { uint64_t opens; int64_t handles; uint64_t bytes; uint64_t latency_ns;
                         uint64_t latency[33]; };
     struct core_config { uint64_t spin_ns; uint32_t kernel_buf, max_eagain, back, max_read,
-                         bufsize, open_flags; uint64_t read_private_caps; };
+                         bufsize, open_flags, blksize, attr_valid;
+                         uint64_t read_private_caps; };
     struct core_budget;
     struct core_limits { uint32_t max_files, max_user_files; uint64_t open_budget_ns;
                          struct core_budget *read_ahead;
@@ -41,8 +42,8 @@ CDEF = """
     uint64_t core_pid_ns(uint32_t pid);
     uint64_t core_effective_caps(uint32_t pid);
     int core_publish(uint64_t nodeid, int link_fd, const char *label, const char *pin_path,
-                     int ns_kind, const char *home_ns, int cred, struct core_stats *stats,
-                     struct core_pace *pace);
+                     uint64_t pin_ino, int ns_kind, const char *home_ns, int cred,
+                     struct core_stats *stats, struct core_pace *pace);
     void core_unpublish(uint64_t nodeid);
     int core_adopt(uint64_t fh, struct core_adopted *a, char *back);
     void core_free(void *p);

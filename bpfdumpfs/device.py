@@ -37,7 +37,8 @@ from typing import NamedTuple, Protocol
 import pyfuse3
 
 from . import core, libc, privilege
-from .files import OPEN_FLAGS, Answer, ReadLater
+from .files import FILE_BLKSIZE, OPEN_FLAGS, Answer, ReadLater
+from .pins import CACHE_TIMEOUT
 from .seek import BACK
 from .stream import KERNEL_BUF, MAX_EAGAIN
 
@@ -168,7 +169,7 @@ class Device:
         core.start(self.fd, self.core_end.fileno(), first_threads=FIRST_WORKERS,
                    max_threads=self.max_workers, debug=self.debug, kernel_buf=KERNEL_BUF,
                    max_eagain=MAX_EAGAIN, back=BACK, max_read=MAX_READ, bufsize=BUFSIZE,
-                   open_flags=OPEN_FLAGS,
+                   open_flags=OPEN_FLAGS, blksize=FILE_BLKSIZE, attr_valid=int(CACHE_TIMEOUT),
                    read_private_caps=sum(1 << c for c in privilege.READ_PRIVATE_CAPS))
         threading.Thread(target=self._relay, name="fuse-relay", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 # NOFLUSH: close() sends no FLUSH (there is nothing to flush).
 FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE, FOPEN_NOFLUSH = 1, 2, 4, 32
 OPEN_FLAGS = FOPEN_DIRECT_IO | FOPEN_NOFLUSH
+# cat, cp and Python size their reads by st_blksize: a dump is then read in 1 MiB
+# FUSE reads (the kernel's largest, 256 pages), an eighth of the round trips of 128 KiB
+FILE_BLKSIZE = 1 << 20
 
 
 def file_info(fh: int) -> pyfuse3.FileInfo:
@@ -272,7 +275,7 @@ class OpenFiles:
         cred = view == "reader" and target in privilege.CRED_TARGETS
         try:
             core.publish(inode, dumper.fd, f"{target}/{key[1]}", self.pins.state.pin_str(*key),
-                         kind, self.namespaces.mine[kind] if kind else "", cred,
+                         pin.ino, kind, self.namespaces.mine[kind] if kind else "", cred,
                          self.metrics.stats(f"{target}/{key[1]}"), pin.pace)
         except OSError as e:
             log.warning("%s: its opens stay in Python", e)

@@ -51,11 +51,11 @@ from pyfuse3 import (
 
 from . import core, privilege
 from .errors import DumperError
-from .files import Answer, OpenFiles, ReadLater, file_info
+from .files import FILE_BLKSIZE, Answer, OpenFiles, ReadLater, file_info
 from .inodes import ROOT, STATS_INODE, Inodes
 from .limits import Limits
 from .metrics import STATUS_XATTR, Metrics
-from .pins import Pins
+from .pins import CACHE_TIMEOUT, Pins
 from .refusals import Refusals
 from .state import NAME_MAX, StateDir, check_name
 from .watch import StateWatch
@@ -69,11 +69,7 @@ XATTR_PREFIX = b"user.bpfdump."
 # look). Served by the data plane too (core.c).
 XATTR_REFUSALS = ((b"security.", errno.EOPNOTSUPP), (b"trusted.", errno.EOPNOTSUPP),
                   (XATTR_PREFIX, 0), (b"", pyfuse3.ENOATTR))
-CACHE_TIMEOUT = 60.0  # entries/attributes, while the state dir is watched
 STATE_RETRY = 1.0      # seconds between looks for a state dir that went away
-# cat, cp and Python size their reads by st_blksize: a dump is then read in 1 MiB
-# FUSE reads (the kernel's largest, 256 pages), an eighth of the round trips of 128 KiB
-FILE_BLKSIZE = 1 << 20
 
 
 def _guarded(handler):
@@ -211,6 +207,8 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _file_attr(self, ino: int, st: os.stat_result) -> EntryAttributes:
+        """A dumper file's attributes; those of a published pin come from C
+        (core.c: getattr_file), which must stay in step."""
         a = EntryAttributes()
         a.st_ino = ino
         a.st_mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)

@@ -35,6 +35,7 @@ from .state import StateDir, is_dumper_name
 log = logging.getLogger(__name__)
 
 LINK_CACHE_MAX = 1024  # link fds kept open for quick opens
+CACHE_TIMEOUT = 60.0   # the kernel keeps entries/attributes this long, while pins are cached
 
 
 @dataclass

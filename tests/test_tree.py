@@ -345,6 +345,38 @@ def test_changes_to_pins_show_at_once_despite_caching(tree):
         pin.unlink(missing_ok=True)
 
 
+def test_attributes_of_a_file_being_read_follow_its_pin(tree):
+    """Once a pin has been read, its attributes are served by the data plane (core.c),
+    and `cat`'s fstat after each open asks for them: they must still be the pin's as
+    it changes, and those of a new pin put in its place."""
+    pin = tree.state / "task" / "readattr"
+    bpftool_pin(TASKS_OBJ, pin)
+    f = tree.mnt / "task" / "readattr"
+    try:
+        for _ in range(2):  # the first open publishes it; the second is served in C
+            with open(f, "rb") as r:
+                assert r.read().startswith(b"    PID")
+                st, pst = os.fstat(r.fileno()), os.stat(pin)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size, st.st_blksize) == \
+            (stat.S_IMODE(pst.st_mode), pst.st_uid, 0, 1 << 20)
+        assert st.st_mtime_ns == pst.st_mtime_ns and st.st_ino == os.stat(f).st_ino
+        with open(f, "rb") as r:
+            for mode in (0o444, 0o400):
+                os.chmod(pin, mode)
+                assert soon(lambda mode=mode: stat.S_IMODE(os.fstat(r.fileno()).st_mode) == mode)
+            os.chown(pin, 65534, 65534)
+            assert soon(lambda: os.fstat(r.fileno()).st_uid == 65534)
+            assert r.read(10) == b"    PID   "
+        pin.unlink()
+        bpftool_pin(TASKS_OBJ, pin)  # a new pin of the name, root's and 0600
+        os.chmod(pin, 0o600)
+        assert soon(lambda: (stat.S_IMODE(os.stat(f).st_mode), os.stat(f).st_uid) == (0o600, 0))
+        pin.unlink()
+        assert soon(lambda: not f.exists())
+    finally:
+        pin.unlink(missing_ok=True)
+
+
 def test_state_dir_unmounted_under_the_daemon_then_back(private):
     state, mnt = private
     d = Daemon(mnt, state, "--config-dir", str(state.parent / "none")).start()
