@@ -120,22 +120,25 @@ struct file {                        /* an open dumper file served here */
 };
 
 /* Read-ahead is kept in chunks that a reply lends to writev as they are, so a byte
- * is copied once between the kernel's seq_file and the reader's pages. A chunk holds
- * two kernel buffers: a kernel read goes into the tail's room while a whole kernel
- * buffer fits, so every chunk but the last holds more than one, and a READ's reply
- * spans at most max_read / kernel_buf + 2 of them. Chunks are reference-counted (the
- * file's queue, and each reply being written that lends from it): nobody writes to a
- * byte once it is in the queue. Spare chunks are kept for the next stream -- fresh
- * memory costs a page fault per 4 KiB, ~5% of a large dump here -- until
- * core_trim. */
+ * is copied once between the kernel's seq_file and the reader's pages. A chunk is a
+ * mapping of two kernel buffers: a kernel read goes into the tail's room while a whole
+ * kernel buffer fits, so every chunk but the last holds nearly one or more, and a
+ * READ's reply spans at most max_read / kernel_buf + 3 of them. Chunks are
+ * reference-counted (the file's queue, and each reply being written that lends from
+ * it): nobody writes to a byte once it is in the queue. Chunks put are kept, up to
+ * MAX_SPARE, for the streams reading on -- fresh memory costs a page fault per 4 KiB,
+ * ~5% of a large dump here -- and core_trim, twice a second, unmaps those beyond
+ * KEEP_SPARE, or all once nothing streams: 32 streams' worth does not stay resident
+ * while one streams on. */
 struct chunk {
     struct chunk *next;
     int refs;
     uint32_t len;
-    char data[];                      /* 2 * cfg.kernel_buf */
+    char data[];                      /* chunk_room() bytes */
 };
-#define MAX_LEND 48                   /* iovecs of one reply: 1 MiB / 32 KiB + 2, and room */
-#define SPARE_CHUNKS 64               /* 4 MiB of 64 KiB chunks */
+#define MAX_LEND 48                   /* iovecs of one reply: 1 MiB / 32 KiB + 3, and room */
+#define KEEP_SPARE 64                 /* 4 MiB of 64 KiB chunks: a stream's and more */
+#define MAX_SPARE 1024
 
 /* A count per user (core_user_key), in a small array: few users read at once. A
  * user whose count falls to 0 is dropped. Its owner's lock guards it. */
@@ -560,6 +563,16 @@ static struct {
     uint32_t n;
 } spare = {PTHREAD_MUTEX_INITIALIZER, NULL, 0};
 
+static size_t chunk_size(void)
+{
+    return 2 * (size_t)cfg.kernel_buf;
+}
+
+static uint32_t chunk_room(void)
+{
+    return chunk_size() - sizeof(struct chunk);
+}
+
 static struct chunk *chunk_new(void)
 {
     pthread_mutex_lock(&spare.lock);
@@ -569,8 +582,11 @@ static struct chunk *chunk_new(void)
         spare.n--;
     }
     pthread_mutex_unlock(&spare.lock);
-    if (!c && !(c = malloc(sizeof(*c) + 2 * (size_t)cfg.kernel_buf)))
-        return NULL;
+    if (!c) {
+        c = mmap(NULL, chunk_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (c == MAP_FAILED)
+            return NULL;
+    }
     c->next = NULL;
     c->refs = 1;
     c->len = 0;
@@ -582,27 +598,33 @@ static void chunk_put(struct chunk *c)
     if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL))
         return;
     pthread_mutex_lock(&spare.lock);
-    if (spare.n < SPARE_CHUNKS) {
+    if (spare.n < MAX_SPARE) {
         c->next = spare.free;
         spare.free = c;
         spare.n++;
         c = NULL;
     }
     pthread_mutex_unlock(&spare.lock);
-    free(c);
+    if (c)
+        munmap(c, chunk_size());
 }
 
-/* Free the spare chunks (before a malloc_trim: resources.py). */
-void core_trim(void)
+/* Unmap the spare chunks beyond KEEP_SPARE, or ALL (resources.py). */
+void core_trim(int all)
 {
+    uint32_t keep = all ? 0 : KEEP_SPARE;
     pthread_mutex_lock(&spare.lock);
-    struct chunk *c = spare.free;
-    spare.free = NULL;
-    spare.n = 0;
+    struct chunk **from = &spare.free;
+    for (uint32_t i = 0; i < keep && *from; i++)
+        from = &(*from)->next;
+    struct chunk *c = *from;
+    *from = NULL;
+    if (spare.n > keep)
+        spare.n = keep;
     pthread_mutex_unlock(&spare.lock);
     while (c) {
         struct chunk *next = c->next;
-        free(c);
+        munmap(c, chunk_size());
         c = next;
     }
 }
@@ -613,7 +635,7 @@ void core_trim(void)
 static ssize_t surplus_read(struct file *f)
 {
     struct chunk *c = f->tail;
-    int fresh = !c || 2 * cfg.kernel_buf - c->len < cfg.kernel_buf;
+    int fresh = !c || chunk_room() - c->len < cfg.kernel_buf;
     if (fresh && !(c = chunk_new())) {
         errno = ENOMEM;
         return -1;

@@ -266,7 +266,7 @@ def producing() -> bool:
     return bool(lib.core_producing())
 
 
-def trim() -> None:
-    """Free the read-ahead chunks C keeps for the next stream (resources.py, once no
-    file streams)."""
-    lib.core_trim()
+def trim(streaming: bool) -> None:
+    """Unmap the read-ahead chunks C keeps for streams to come: beyond a stream's
+    worth while files STREAMING, else all (resources.py)."""
+    lib.core_trim(not streaming)

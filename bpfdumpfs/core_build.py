@@ -55,7 +55,7 @@ CDEF = """
                    int most_threads, int debugging);
     int core_xattr_rule(const char *prefix, int err);
     int core_producing(void);
-    void core_trim(void);
+    void core_trim(int all);
     struct iovec { void *iov_base; size_t iov_len; };
     int core_reply(const struct iovec *iov, int n);
     int core_start_uring(uint32_t payload);

@@ -62,7 +62,8 @@ def _spare() -> int:
     return rss - m.uordblks - m.hblkhd
 
 
-async def give_back_memory(streaming: Callable[[], bool], release: Callable[[], None]) -> None:
+async def give_back_memory(streaming: Callable[[], bool],
+                           release: Callable[[bool], None]) -> None:
     """Readers' buffers come and go in bursts (32 streams of a large dump hold tens
     of MiB at once), and glibc keeps what they leave in its heaps, in fragments,
     until told. Once the spare bytes (_spare) are TRIM_SLACK above their lowest
@@ -78,14 +79,16 @@ async def give_back_memory(streaming: Callable[[], bool], release: Callable[[], 
     in use, so a look while paused readers held their read-ahead took that as the
     new low, and nothing was given back when they closed (+12 MiB, every time).
 
-    RELEASE frees what the data plane keeps for the next stream (core.trim), so that
-    it counts as spare once no file streams."""
+    RELEASE(streaming) gives back the read-ahead chunks the data plane keeps for
+    streams to come (core.trim): all but a stream's worth while files stream, so
+    that a burst's do not stay while one stream goes on, and all after."""
     low = _spare()
     while True:
         await trio.sleep(TRIM_EVERY)
-        if streaming():
+        busy = streaming()
+        release(busy)
+        if busy:
             continue
-        release()
         spare = _spare()
         low = min(low, spare)
         if spare - low > TRIM_SLACK:

@@ -120,6 +120,32 @@ def test_memory_of_a_burst_is_given_back_while_other_files_stay_open(daemon):
         os.close(paused)
 
 
+def test_memory_of_a_burst_is_given_back_while_another_file_streams_on(daemon):
+    """A long dump streaming through a burst of 32 cats must not keep the burst's
+    read-ahead in the daemon after it: what is kept for streams to come is one
+    stream's worth, not the peak's."""
+    pid = daemon.proc.pid
+    ksyms = str(daemon.mnt / "ksym" / "kallsyms")
+    stop = threading.Event()
+
+    def stream() -> None:  # one reader after another: a file streams all along
+        while not stop.is_set():
+            subprocess.run(["cat", ksyms], stdout=subprocess.DEVNULL, check=True)
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    try:
+        time.sleep(LOOKS)  # not a wait for state: the daemon's looks at its memory (LOOKS)
+        base = rss_kib(pid)
+        cats = [subprocess.Popen(["cat", ksyms], stdout=subprocess.DEVNULL) for _ in range(32)]
+        assert all(c.wait(120) == 0 for c in cats)
+        assert eventually(lambda: rss_kib(pid) < base + 8 * 1024, 10, step=0.1), \
+            f"RSS {base} -> {rss_kib(pid)} KiB"
+        assert streamer.is_alive()
+    finally:
+        stop.set()
+        streamer.join(60)
+
+
 def test_a_burst_too_short_to_be_seen_is_given_back_too(daemon):
     """The daemon looks at its memory twice a second. After a burst has been given
     back, a burst of 6 readers that comes and goes between two looks faults the
