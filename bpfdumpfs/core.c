@@ -120,16 +120,16 @@ struct file {                        /* an open dumper file served here */
 };
 
 /* Read-ahead is kept in chunks that a reply lends to writev as they are, so a byte
- * is copied once between the kernel's seq_file and the reader's pages. A chunk is a
- * mapping of two kernel buffers: a kernel read goes into the tail's room while a whole
+ * is copied once between the kernel's seq_file and the reader's pages. A chunk holds
+ * two kernel buffers: a kernel read goes into the tail's room while a whole
  * kernel buffer fits, so every chunk but the last holds nearly one or more, and a
  * READ's reply spans at most max_read / kernel_buf + 3 of them. Chunks are
  * reference-counted (the file's queue, and each reply being written that lends from
- * it): nobody writes to a byte once it is in the queue. Chunks put are kept, up to
- * MAX_SPARE, for the streams reading on -- fresh memory costs a page fault per 4 KiB,
- * ~5% of a large dump here -- and core_trim, twice a second, unmaps those beyond
- * KEEP_SPARE, or all once nothing streams: 32 streams' worth does not stay resident
- * while one streams on. */
+ * it): nobody writes to a byte once it is in the queue. Chunks put are kept for the
+ * streams reading on -- fresh memory costs a page fault per 4 KiB, ~5% of a large
+ * dump here -- and core_trim, twice a second, gives back the memory of those beyond
+ * KEEP_SPARE, or of all once nothing streams: 32 streams' worth does not stay
+ * resident while one streams on. */
 struct chunk {
     struct chunk *next;
     int refs;
@@ -138,7 +138,6 @@ struct chunk {
 };
 #define MAX_LEND 48                   /* iovecs of one reply: 1 MiB / 32 KiB + 3, and room */
 #define KEEP_SPARE 64                 /* 4 MiB of 64 KiB chunks: a stream's and more */
-#define MAX_SPARE 1024
 
 /* A count per user (core_user_key), in a small array: few users read at once. A
  * user whose count falls to 0 is dropped. Its owner's lock guards it. */
@@ -557,11 +556,19 @@ int core_publish(uint64_t nodeid, int link_fd, const char *label, const char *pi
 }
 
 /* -- read-ahead chunks ---------------------------------------------------------------- */
+/* Chunks are carved from one region, reserved at the first (no memory until
+ * touched): mapping and unmapping each would take the mm's lock for writing, and
+ * every thread faulting meanwhile waits for it, all woken at once after -- a herd of
+ * 20 threads every few ms under 32 streams, with a CPU idle while they queue on the
+ * other. The free ones are a stack of indices, the most recently put on top;
+ * those below `cold` have been given back (MADV_DONTNEED) and fault in on reuse. */
+#define REGION_CHUNKS 4096           /* 256 MiB of address space; beyond, chunks are mapped */
 static struct {
     pthread_mutex_t lock;
-    struct chunk *free;
-    uint32_t n;
-} spare = {PTHREAD_MUTEX_INITIALIZER, NULL, 0};
+    char *region;
+    uint32_t carved;                 /* chunks of the region handed out so far */
+    uint32_t *free, n, cold;         /* free[0..n): free chunks; free[0..cold): given back */
+} spare = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static size_t chunk_size(void)
 {
@@ -573,13 +580,31 @@ static uint32_t chunk_room(void)
     return chunk_size() - sizeof(struct chunk);
 }
 
+static int in_region(const struct chunk *c)
+{
+    return spare.region && (const char *)c >= spare.region
+        && (const char *)c < spare.region + REGION_CHUNKS * chunk_size();
+}
+
 static struct chunk *chunk_new(void)
 {
+    struct chunk *c = NULL;
     pthread_mutex_lock(&spare.lock);
-    struct chunk *c = spare.free;
-    if (c) {
-        spare.free = c->next;
-        spare.n--;
+    if (!spare.region) {
+        void *r = mmap(NULL, REGION_CHUNKS * chunk_size(), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        spare.free = malloc(REGION_CHUNKS * sizeof(*spare.free));
+        if (r != MAP_FAILED && spare.free)
+            spare.region = r;
+        else if (r != MAP_FAILED)
+            munmap(r, REGION_CHUNKS * chunk_size());
+    }
+    if (spare.n) {
+        c = (struct chunk *)(spare.region + spare.free[--spare.n] * chunk_size());
+        if (spare.cold > spare.n)
+            spare.cold = spare.n;
+    } else if (spare.region && spare.carved < REGION_CHUNKS) {
+        c = (struct chunk *)(spare.region + spare.carved++ * chunk_size());
     }
     pthread_mutex_unlock(&spare.lock);
     if (!c) {
@@ -597,36 +622,27 @@ static void chunk_put(struct chunk *c)
 {
     if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL))
         return;
-    pthread_mutex_lock(&spare.lock);
-    if (spare.n < MAX_SPARE) {
-        c->next = spare.free;
-        spare.free = c;
-        spare.n++;
-        c = NULL;
-    }
-    pthread_mutex_unlock(&spare.lock);
-    if (c)
+    if (!in_region(c)) {
         munmap(c, chunk_size());
+        return;
+    }
+    pthread_mutex_lock(&spare.lock);
+    spare.free[spare.n++] = ((char *)c - spare.region) / chunk_size();
+    pthread_mutex_unlock(&spare.lock);
 }
 
-/* Unmap the spare chunks beyond KEEP_SPARE, or ALL (resources.py). */
+/* Give back the memory of the free chunks but the KEEP_SPARE last put, or ALL
+ * (resources.py). */
 void core_trim(int all)
 {
     uint32_t keep = all ? 0 : KEEP_SPARE;
     pthread_mutex_lock(&spare.lock);
-    struct chunk **from = &spare.free;
-    for (uint32_t i = 0; i < keep && *from; i++)
-        from = &(*from)->next;
-    struct chunk *c = *from;
-    *from = NULL;
-    if (spare.n > keep)
-        spare.n = keep;
+    /* under the lock, so that none of them is reused meanwhile: ~1 us a chunk, and
+     * rarely more than a burst's few hundred */
+    for (; spare.cold + keep < spare.n; spare.cold++)
+        madvise(spare.region + spare.free[spare.cold] * chunk_size(), chunk_size(),
+                MADV_DONTNEED);
     pthread_mutex_unlock(&spare.lock);
-    while (c) {
-        struct chunk *next = c->next;
-        munmap(c, chunk_size());
-        c = next;
-    }
 }
 
 /* One kernel read of F into its surplus: into the tail chunk while a whole kernel

@@ -86,7 +86,7 @@ async def give_back_memory(streaming: Callable[[], bool],
     while True:
         await trio.sleep(TRIM_EVERY)
         busy = streaming()
-        release(busy)
+        await trio.to_thread.run_sync(release, busy)
         if busy:
             continue
         spare = _spare()
