@@ -42,7 +42,7 @@ import trio
 from . import core, privilege
 from .dumpers import Dumper
 from .errors import DumperError
-from .inodes import Key
+from .inodes import Key, file_inode
 from .limits import Limits
 from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
@@ -321,6 +321,8 @@ class OpenFiles:
             pin = self.pins.known.get(key)
             if pin is None or pin.hidden or not self.pins.cached:
                 pin, _ = self.pins.check(target, name)  # while watched, a known pin needs no stat
+            if file_inode(pin.ino) != inode:  # an inode of a pin since removed (ops._file_stat)
+                raise pyfuse3.FUSEError(errno.ENOENT)
             view = self.pins.view(pin, target, name)
             origin = self._origin(self.pins.dumper(pin, target, name), view, target, uid,
                                   pid, user)

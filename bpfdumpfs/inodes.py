@@ -5,8 +5,11 @@ listings of open directories.
     1                  the root
     2 .. 2+T           the target directories, in name order (they never change)
     STATS_INODE        /.stats
-    FIRST_FILE_INODE.. dumper files, numbered as they are first looked up, forgotten
-                       when the kernel forgets them (FORGET)
+    PIN_INODE_BASE+i   the dumper file whose pin is bpffs inode i (bpffs numbers its
+                       inodes in 32 bits): every daemon serving the state dir gives a
+                       name the same inode, and a new pin of the name a new one, so an
+                       inode the kernel holds never names another pin. Known from the
+                       first lookup until the kernel forgets it (FORGET).
 
 Thread safety: everything here is changed in trio only (pyfuse3's handlers). The
 device's threads only look up an inode's (target, name) for a quick open: a single
@@ -20,8 +23,8 @@ from dataclasses import dataclass
 import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
-STATS_INODE = (1 << 16) - 1
-FIRST_FILE_INODE = 1 << 16  # target directories take the inodes below
+STATS_INODE = (1 << 16) - 1  # target directories take the inodes below
+PIN_INODE_BASE = 1 << 32
 
 Key = tuple[str, str]  # (target, name) of a dumper file
 
@@ -33,6 +36,11 @@ class Listing:
     entries: list[tuple[bytes, int]]   # (name, inode of a target dir | 0 for a dumper)
 
 
+def file_inode(pin_ino: int) -> int:
+    """The inode of the dumper file of the pin that is bpffs inode PIN_INO."""
+    return PIN_INODE_BASE + pin_ino
+
+
 class Inodes:
     def __init__(self, targets: list[str]) -> None:
         self.targets = sorted(targets)
@@ -41,23 +49,23 @@ class Inodes:
         self.file_ino: dict[Key, int] = {}
         self.ino_file: dict[int, Key] = {}
         self.lookups: dict[int, int] = {}   # the kernel's lookup count of each file inode
-        self.next_ino = FIRST_FILE_INODE
         self.listings: dict[int, Listing] = {}
         self.next_listing = 1
 
     def is_dir(self, ino: int) -> bool:
         return ino == ROOT or ino in self.ino_target
 
-    def file(self, target: str, name: str) -> int:
-        """The inode of TARGET/NAME, numbered now if the kernel holds none of it."""
+    def file(self, target: str, name: str, pin_ino: int) -> int:
+        """The inode of TARGET/NAME while its pin is bpffs inode PIN_INO."""
         key = (target, name)
-        ino = self.file_ino.get(key)
-        if ino is None:
-            ino = self.next_ino
-            self.next_ino += 1
-            self.file_ino[key] = ino
+        ino = file_inode(pin_ino)
+        self.file_ino[key] = ino
+        was = self.ino_file.get(ino)
+        if was != key:  # new, or its pin renamed behind the mount
+            if was is not None and self.file_ino.get(was) == ino:
+                del self.file_ino[was]
             self.ino_file[ino] = key
-            self.lookups[ino] = 0
+            self.lookups.setdefault(ino, 0)
         return ino
 
     def looked_up(self, ino: int) -> None:
@@ -71,7 +79,9 @@ class Inodes:
             self.lookups[ino] -= n
             if self.lookups[ino] <= 0:
                 del self.lookups[ino]
-                self.file_ino.pop(self.ino_file.pop(ino), None)
+                key = self.ino_file.pop(ino)
+                if self.file_ino.get(key) == ino:  # not since given to a new pin of the name
+                    del self.file_ino[key]
 
     def renamed(self, target: str, old: str, new: str) -> None:
         """TARGET/OLD is now TARGET/NEW: the kernel's inode of it moves along."""

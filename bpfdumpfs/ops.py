@@ -52,7 +52,7 @@ from pyfuse3 import (
 from . import core, privilege
 from .errors import DumperError
 from .files import FILE_BLKSIZE, Answer, OpenFiles, ReadLater, file_info
-from .inodes import ROOT, STATS_INODE, Inodes
+from .inodes import ROOT, STATS_INODE, Inodes, Key, file_inode
 from .limits import Limits
 from .metrics import STATUS_XATTR, Metrics
 from .pins import CACHE_TIMEOUT, Pins
@@ -194,6 +194,18 @@ class Operations(pyfuse3.Operations):
         """stat of a pin that is a valid dumper of TARGET; FUSEError(ENOENT) otherwise."""
         return self.pins.check(target, name)[1]
 
+    def _file_stat(self, inode: int) -> tuple[Key, os.stat_result]:
+        """The dumper file INODE and its pin's stat; FUSEError(ENOENT) if it is none, or
+        its pin is gone or is another now: an inode the kernel kept of a removed pin
+        must not read or change a new pin of the name."""
+        key = self.inodes.ino_file.get(inode)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        st = self._pin_stat(*key)
+        if file_inode(st.st_ino) != inode:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return key, st
+
     # -- attributes ---------------------------------------------------------------
     def _dir_attr(self, ino: int) -> EntryAttributes:
         a = EntryAttributes()
@@ -232,10 +244,7 @@ class Operations(pyfuse3.Operations):
             return self._dir_attr(inode)
         if inode == STATS_INODE:
             return self._stats_attr()
-        key = self.inodes.ino_file.get(inode)
-        if key is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._file_attr(inode, self._pin_stat(*key))
+        return self._file_attr(inode, self._file_stat(inode)[1])
 
     async def lookup(self, parent_inode: InodeT, name: FileNameT,
                      ctx: RequestContext | None = None) -> EntryAttributes:
@@ -252,7 +261,7 @@ class Operations(pyfuse3.Operations):
         if len(fname) > NAME_MAX or fname.startswith("-"):
             raise pyfuse3.FUSEError(errno.ENOENT)
         st = self._pin_stat(target, fname)
-        ino = self.inodes.file(target, fname)
+        ino = self.inodes.file(target, fname, st.st_ino)
         self.inodes.looked_up(ino)
         return self._file_attr(ino, st)
 
@@ -282,8 +291,8 @@ class Operations(pyfuse3.Operations):
             else:
                 target = self.inodes.ino_target[d.inode]
                 try:
-                    attr = self._file_attr(self.inodes.file(target, name.decode()),
-                                           self._pin_stat(target, name.decode()))
+                    st = self._pin_stat(target, name.decode())
+                    attr = self._file_attr(self.inodes.file(target, name.decode(), st.st_ino), st)
                 except pyfuse3.FUSEError:
                     continue  # removed since opendir, or hidden
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
@@ -377,7 +386,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         path = self.state.pin_path(*key)
         try:
-            self._pin_stat(*key)
+            self._file_stat(inode)
         except pyfuse3.FUSEError:
             if fields.update_mode or fields.update_uid or fields.update_gid:
                 raise
@@ -410,10 +419,9 @@ class Operations(pyfuse3.Operations):
     def _xattrs(self, inode) -> dict[bytes, bytes]:
         if inode == ROOT:
             return {STATUS_XATTR: json.dumps(self.metrics.status()).encode()}
-        key = self.inodes.ino_file.get(inode)
-        if key is None:
+        if self.inodes.ino_file.get(inode) is None:
             return {}
-        self._pin_stat(*key)
+        key = self._file_stat(inode)[0]
         try:
             info = self.state.info(*key)
         except DumperError as e:

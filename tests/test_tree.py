@@ -377,6 +377,47 @@ def test_attributes_of_a_file_being_read_follow_its_pin(tree):
         pin.unlink(missing_ok=True)
 
 
+def test_a_files_inode_is_its_pins_in_every_daemon(private):
+    """A dumper file's inode number is derived from its pin's, so a daemon started
+    anew on the state dir (an upgrade, a restart) gives every name the inode it had."""
+    state, mnt = private
+    pin = state / "task" / "stable"
+    inos = []
+    for _ in range(2):
+        d = Daemon(mnt, state, "--config-dir", str(state.parent / "none")).start()
+        try:
+            if not pin.exists():
+                bpftool_pin(TASKS_OBJ, pin)
+            f = mnt / "task" / "stable"
+            assert f.read_bytes().startswith(b"    PID")
+            inos.append((os.stat(f).st_ino, os.stat(mnt / "task" / "tasks").st_ino))
+        finally:
+            d.stop()
+    assert inos[0] == inos[1]
+    assert inos[0][0] == (1 << 32) + os.stat(pin).st_ino
+
+
+def test_an_inode_kept_of_a_replaced_pin_does_not_reach_the_new_pin(tree):
+    """A file left open while its pin is replaced by another of the same name keeps
+    reading the old dumper; a chmod through it must not change the new pin."""
+    pin = tree.state / "task" / "replaced"
+    f = tree.mnt / "task" / "replaced"
+    bpftool_pin(TASKS_OBJ, pin)
+    try:
+        with open(f, "rb") as old:
+            assert old.read(10) == b"    PID   "
+            pin.unlink()
+            bpftool_pin(TASKS_OBJ, pin)
+            os.chmod(pin, 0o600)
+            assert soon(lambda: os.stat(f).st_ino == (1 << 32) + os.stat(pin).st_ino)
+            with pytest.raises(FileNotFoundError):
+                os.fchmod(old.fileno(), 0o444)
+            assert stat.S_IMODE(os.stat(pin).st_mode) == 0o600
+            assert old.read().endswith(b"\n")  # the old dumper reads on to its end
+    finally:
+        pin.unlink(missing_ok=True)
+
+
 def test_state_dir_unmounted_under_the_daemon_then_back(private):
     state, mnt = private
     d = Daemon(mnt, state, "--config-dir", str(state.parent / "none")).start()
