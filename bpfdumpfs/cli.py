@@ -223,7 +223,7 @@ def cmd_status(args) -> int:
     for info in rows:
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(info["since"]))
         print(f"{info['mountpoint']}: served by pid {info['pid']} since {since} "
-              f"(bpfdumpfs {info['version']})")
+              f"(bpfdumpfs {info['version']}; its keeper is pid {info['keeper']})")
         print(f"  state dir   {info['state_dir']}")
         print(f"  dumpers     {info['dumpers']}")
         print(f"  open files  {info['handles']}")

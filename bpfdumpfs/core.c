@@ -56,6 +56,7 @@ struct core_config {
     uint32_t blksize;        /* a dumper file's st_blksize (ops._file_attr) */
     uint32_t attr_valid;     /* seconds the kernel may keep a published file's attributes */
     uint64_t read_private_caps;  /* what uid 0 needs to read a dumper not world-readable */
+    uint64_t fh_base;        /* set in every fh made here: the server's generation */
 };
 struct core_limits {
     uint32_t max_files, max_user_files;  /* 0: no limit */
@@ -168,6 +169,7 @@ static char init_userns[64];
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t lead = PTHREAD_MUTEX_INITIALIZER;
 static int threads, waiting, dead;
+static int draining;  /* the connection passes to another server: take no more requests */
 static pthread_cond_t job_cond;
 
 static struct table entries = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -815,6 +817,12 @@ int core_adopt(uint64_t fh, struct core_adopted *a, char *back)
     return 1;
 }
 
+/* Take no more requests (keeper.py: the next server gets them, FUSE_NOTIFY_RESEND) */
+void core_drain(void)
+{
+    __atomic_store_n(&draining, 1, __ATOMIC_RELEASE);
+}
+
 void core_release_all(void)
 {
     for (int i = 0; i < TABLE; i++) {
@@ -931,7 +939,7 @@ static int open_file(const struct req *r)
     f->opened_ns = now_ns();
     core_count_open(e->stats);
     pthread_mutex_lock(&files.lock);
-    f->node.key = next_fh++ | CORE_FH_BIT;
+    f->node.key = next_fh++ | CORE_FH_BIT | cfg.fh_base;  /* cfg.fh_base: files.py */
     table_add_locked(&files, &f->node);
     pthread_mutex_unlock(&files.lock);
     struct fuse_open_out out = {.fh = f->node.key, .open_flags = cfg.open_flags};
@@ -1493,6 +1501,8 @@ static void *work(void *arg)
                 pthread_mutex_unlock(&lead);
                 break;
             }
+            if (__atomic_load_n(&draining, __ATOMIC_ACQUIRE))
+                continue;  /* left unanswered: the kernel sends it again to the next server */
             const struct fuse_in_header *in = (const void *)buf;
             struct req r = {in, buf + sizeof(*in), buf, n, NULL, 0, NULL};
             dispatch(&r, &leading);

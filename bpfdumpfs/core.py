@@ -215,12 +215,15 @@ def set_xattr_refusals(rules: tuple[tuple[bytes, int], ...]) -> None:
 
 def start(dev_fd: int, fwd_fd: int, *, first_threads: int, max_threads: int, debug: bool,
           kernel_buf: int, max_eagain: int, back: int, max_read: int, bufsize: int,
-          open_flags: int, blksize: int, attr_valid: int, read_private_caps: int) -> None:
-    """Start C's threads reading DEV_FD (/dev/fuse), forwarding to FWD_FD."""
+          open_flags: int, blksize: int, attr_valid: int, read_private_caps: int,
+          fh_base: int) -> None:
+    """Start C's threads reading DEV_FD (/dev/fuse), forwarding to FWD_FD; the fhs of
+    the files they open have the bits of FH_BASE (the server's generation) set."""
     config = ffi.new("struct core_config *", {
         "spin_ns": int(SPIN * 1e9), "kernel_buf": kernel_buf, "max_eagain": max_eagain,
         "back": back, "max_read": max_read, "bufsize": bufsize, "open_flags": open_flags,
-        "blksize": blksize, "attr_valid": attr_valid, "read_private_caps": read_private_caps})
+        "blksize": blksize, "attr_valid": attr_valid, "read_private_caps": read_private_caps,
+        "fh_base": fh_base})
     err = lib.core_start(dev_fd, fwd_fd, config, first_threads, max_threads, debug)
     if err:
         raise OSError(err, f"starting the FUSE threads: {os.strerror(err)}")
@@ -254,6 +257,12 @@ def reply(parts: list) -> None:
     err = lib.core_reply(iov, len(parts))
     if err:
         raise OSError(-err, os.strerror(-err))
+
+
+def drain() -> None:
+    """Take no more requests from /dev/fuse: the connection passes to another server,
+    to which the kernel sends them again (keeper.py)."""
+    lib.core_drain()
 
 
 def release_all() -> None:

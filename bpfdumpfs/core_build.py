@@ -13,7 +13,7 @@ CDEF = """
                         uint64_t latency[33]; };
     struct core_config { uint64_t spin_ns; uint32_t kernel_buf, max_eagain, back, max_read,
                          bufsize, open_flags, blksize, attr_valid;
-                         uint64_t read_private_caps; };
+                         uint64_t read_private_caps, fh_base; };
     struct core_budget;
     struct core_limits { uint32_t max_files, max_user_files; uint64_t open_budget_ns;
                          struct core_budget *read_ahead;
@@ -48,6 +48,7 @@ CDEF = """
     int core_adopt(uint64_t fh, struct core_adopted *a, char *back);
     void core_free(void *p);
     void core_release_all(void);
+    void core_drain(void);
     int core_init(uint64_t quick, uint32_t learn);
     void core_set_buckets(const double *b, int n);
     void core_set_limits(const struct core_limits *l);

@@ -32,12 +32,14 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import pyfuse3
 
 from . import core, libc, privilege
 from .files import FILE_BLKSIZE, OPEN_FLAGS, Answer, ReadLater
+from .inodes import FH_GENERATION_SHIFT, GENERATIONS
 from .pins import CACHE_TIMEOUT
 from .seek import BACK
 from .stream import KERNEL_BUF, MAX_EAGAIN
@@ -49,9 +51,10 @@ class Served(Protocol):
     pyfuse3.FUSEError(errno)."""
 
     def read_handle(self, fh: int, offset: int, size: int, answer: Answer | None = None,
-                    tag: int = 0) -> list | ReadLater:
+                    tag: int = 0, opener: tuple[int, int, int] | None = None) -> list | ReadLater:
         """The pieces of the reply, or, given ANSWER, a read left to be answered by
-        answer(tag, ...) (PARKED) or not made since it may wait (MAY_WAIT)."""
+        answer(tag, ...) (PARKED) or not made since it may wait (MAY_WAIT). OPENER, the
+        request's (nodeid, uid, pid), makes again a file a previous server opened."""
 
     def release_handle(self, fh: int) -> None:
         """The file's last close."""
@@ -82,12 +85,16 @@ FH_IN = struct.Struct("<Q")               # fuse_release_in starts with fh
 UNIQUE = struct.Struct("<Q")              # at offset 8 of fuse_out_header
 BODY = IN_HEADER.size                     # where a request's own struct starts
 GETXATTR_IN = struct.Struct("<II")        # size, padding; the name follows
-FUSE_READ, FUSE_RELEASE, FUSE_GETXATTR, FUSE_INIT, FUSE_INTERRUPT = 15, 18, 22, 26, 36
+FUSE_OPEN, FUSE_READ, FUSE_RELEASE, FUSE_GETXATTR, FUSE_INIT, FUSE_INTERRUPT = \
+    14, 15, 18, 22, 26, 36
+OPEN_OUT = struct.Struct("<QI")           # fuse_open_out: fh, open_flags
+NO_REPLY = {2, 42}                        # FORGET, BATCH_FORGET
 INIT_IN = struct.Struct("<IIIII")         # major, minor, max_readahead, flags, flags2
 # major, minor, max_readahead, flags, max_background, congestion_threshold, max_write,
 # time_gran, max_pages, map_alignment, flags2
 INIT_OUT = struct.Struct("<IIIIHHIIHHI")
 FUSE_INIT_EXT = 1 << 30
+FUSE_WRITEBACK_CACHE = 1 << 16
 FUSE_OVER_IO_URING = 1 << 9               # of flags2 (bit 41 of the 64-bit flags)
 OPCODES = {1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 6: "SYMLINK",
            8: "MKNOD", 9: "MKDIR", 10: "UNLINK", 11: "RMDIR", 12: "RENAME", 13: "LINK",
@@ -118,16 +125,36 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in Python's socket module
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 
 
+def mount(mountpoint: str, fsname: str) -> int:
+    """Mount a FUSE tree at MOUNTPOINT; returns its connection (/dev/fuse)."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
+    try:
+        libc.mount(fsname, mountpoint, "fuse.bpfdumpfs", MS_NOSUID | MS_NODEV, opts)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unmount(mountpoint: str) -> None:
+    """Detach the mount at MOUNTPOINT, if any is left."""
+    try:
+        libc.umount2(mountpoint, MNT_DETACH)
+    except OSError:
+        pass  # gone meanwhile: what matters is that it is not ours any more
+
+
 class Device:
     """One FUSE mount: /dev/fuse, its worker threads, and the relay to pyfuse3."""
 
-    def __init__(self, ops: Served, mountpoint: str, fsname: str, max_workers: int,
-                 debug: bool = False) -> None:
+    def __init__(self, ops: Served, mountpoint: str, max_workers: int, debug: bool = False,
+                 generation: int = 0) -> None:
         self.ops = ops
         self.debug = debug  # log every request and reply, in libfuse's debug format
         self.mountpoint = mountpoint
-        self.fsname = fsname
         self.max_workers = max_workers
+        self.generation = generation
         self.fd = -1
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # what the data plane forwards: read here, written by C
@@ -149,28 +176,37 @@ class Device:
         self.notices: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.answers: queue.SimpleQueue[tuple] = queue.SimpleQueue()  # (unique, result)
         self.init_unique = 0          # INIT, until answered
+        self.init_replayed = False    # INIT was the kernel's to a previous server
         self.uring_offered = False    # INIT offered FUSE over io_uring (core.py)
+        self.on_init: Callable[[bytes], None] = lambda request: None
+        self.to_pyfuse3: set[int] = set()  # uniques of requests pyfuse3 is yet to answer
+        self.opens: set[int] = set()       # ...of those, the OPENs
 
-    def mount(self) -> str:
-        """Mount the tree; returns the session path to give pyfuse3.init()."""
-        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        opts = (f"fd={self.fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
-                "default_permissions")
-        try:
-            libc.mount(self.fsname, self.mountpoint, "fuse.bpfdumpfs", MS_NOSUID | MS_NODEV,
-                       opts)
-        except OSError:
-            os.close(self.fd)
-            raise
-        # libfuse takes this end over (and closes it at fuse_session_destroy)
+    def session(self) -> str:
+        """The session path to give pyfuse3.init(); libfuse takes this end over (and
+        closes it at fuse_session_destroy)."""
         return f"/dev/fd/{self.theirs.detach()}"
 
-    def start(self) -> None:
-        core.start(self.fd, self.core_end.fileno(), first_threads=FIRST_WORKERS,
+    def start(self, fd: int, init: bytes | None = None,
+              on_init: Callable[[bytes], None] | None = None) -> None:
+        """Serve the connection FD (/dev/fuse). INIT: the kernel's INIT request, when
+        the connection was set up by a server before this one (keeper.py); pyfuse3
+        is given it as if it came now, and its reply is kept from the kernel, which has
+        had one. Else ON_INIT is called with the kernel's INIT when it comes."""
+        self.fd = fd
+        if on_init:
+            self.on_init = on_init
+        if init:
+            head = InHeader._make(IN_HEADER.unpack_from(init))
+            self._saw_init(memoryview(init), head)
+            self.init_replayed = True
+            self.ours.sendall(init)
+        core.start(fd, self.core_end.fileno(), first_threads=FIRST_WORKERS,
                    max_threads=self.max_workers, debug=self.debug, kernel_buf=KERNEL_BUF,
                    max_eagain=MAX_EAGAIN, back=BACK, max_read=MAX_READ, bufsize=BUFSIZE,
                    open_flags=OPEN_FLAGS, blksize=FILE_BLKSIZE, attr_valid=int(CACHE_TIMEOUT),
-                   read_private_caps=sum(1 << c for c in privilege.READ_PRIVATE_CAPS))
+                   read_private_caps=sum(1 << c for c in privilege.READ_PRIVATE_CAPS),
+                   fh_base=self.generation % GENERATIONS << FH_GENERATION_SHIFT)
         threading.Thread(target=self._relay, name="fuse-relay", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
         for _ in range(REPLIERS):
@@ -184,14 +220,23 @@ class Device:
         """Block until the mount is gone (fusermount3 -u, umount), for the daemon to end."""
         self.unmounted.wait()
 
+    def drain(self, timeout: float) -> None:
+        """Take no more requests, and wait up to TIMEOUT s for pyfuse3 to answer those it
+        has: the connection passes to another server (keeper.py), to which the kernel
+        sends again whatever is left unanswered here."""
+        core.drain()
+        deadline = time.monotonic() + timeout
+        while self.to_pyfuse3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.to_pyfuse3:
+            log.warning("handing over with %d requests unanswered: the next server gets "
+                        "them again", len(self.to_pyfuse3))
+
     def unmount(self) -> None:
         """Detach the mount, unless it is gone already (what is mounted there now, if
         anything, is someone else's)."""
         if not self.unmounted.is_set():
-            try:
-                libc.umount2(self.mountpoint, MNT_DETACH)
-            except OSError:
-                pass  # gone meanwhile: what matters is that it is not ours any more
+            unmount(self.mountpoint)
         self.unmounted.set()
 
     # -- workers ----------------------------------------------------------------------
@@ -246,7 +291,7 @@ class Device:
             if opcode == FUSE_READ:
                 fh, offset, size = READ_IN.unpack_from(mv, BODY)
                 out = self.ops.read_handle(fh, offset, size, None if wait else self._answer,
-                                           unique)
+                                           unique, (head.nodeid, head.uid, head.pid))
                 if out is ReadLater.MAY_WAIT:
                     return False
                 if out is not ReadLater.PARKED:
@@ -275,6 +320,10 @@ class Device:
             log.exception("FUSE request %d failed; answering EIO", opcode)
             self._reply_error(unique, errno.EIO)
             return True
+        if opcode not in NO_REPLY:
+            self.to_pyfuse3.add(unique)
+        if opcode == FUSE_OPEN:
+            self.opens.add(unique)
         try:
             self.ours.sendall(mv[:n])
         except OSError as e:
@@ -288,17 +337,22 @@ class Device:
         for pyfuse3's INIT reply to ask for it."""
         _, _, _, flags, flags2 = INIT_IN.unpack_from(mv, BODY)
         self.init_unique = head.unique
+        self.on_init(bytes(mv[:head.len]))
         self.uring_offered = bool(flags & FUSE_INIT_EXT and flags2 & FUSE_OVER_IO_URING)
 
     def _init_reply(self, msg: memoryview) -> bytes | memoryview:
-        """pyfuse3's INIT reply, asking for io_uring where the kernel offers it."""
+        """pyfuse3's INIT reply, asking for io_uring where the kernel offers it, and
+        without the writeback cache libfuse asks for by default: nothing is written
+        here, and with it the kernel would not heed NOFLUSH (device._open_reply)."""
         self.init_unique = 0
-        if not self.uring_offered or len(msg) < OUT_HEADER.size + INIT_OUT.size:
+        if len(msg) < OUT_HEADER.size + INIT_OUT.size:
             self.uring_offered = False
             return msg
         out = list(INIT_OUT.unpack_from(msg, OUT_HEADER.size))
-        out[3] |= FUSE_INIT_EXT
-        out[10] |= FUSE_OVER_IO_URING
+        out[3] &= ~FUSE_WRITEBACK_CACHE
+        if self.uring_offered:
+            out[3] |= FUSE_INIT_EXT
+            out[10] |= FUSE_OVER_IO_URING
         patched = bytearray(msg)
         INIT_OUT.pack_into(patched, OUT_HEADER.size, *out)
         return bytes(patched)
@@ -401,19 +455,36 @@ class Device:
                 self.notices.put(None)
                 return
             unique = UNIQUE.unpack_from(mv, 8)[0]
+            self.to_pyfuse3.discard(unique)
             if unique == 0:
                 self.notices.put(bytes(mv[:n]))
             elif unique == self.init_unique:
                 msg = self._init_reply(mv[:n])
-                self._write([msg])
+                if not self.init_replayed:
+                    self._write([msg])
                 if self.uring_offered:
                     self._start_uring(msg)
+            elif unique in self.opens:
+                self.opens.discard(unique)
+                self._write([_open_reply(mv[:n])])
             else:
                 self._write([mv[:n]])
 
     def _notify(self) -> None:
         while (msg := self.notices.get()) is not None:
             self._write([msg])
+
+
+def _open_reply(msg: memoryview) -> bytes | memoryview:
+    """pyfuse3's OPEN reply with every flag of OPEN_FLAGS, as C gives them: pyfuse3 has
+    no NOFLUSH, and without it every close() would wait for a FLUSH -- for as long as
+    no server runs, while one takes over (keeper.py)."""
+    if len(msg) < OUT_HEADER.size + OPEN_OUT.size or OUT_HEADER.unpack_from(msg)[1]:
+        return msg
+    fh, flags = OPEN_OUT.unpack_from(msg, OUT_HEADER.size)
+    patched = bytearray(msg)
+    OPEN_OUT.pack_into(patched, OUT_HEADER.size, fh, flags | OPEN_FLAGS)
+    return bytes(patched)
 
 
 def _may_leave_sched_idle() -> bool:

@@ -33,8 +33,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyfuse3
 import trio
@@ -42,7 +43,7 @@ import trio
 from . import core, privilege
 from .dumpers import Dumper
 from .errors import DumperError
-from .inodes import Key, file_inode
+from .inodes import FH_GENERATION_SHIFT, GENERATIONS, Key, file_inode
 from .limits import Limits
 from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
@@ -54,6 +55,7 @@ from .seek import BACK, Seekable
 from .stream import Stream, kernel_error
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # FUSE open flags (include/uapi/linux/fuse.h), for every file of the tree. DIRECT_IO:
 # every read reaches the daemon, with its offset (seek.py), and no page cache is kept;
@@ -66,8 +68,8 @@ FILE_BLKSIZE = 1 << 20
 
 
 def file_info(fh: int) -> pyfuse3.FileInfo:
-    """OPEN_FLAGS as pyfuse3 takes them (it has no NOFLUSH: flush() answers ENOSYS, after
-    which the kernel sends no more FLUSHes)."""
+    """OPEN_FLAGS as pyfuse3 takes them (it has no NOFLUSH: the device adds it to the
+    reply, device._open_reply)."""
     return pyfuse3.FileInfo(fh=fh, direct_io=bool(OPEN_FLAGS & FOPEN_DIRECT_IO),
                             keep_cache=bool(OPEN_FLAGS & FOPEN_KEEP_CACHE),
                             nonseekable=bool(OPEN_FLAGS & FOPEN_NONSEEKABLE))
@@ -131,7 +133,7 @@ class Origin:
 
 class OpenFiles:
     def __init__(self, pins: Pins, metrics: Metrics, limits: Limits,
-                 refusals: Refusals) -> None:
+                 refusals: Refusals, generation: int = 0) -> None:
         self.pins = pins
         self.metrics = metrics
         self.limits = limits
@@ -141,10 +143,12 @@ class OpenFiles:
         self.lock = threading.Lock()
         self.handles: dict[int, Handle] = {}
         self.adopting = threading.Lock()  # one adoption at a time (_adopt)
+        self.generation = generation % GENERATIONS
         self.next_fh = 1
         core.set_limits(limits.max_handles, limits.max_handles_per_uid, limits.open_budget,
                         self.read_ahead.ptr, STREAMING_AFTER, READ_AHEAD, MAX_AHEAD)
-        self.trio_token: trio.lowlevel.TrioToken | None = None  # for seeks back (_remake)
+        self.trio_token: trio.lowlevel.TrioToken | None = None  # for in_trio
+        self.trio_up = threading.Event()  # trio_token set: trio runs
 
     # -- admit -----------------------------------------------------------------------
     def _refusal(self, key: Key | None, uid: int, pid: int,
@@ -232,11 +236,21 @@ class OpenFiles:
                               f"process that opened it (pid {o.pid}) is gone",
                               "open the file again to read from there")
         if kind and not self.namespaces.at_home(kind, o.pid):
-            fd = trio.from_thread.run(self.namespaces.open_fd, o.dumper, o.target, o.pid,
-                                      o.uid, trio_token=self.trio_token)
+            fd = self.in_trio(self.namespaces.open_fd, o.dumper, o.target, o.pid, o.uid)
         else:
             fd = self._make_here(o)
         return self._reader(fd, pace, label, o.user)
+
+    def serving(self) -> None:
+        """Trio runs (in this thread): the device's threads may call in_trio."""
+        self.trio_token = trio.lowlevel.current_trio_token()
+        self.trio_up.set()
+
+    def in_trio(self, afn: Callable[..., Awaitable[T]], *args) -> T:
+        """AFN(*ARGS) run in trio, from a device thread; requests may come before trio
+        runs (those a server before left, sent again at once: keeper.py)."""
+        self.trio_up.wait()
+        return trio.from_thread.run(afn, *args, trio_token=self.trio_token)
 
     def _reader(self, fd: int, pace: Pace, label: str, user: User) -> Reader:
         return Reader(Stream(fd, label), pace, self.read_ahead.account(user))
@@ -244,23 +258,30 @@ class OpenFiles:
     # -- register --------------------------------------------------------------------
     def _new_fh(self) -> int:
         """A fresh fh; the caller holds the lock."""
-        fh = self.next_fh
+        fh = self.generation << FH_GENERATION_SHIFT | self.next_fh
         self.next_fh += 1
         return fh
 
-    def _register(self, reader: Seekable | Snapshot, label: str, user: User, pid: int) -> int:
-        """Register READER as an admitted open's file."""
+    def foreign(self, fh: int) -> bool:
+        """Whether FH was opened through a server that served the mount before this one,
+        and is not made again here yet (see revive)."""
+        return fh >> FH_GENERATION_SHIFT & (GENERATIONS - 1) != self.generation \
+            and fh not in self.handles
+
+    def _register(self, reader: Seekable | Snapshot, label: str, user: User, pid: int,
+                  fh: int = 0) -> int:
+        """Register READER as an admitted open's file: under a new fh, or FH (revive)."""
         with self.lock:
-            fh = self._new_fh()
+            fh = fh or self._new_fh()
             self.handles[fh] = Handle(reader, label, pid, user[0], user, time.monotonic())
             return fh
 
-    def _opened(self, fd: int, origin: Origin, pin: Pin, label: str) -> int:
+    def _opened(self, fd: int, origin: Origin, pin: Pin, label: str, fh: int) -> int:
         """The handle of an admitted open's new seq_file FD."""
         reader = Seekable(self._reader(fd, pin.pace, label, origin.user),
                           functools.partial(self._remake, origin, pin.pace, label))
         self.metrics.opened(label)
-        return self._register(reader, label, origin.user, origin.pid)
+        return self._register(reader, label, origin.user, origin.pid, fh)
 
     # -- the ways in -----------------------------------------------------------------
     def _publish(self, inode: int, key: Key, pin: Pin, view: str) -> None:
@@ -311,9 +332,11 @@ class OpenFiles:
                 self.handles[fh] = h
             return h
 
-    async def open(self, inode: int, key: Key, uid: int, pid: int) -> int:
+    async def open(self, inode: int, key: Key, uid: int, pid: int, fh: int = 0) -> int:
         """Open dumper KEY (inode INODE) for the requester, in trio; FUSEError says why
-        not."""
+        not. Given FH, a file a previous server opened is made again under its fh, as if
+        opened now: its reads go on from their offsets as after a seek (seek.py), which
+        runs the dumper again -- the kernel's own seq_lseek does no better."""
         target, name = key
         label = f"{target}/{name}"
         user = self._admit(key, label, uid, pid)
@@ -338,10 +361,10 @@ class OpenFiles:
             self._unadmit(user)
             raise
         self._publish(inode, key, pin, view)
-        return self._opened(fd, origin, pin, label)
+        return self._opened(fd, origin, pin, label, fh)
 
     def open_snapshot(self, label: str, render: Callable[[], bytes], uid: int,
-                      pid: int) -> int:
+                      pid: int, fh: int = 0) -> int:
         """A file of what RENDER makes (.stats), counted in the limits like any open file
         and made only once admitted: a refused open costs no rendering."""
         user = self._admit(None, label, uid, pid)
@@ -350,7 +373,7 @@ class OpenFiles:
         except BaseException:
             self._unadmit(user)
             raise
-        return self._register(Snapshot(data), label, user, pid)
+        return self._register(Snapshot(data), label, user, pid, fh)
 
     # -- reads and releases, on the device's threads ---------------------------------
     def read(self, fh: int, offset: int, size: int, answer: Answer | None = None,

@@ -23,8 +23,15 @@ from dataclasses import dataclass
 import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
-STATS_INODE = (1 << 16) - 1  # target directories take the inodes below
+DIR_INODES = 1 << 16        # the root, the target directories and .stats are below
+STATS_INODE = DIR_INODES - 1  # target directories take the inodes below
 PIN_INODE_BASE = 1 << 32
+# An fh (of an open file or listing) carries the generation of the server that made it
+# (one more at each takeover of the mount: keeper.py) from this bit up, so that one a
+# previous server made is never taken for one this server made since (core.c's alike)
+FH_GENERATION_SHIFT = 40
+GENERATIONS = 1 << 16
+LISTING_INODE_SHIFT = 24  # a listing's fh: generation, directory inode, counter
 
 Key = tuple[str, str]  # (target, name) of a dumper file
 
@@ -42,7 +49,7 @@ def file_inode(pin_ino: int) -> int:
 
 
 class Inodes:
-    def __init__(self, targets: list[str]) -> None:
+    def __init__(self, targets: list[str], generation: int = 0) -> None:
         self.targets = sorted(targets)
         self.target_ino = {t: ROOT + 1 + i for i, t in enumerate(self.targets)}
         self.ino_target = {i: t for t, i in self.target_ino.items()}
@@ -51,6 +58,7 @@ class Inodes:
         self.lookups: dict[int, int] = {}   # the kernel's lookup count of each file inode
         self.listings: dict[int, Listing] = {}
         self.next_listing = 1
+        self.listing_base = generation % GENERATIONS << FH_GENERATION_SHIFT
 
     def is_dir(self, ino: int) -> bool:
         return ino == ROOT or ino in self.ino_target
@@ -91,11 +99,20 @@ class Inodes:
             self.file_ino[(target, new)] = ino
             self.ino_file[ino] = (target, new)
 
-    def open_listing(self, inode: int, entries: list[tuple[bytes, int]]) -> int:
-        fh = self.next_listing
-        self.next_listing += 1
+    def open_listing(self, inode: int, entries: list[tuple[bytes, int]], fh: int = 0) -> int:
+        """A listing of directory INODE; its fh names the directory, so that a server
+        that takes the mount over can list it on (listing_inode)."""
+        if not fh:
+            fh = self.listing_base | inode << LISTING_INODE_SHIFT | \
+                self.next_listing % (1 << LISTING_INODE_SHIFT)
+            self.next_listing += 1
         self.listings[fh] = Listing(inode, entries)
         return fh
+
+    @staticmethod
+    def listing_inode(fh: int) -> int:
+        """The directory a listing's FH (made here or by a previous server) names."""
+        return fh >> LISTING_INODE_SHIFT & (DIR_INODES - 1)
 
     def close_listing(self, fh: int) -> None:
         self.listings.pop(fh, None)

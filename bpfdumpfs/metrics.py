@@ -60,7 +60,8 @@ class Metrics:
         with self.lock:
             rows = list(self.by_dumper.values())
             return {"mountpoint": self.mountpoint, "state_dir": self.state_dir,
-                    "version": __version__, "pid": os.getpid(), "since": self.started,
+                    "version": __version__, "pid": os.getpid(), "keeper": os.getppid(),
+                    "since": self.started,
                     "handles": sum(d.stats.handles for d in rows),
                     "opens": sum(d.stats.opens for d in rows),
                     "errors": sum(sum(d.errors.values()) for d in rows),

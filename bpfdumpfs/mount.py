@@ -1,14 +1,20 @@
-"""The daemon: pin the built-ins, mount the tree, serve until SIGINT/SIGTERM.
+"""The daemon: pin the built-ins, mount the tree (or take it over), and keep it served
+until SIGINT/SIGTERM (keeper.py); and the server, which serves it.
 
 The state directory (pins in a bpffs) holds every dumper, so the daemon keeps
-nothing that a crash could lose: a restart mounts the same tree again, after
-clearing the dead FUSE mount a killed daemon leaves behind.
+nothing that a crash could lose: a server that dies is replaced under the same mount,
+and a daemon started after the whole daemon died mounts the same tree again, after
+clearing the dead FUSE mount left behind.
 """
 from __future__ import annotations
 
+import array
+import base64
 import dataclasses
 import errno
 import faulthandler
+import functools
+import json
 import logging
 import os
 import signal
@@ -19,10 +25,12 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import config, core, mounts, resources, targets
+from . import config, core, keeper, mounts, resources, targets
 from .builtins import BuiltinReport, pin_builtins
-from .device import Device
+from .device import Device, unmount
+from .device import mount as mount_fuse
 from .errors import DumperError
+from .keeper import Connection, Keeper
 from .limits import Limits
 from .metrics import Metrics
 from .ops import Operations
@@ -45,15 +53,19 @@ class MountOptions:
     limits: Limits = Limits()
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) how the daemon is doing; a no-op outside systemd."""
+def sd_notify(message: str, fds: list[int] | None = None) -> None:
+    """Tell systemd (Type=notify) how the daemon is doing, and give it FDS to keep (the
+    fd store); a no-op outside systemd."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
     addr = "\0" + path[1:] if path.startswith("@") else path
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(message.encode(), addr)
+            # (socket.send_fds would drop the address)
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] \
+                if fds else []
+            s.sendmsg([message.encode()], ancdata, 0, addr)
     except OSError as e:
         log.warning("sd_notify to %s: %s", path, e)
 
@@ -81,6 +93,7 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations,
             log.info("%s was unmounted", opts.mountpoint)
             pyfuse3.terminate()
         nursery.start_soon(on_unmount)
+
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
                                            signal.SIGHUP) as signals:
@@ -91,8 +104,9 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations,
                         await trio.to_thread.run_sync(apply_config, opts, state)
                         sd_notify("READY=1")
                         continue
-                    log.info("%s: unmounting", signal.Signals(signum).name)
-                    sd_notify("STOPPING=1")
+                    # the keeper unmounts, or hands the mount over
+                    log.info("%s: leaving", signal.Signals(signum).name)
+                    await trio.to_thread.run_sync(device.drain, keeper.DRAIN)
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signals)
@@ -103,8 +117,61 @@ async def _serve(opts: MountOptions, state: StateDir, ops: Operations,
         nursery.cancel_scope.cancel()
 
 
-def run(opts: MountOptions, ready=None) -> None:
-    """Mount and serve in the foreground; READY() is called once the tree is up."""
+def serve(opts: MountOptions, state: StateDir, report: BuiltinReport, conn: Connection,
+          link: socket.socket) -> None:
+    """Serve CONN until the mount goes or the keeper says (keeper.py): the server."""
+    def tell(what: dict) -> None:
+        try:
+            link.send(json.dumps(what).encode())
+        except OSError as e:
+            log.error("telling the keeper: %s", e)
+    ops = Operations(state, list(targets.running_kernel()),
+                     Metrics(opts.mountpoint, str(state.path), report.unavailable),
+                     opts.limits, conn.generation)
+    # a worker per open file at most (each may be inside a kernel read), and some to spare
+    device = Device(ops, opts.mountpoint, max_workers=(opts.limits.max_handles or 4096) + 8,
+                    debug=opts.debug_fuse, generation=conn.generation)
+    try:
+        # the device logs every request and reply (--debug-fuse); libfuse would log
+        # only the requests passed on to pyfuse3
+        pyfuse3.init(ops, device.session(), set())
+    except RuntimeError as e:
+        raise DumperError(errno.EIO, f"starting FUSE at {opts.mountpoint}: {e}",
+                          "is fuse3 (libfuse3) installed?") from None
+    try:
+        device.start(conn.fd, conn.init, on_init=lambda request: tell(
+            {"init": base64.b64encode(request).decode()}))
+        log.info("serving %s from %s", opts.mountpoint, state.path)
+        tell({"ready": True})
+        trio.run(_serve, opts, state, ops, device)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
+def _connect(opts: MountOptions, state: StateDir) -> tuple[Connection, int]:
+    """The mount's connection: kept by systemd for this service, taken over from the
+    keeper holding it, or a new mount; and the fd-store memfd (-1 if none)."""
+    stored = keeper.from_fd_store()
+    if stored:
+        stored[0].resend()
+        return stored
+    conn = keeper.take_over(opts.mountpoint, str(state.path))
+    if conn:
+        conn.resend()  # what the server before left unanswered
+        return conn, -1
+    mounts.clear_dead_mount(opts.mountpoint)
+    os.makedirs(opts.mountpoint, exist_ok=True)
+    try:
+        return Connection(mount_fuse(opts.mountpoint, mounts.fsname(state))), -1
+    except OSError as e:
+        raise DumperError(e.errno, f"mounting FUSE at {opts.mountpoint}",
+                          "is /dev/fuse there (modprobe fuse)?") from None
+
+
+def run(opts: MountOptions, ready=None, private_fds: tuple[int, ...] = ()) -> None:
+    """Mount (or take the mount over) and keep it served in the foreground (keeper.py);
+    READY() is called once the tree is up, and closes PRIVATE_FDS, which servers do not
+    keep."""
     # paths as given, then away from the caller's directory, which another user may
     # write to: nothing is ever looked up there again (a helper's import, say)
     opts = dataclasses.replace(opts, mountpoint=os.path.abspath(opts.mountpoint),
@@ -120,39 +187,23 @@ def run(opts: MountOptions, ready=None) -> None:
         log.info("built-ins: %s", ", ".join(report.done))
     apply_config(opts, state)
     resources.trim_memory()  # libbpf's copy of the kernel BTF is freed by now
-    mounts.clear_dead_mount(opts.mountpoint)
-    os.makedirs(opts.mountpoint, exist_ok=True)
-    ops = Operations(state, list(targets.running_kernel()),
-                     Metrics(os.path.abspath(opts.mountpoint), str(state.path),
-                             report.unavailable), opts.limits)
-    # a worker per open file at most (each may be inside a kernel read), and some to spare
-    device = Device(ops, opts.mountpoint, mounts.fsname(state),
-                    max_workers=(opts.limits.max_handles or 4096) + 8, debug=opts.debug_fuse)
-    try:
-        session = device.mount()
-    except OSError as e:
-        raise DumperError(e.errno, f"mounting FUSE at {opts.mountpoint}",
-                          "is /dev/fuse there (modprobe fuse)?") from None
-    try:
-        # the device logs every request and reply (--debug-fuse); libfuse would log
-        # only the requests passed on to pyfuse3
-        pyfuse3.init(ops, session, set())
-    except RuntimeError as e:
-        device.unmount()
-        raise DumperError(errno.EIO, f"starting FUSE at {opts.mountpoint}: {e}",
-                          "is fuse3 (libfuse3) installed?") from None
-    try:
-        device.start()
-        log.info("serving %s from %s", opts.mountpoint, state.path)
+    conn, state_fd = _connect(opts, state)
+
+    def serving() -> None:
         sd_notify(f"READY=1\nSTATUS=serving {opts.mountpoint} from {state.path}\n"
                   f"MAINPID={os.getpid()}")
         if ready:
             ready()
-        trio.run(_serve, opts, state, ops, device)
-    finally:
-        pyfuse3.close(unmount=False)
-        device.unmount()
-        log.info("unmounted %s", opts.mountpoint)
+    try:
+        code = Keeper(opts.mountpoint, str(state.path), conn,
+                      functools.partial(serve, opts, state, report), serving, sd_notify,
+                      state_fd, private_fds).run()
+    except BaseException:
+        unmount(opts.mountpoint)  # rather than leave it dead
+        raise
+    if code:
+        raise DumperError(errno.EIO, f"{opts.mountpoint}: the server kept failing",
+                          "see the log above")
 
 
 def run_background(opts: MountOptions) -> int:
@@ -186,7 +237,7 @@ def run_background(opts: MountOptions) -> int:
         os.close(w)
     code = 0
     try:
-        run(opts, ready)
+        run(opts, ready, (w,))
     except DumperError as e:
         try:
             os.write(w, f"bpfdumpfs: {e}\n".encode())

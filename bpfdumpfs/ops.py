@@ -52,7 +52,7 @@ from pyfuse3 import (
 from . import core, privilege
 from .errors import DumperError
 from .files import FILE_BLKSIZE, Answer, OpenFiles, ReadLater, file_info
-from .inodes import ROOT, STATS_INODE, Inodes, Key, file_inode
+from .inodes import PIN_INODE_BASE, ROOT, STATS_INODE, Inodes, Key, file_inode
 from .limits import Limits
 from .metrics import STATUS_XATTR, Metrics
 from .pins import CACHE_TIMEOUT, Pins
@@ -107,20 +107,21 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, state: StateDir, targets: list[str], metrics: Metrics,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), generation: int = 0) -> None:
         super().__init__()
         self.state = state
         self.metrics = metrics
         self.refusals = Refusals(log)
-        self.inodes = Inodes(targets)
+        self.inodes = Inodes(targets, generation)
         self.pins = Pins(state)
-        self.files = OpenFiles(self.pins, metrics, limits, self.refusals)
+        self.files = OpenFiles(self.pins, metrics, limits, self.refusals, generation)
+        self.reviving = trio.Lock()
         core.set_xattr_refusals(XATTR_REFUSALS)
         self.mounted_ns = time.time_ns()
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tasks the tree needs besides pyfuse3's own, until cancelled."""
-        self.files.trio_token = trio.lowlevel.current_trio_token()
+        self.files.serving()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.pins.check_new)
@@ -194,11 +195,22 @@ class Operations(pyfuse3.Operations):
         """stat of a pin that is a valid dumper of TARGET; FUSEError(ENOENT) otherwise."""
         return self.pins.check(target, name)[1]
 
+    def _key(self, inode: int) -> Key | None:
+        """The dumper file INODE names: known since a lookup here, or else found by its
+        pin's inode -- one the kernel had from a daemon that served the mount before
+        (an upgrade, a crash: inodes.py)."""
+        key = self.inodes.ino_file.get(inode)
+        if key is None and inode > PIN_INODE_BASE:
+            key = self.state.find(self.inodes.targets, inode - PIN_INODE_BASE)
+            if key is not None:
+                self.inodes.file(*key, inode - PIN_INODE_BASE)
+        return key
+
     def _file_stat(self, inode: int) -> tuple[Key, os.stat_result]:
         """The dumper file INODE and its pin's stat; FUSEError(ENOENT) if it is none, or
         its pin is gone or is another now: an inode the kernel kept of a removed pin
         must not read or change a new pin of the name."""
-        key = self.inodes.ino_file.get(inode)
+        key = self._key(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         st = self._pin_stat(*key)
@@ -269,18 +281,27 @@ class Operations(pyfuse3.Operations):
         self.inodes.forget(inode_list)
 
     # -- directories --------------------------------------------------------------
-    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+    def _entries(self, inode: int) -> list[tuple[bytes, int]]:
         if inode == ROOT:
-            entries = [(STATS_NAME.encode(), STATS_INODE)] + \
+            return [(STATS_NAME.encode(), STATS_INODE)] + \
                 [(t.encode(), self.inodes.target_ino[t]) for t in self.inodes.targets]
-        elif inode in self.inodes.ino_target:
-            entries = [(n.encode(), 0) for n in self.state.names(self.inodes.ino_target[inode])]
-        else:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return FileHandleT(self.inodes.open_listing(inode, entries))
+        if inode in self.inodes.ino_target:
+            return [(n.encode(), 0) for n in self.state.names(self.inodes.ino_target[inode])]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        return FileHandleT(self.inodes.open_listing(inode, self._entries(inode)))
 
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
-        d = self.inodes.listings[fh]
+        d = self.inodes.listings.get(fh)
+        if d is None:
+            # opened through the server before this one (keeper.py): listed on from now,
+            # as a listing goes on after names came and went
+            inode = self.inodes.listing_inode(fh)
+            if not self.inodes.is_dir(inode):
+                raise pyfuse3.FUSEError(errno.EBADF)
+            self.inodes.open_listing(inode, self._entries(inode), fh)
+            d = self.inodes.listings[fh]
         entries = d.entries
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
@@ -311,7 +332,7 @@ class Operations(pyfuse3.Operations):
         if inode == STATS_INODE:
             return file_info(self.files.open_snapshot(STATS_NAME, self._stats, ctx.uid,
                                                       ctx.pid))
-        key = self.inodes.ino_file.get(inode)
+        key = self._key(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EISDIR if self.inodes.is_dir(inode) else errno.ENOENT)
         return file_info(await self.files.open(inode, key, ctx.uid, ctx.pid))
@@ -320,15 +341,40 @@ class Operations(pyfuse3.Operations):
         return self.metrics.render(self.files.read_ahead.held, *self.files.namespaces.counts())
 
     def read_handle(self, fh: int, offset: int, size: int, answer: Answer | None = None,
-                    tag: int = 0) -> list | ReadLater:
+                    tag: int = 0, opener: tuple[int, int, int] | None = None) -> list | ReadLater:
+        if opener is not None and self.files.foreign(fh):
+            if answer is not None:
+                return ReadLater.MAY_WAIT  # making it again waits for trio
+            self.files.in_trio(self._revive, fh, *opener)
         return self.files.read(fh, offset, size, answer, tag)
+
+    async def _revive(self, fh: int, inode: int, uid: int, pid: int) -> None:
+        """Make file FH of INODE again for its reader (uid, pid): a previous server of the
+        mount opened it, and went (an upgrade, a crash: keeper.py). ESTALE if its pin is
+        gone."""
+        async with self.reviving:  # one at a time: two reads of one file may come at once
+            if not self.files.foreign(fh):
+                return
+            if inode == STATS_INODE:
+                self.files.open_snapshot(STATS_NAME, self._stats, uid, pid, fh)
+                return
+            key = self._key(inode)
+            if key is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            try:
+                await self.files.open(inode, key, uid, pid, fh)
+            except pyfuse3.FUSEError as e:
+                raise pyfuse3.FUSEError(errno.ESTALE if e.errno == errno.ENOENT else e.errno) \
+                    from None
+            log.info("file %d of %s/%s (uid %d pid %d) made again: it was opened through the "
+                     "server before", fh, *key, uid, pid)
 
     def release_handle(self, fh: int) -> None:
         self.files.release(fh)
 
     async def flush(self, fh: FileHandleT) -> None:
-        # Nothing to flush; ENOSYS tells the kernel never to send FLUSH again,
-        # saving a round trip on every close().
+        # Every open has NOFLUSH (device._open_reply): a kernel that sends FLUSH anyway
+        # is told, with ENOSYS, never to send it again.
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     def _may_change(self, ctx, err: int, what: str) -> None:
@@ -378,7 +424,7 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
                       fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
         """chmod, chown and touch of a dumper change its pin (privileged)."""
-        key = self.inodes.ino_file.get(inode)
+        key = self._key(inode)
         if key is None:
             raise pyfuse3.FUSEError(errno.EPERM)
         self._may_change(ctx, errno.EPERM, f"changing {key[0]}/{key[1]}")
@@ -419,7 +465,7 @@ class Operations(pyfuse3.Operations):
     def _xattrs(self, inode) -> dict[bytes, bytes]:
         if inode == ROOT:
             return {STATUS_XATTR: json.dumps(self.metrics.status()).encode()}
-        if self.inodes.ino_file.get(inode) is None:
+        if self._key(inode) is None:
             return {}
         key = self._file_stat(inode)[0]
         try:

@@ -259,6 +259,20 @@ class StateDir:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def find(self, targets_: list[str], ino: int) -> tuple[str, str] | None:
+        """(target, name) of the dumper whose pin is inode INO, under one of TARGETS_;
+        one readdir per target, no stat."""
+        for target in targets_:
+            try:
+                with os.scandir(self.path / target) as it:
+                    for e in it:
+                        if e.inode() == ino and is_dumper_name(e.name) and \
+                                e.is_file(follow_symlinks=False):
+                            return target, e.name
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return None
+
     def entries(self, target: str | None = None) -> Iterator[Entry]:
         for t in [target] if target else sorted(targets.running_kernel()):
             for n in self.names(t):

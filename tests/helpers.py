@@ -259,6 +259,26 @@ def fixed_output(letter: str) -> bytes:
                     for i in range(FIXED_LINES))
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for task in os.listdir(f"/proc/{pid}/task")
+            for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+
+
+def _server_below(pid: int) -> int | None:
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            cmd, kids = open(f"/proc/{p}/cmdline", "rb").read(), children(p)
+            for k in kids:
+                if b"mount" in cmd and open(f"/proc/{k}/cmdline", "rb").read() == cmd:
+                    return k
+        except OSError:
+            continue
+        todo += kids
+    return None
+
+
 class Daemon:
     """`bpfdumpfs mount MNT --state-dir STATE` in the foreground, as a child process."""
 
@@ -303,6 +323,15 @@ class Daemon:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        """The server's pid: the child the keeper (the command's process, or below
+        the prefix's) forked, with the keeper's command line (keeper.py)."""
+        assert self.proc
+        found = eventually(lambda: _server_below(self.proc.pid) is not None, 10)
+        assert found, f"no server below pid {self.proc.pid}: {self.output()}"
+        return _server_below(self.proc.pid)  # type: ignore[return-value]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:

@@ -402,7 +402,7 @@ def test_nothing_in_the_callers_directory_runs_as_root(tmp_path):
     state = mount_bpffs(tmp_path / "state")
     d = FromPlanted(tmp_path / "mnt", state, "--config-dir", str(tmp_path / "none")).start()
     try:
-        assert os.readlink(f"/proc/{d.proc.pid}/cwd") == "/"
+        assert os.readlink(f"/proc/{d.pid}/cwd") == "/"
         p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "cat",
                             str(d.mnt / "task" / "tasks")], capture_output=True, text=True,
                            timeout=60)

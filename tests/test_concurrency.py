@@ -139,7 +139,7 @@ def test_files_read_a_little_and_left_open_cost_no_thread_each(stable, tree):
     small reads (a `less` showing its first screen) must not hold 100 threads."""
     pin, f = stable
     want = pin.read_bytes()
-    tasks = f"/proc/{tree.proc.pid}/task"
+    tasks = f"/proc/{tree.pid}/task"
     base = len(os.listdir(tasks))
     fds = [os.open(f, os.O_RDONLY) for _ in range(100)]
     try:
@@ -151,7 +151,7 @@ def test_files_read_a_little_and_left_open_cost_no_thread_each(stable, tree):
 
 
 def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
-    pid = tree.proc.pid
+    pid = tree.pid
     base = settled_seq_fds(pid)
     t0 = time.monotonic()
     bg = subprocess.Popen(["cat", str(slow)], stdout=subprocess.PIPE)
@@ -171,7 +171,7 @@ def test_a_slow_dumper_does_not_stall_other_readers(slow, tree):
 
 
 def test_reader_killed_mid_read_frees_its_seq_file(slow, tree):
-    pid = tree.proc.pid
+    pid = tree.pid
     base = settled_seq_fds(pid)
     reader = subprocess.Popen(["cat", str(slow)], stdout=subprocess.DEVNULL)
     assert eventually(lambda: seq_fds(pid) != base, 5, step=0.01), "the reader never opened"
@@ -187,7 +187,7 @@ def test_streaming_readers_killed_while_their_read_waits_free_their_seq_files(sl
     """8 cats of the slow dumper share 2 CPUs, so each mostly waits for its producer, its
     READ left with it. SIGKILLed there, every seq_file is closed within seconds, and the
     tree serves on."""
-    pid = tree.proc.pid
+    pid = tree.pid
     base = settled_seq_fds(pid)
     cats = [subprocess.Popen(["cat", str(slow)], stdout=subprocess.DEVNULL)
             for _ in range(8)]
@@ -204,7 +204,7 @@ def test_streaming_readers_killed_while_their_read_waits_free_their_seq_files(sl
 
 
 def test_head_on_a_huge_dump_frees_its_seq_file(tree):
-    pid = tree.proc.pid
+    pid = tree.pid
     base = settled_seq_fds(pid)
     for _ in range(20):
         p = subprocess.run(f"head -c 300000 {tree.mnt}/ksym/kallsyms | wc -c", shell=True,

@@ -868,7 +868,7 @@ def test_builtin_through_mount_matches_its_pin(tree, name, reader):
         assert before.error is None and after.error is None, (before.error, after.error)
         assert before.data, f"{pin_path} is empty: nothing to compare"
         problem = consistent(before.data, out, after.data, norm, sets,
-                             {os.getpid(), tree.proc.pid, reader_pid})
+                             {os.getpid(), tree.pid, reader_pid})
         if problem is None:
             return
         why.append(problem)

@@ -239,7 +239,7 @@ def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
         d.start()
         f = d.mnt / "task" / "tasks"
         f.read_bytes()  # its link cached, as it stays
-        fds_before = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+        fds_before = len(os.listdir(f"/proc/{d.pid}/fd"))
         readers = [subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "cat", str(f)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for _ in range(80)]
@@ -263,9 +263,9 @@ def test_a_flood_of_pid_namespaces_is_bounded_and_cleaned_up(tmp_path):
         assert sum(r.returncode == 0 for r in readers) >= MAX_PER_UID // 2
 
         def cleaned() -> bool:
-            kids = subprocess.run(["ps", "--ppid", str(d.proc.pid), "-o", "pid="],
+            kids = subprocess.run(["ps", "--ppid", str(d.pid), "-o", "pid="],
                                   capture_output=True, text=True).stdout.split()
-            return not kids and len(os.listdir(f"/proc/{d.proc.pid}/fd")) <= fds_before
+            return not kids and len(os.listdir(f"/proc/{d.pid}/fd")) <= fds_before
         assert eventually(cleaned, timeout=3 * IDLE, step=0.5)  # ended idle, then reaped
     finally:
         d.stop()

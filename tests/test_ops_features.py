@@ -76,7 +76,7 @@ def test_status_shows_where_since_when_and_how_busy(daemon):
     (daemon.mnt / "task" / "tasks").read_bytes()
     p = bpfdumpfs("status", str(daemon.mnt))
     lines = p.stdout.splitlines()
-    assert lines[0].startswith(f"{daemon.mnt}: served by pid {daemon.proc.pid} since ")
+    assert lines[0].startswith(f"{daemon.mnt}: served by pid {daemon.pid} since ")
     assert f"state dir   {daemon.state}" in p.stdout
     assert re.search(r"dumpers     1[0-9]\n", p.stdout)
     assert "opens       1\n" in p.stdout and "errors      0" in p.stdout
@@ -94,10 +94,10 @@ def test_status_names_a_mount_point_with_a_comma_and_a_quote_whole(tmp_path):
         (d.mnt / "task" / "tasks").read_bytes()
         named = json.loads(bpfdumpfs("status", str(d.mnt), "--json").stdout)
         assert [(r["mountpoint"], r["pid"], r["opens"]) for r in named] == \
-            [(str(d.mnt), d.proc.pid, 1)]
+            [(str(d.mnt), d.pid, 1)]
         every = json.loads(bpfdumpfs("status", "--json").stdout)
         assert str(d.mnt) in [r["mountpoint"] for r in every]
-        assert f"{d.mnt}: served by pid {d.proc.pid}" in bpfdumpfs("status", str(d.mnt)).stdout
+        assert f"{d.mnt}: served by pid {d.pid}" in bpfdumpfs("status", str(d.mnt)).stdout
     finally:
         d.stop()
         unmount(state)
@@ -141,7 +141,7 @@ def test_a_seq_file_the_daemon_cannot_make_fails_the_open_says_why_and_frees_its
     each failed open gives its count back (the limit here is 2 files per user)."""
     f = daemon.mnt / "task" / "tasks"
     first = f.read_bytes()  # now its link is cached: opens take the data plane's path
-    pid = daemon.proc.pid
+    pid = daemon.pid
     limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, limit[1]))  # no new fd at all
     try:
@@ -187,7 +187,7 @@ def test_the_daemon_holds_the_files_its_limits_allow_whatever_its_soft_fd_limit(
         finally:
             for h in held:
                 h.close()
-        limits = open(f"/proc/{d.proc.pid}/limits").read()
+        limits = open(f"/proc/{d.pid}/limits").read()
         assert re.search(rf"Max open files +{hard} +{hard} ", limits), limits
         warned = f"RLIMIT_NOFILE is {hard}, and max_handles (4096) with the link cache"
         assert (warned in d.output()) == (hard == 256), d.output()
@@ -297,13 +297,13 @@ def test_read_ahead_budget_bounds_what_stopped_readers_hold(daemon):
     want = pin_half(daemon)
     assert len(want) > 2 << 20
     f = str(daemon.mnt / "ksym" / "half")
-    base = rss_kib(daemon.proc.pid)
+    base = rss_kib(daemon.pid)
     fds = [os.open(f, os.O_RDONLY) for _ in range(40)]
     try:
         for fd in fds:
             assert os.read(fd, 1 << 20) == want[:1 << 20]
         ahead = read_ahead_settled(daemon)
-        held = (rss_kib(daemon.proc.pid) - base) / 1024
+        held = (rss_kib(daemon.pid) - base) / 1024
         assert held < 20, f"40 stopped readers cost the daemon {held:.0f} MiB"
         assert 4 << 20 < ahead < 9 << 20  # the budget, give or take a kernel read
         for fd in fds:

@@ -143,11 +143,11 @@ def test_a_program_reading_the_current_task_warns_and_reads_the_daemons_pid(tree
                      ok(cli(state, "info", "task/reader_pid")).splitlines())
         assert lines["reader_dependent"] == "bpf_get_current_pid_tgid"
         # read through the tree, the current task is the daemon, whoever reads
-        assert tree.proc.pid != os.getpid()
-        assert (mnt / "task" / "reader_pid").read_text() == f"tgid {tree.proc.pid}\n"
+        assert tree.pid != os.getpid()
+        assert (mnt / "task" / "reader_pid").read_text() == f"tgid {tree.pid}\n"
         reader = subprocess.run(["cat", str(mnt / "task" / "reader_pid")], capture_output=True,
                                 text=True, check=True)
-        assert reader.stdout == f"tgid {tree.proc.pid}\n"
+        assert reader.stdout == f"tgid {tree.pid}\n"
     finally:
         cli(state, "rm", "task/reader_pid")
 

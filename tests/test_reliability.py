@@ -91,7 +91,7 @@ def test_memory_of_a_burst_is_given_back_while_other_files_stay_open(daemon):
     """32 cats of kallsyms hold tens of MiB of read-ahead at once. A small file
     left open, and a large one whose reader stopped after one read (a `less` left
     open), must not keep that memory in the daemon once the burst is over."""
-    pid = daemon.proc.pid
+    pid = daemon.pid
     ksyms = str(daemon.mnt / "ksym" / "kallsyms")
     subprocess.run(["cat", ksyms], stdout=subprocess.DEVNULL, check=True)  # warm up
     small = os.open(str(daemon.mnt / "task" / "tasks"), os.O_RDONLY)
@@ -124,7 +124,7 @@ def test_memory_of_a_burst_is_given_back_while_another_file_streams_on(daemon):
     """A long dump streaming through a burst of 32 cats must not keep the burst's
     read-ahead in the daemon after it: what is kept for streams to come is one
     stream's worth, not the peak's."""
-    pid = daemon.proc.pid
+    pid = daemon.pid
     ksyms = str(daemon.mnt / "ksym" / "kallsyms")
     stop = threading.Event()
 
@@ -152,7 +152,7 @@ def test_a_burst_too_short_to_be_seen_is_given_back_too(daemon):
     freed buffers back in; they must be given back as well. (The daemon used to
     count glibc's free bytes, which such a burst leaves where they were: it kept
     +9-11 MiB in about 4 of 10 trials.)"""
-    pid = daemon.proc.pid
+    pid = daemon.pid
     ksyms = str(daemon.mnt / "ksym" / "kallsyms")
 
     def burst(k: int) -> None:
@@ -176,7 +176,7 @@ def test_the_read_ahead_of_paused_readers_is_given_back_when_they_close(daemon):
     Once they close, what they held must be given back. (RSS alone, as the daemon looked
     at it for a while, had grown while they were open and did not grow again: ~13 MiB
     stayed.)"""
-    pid = daemon.proc.pid
+    pid = daemon.pid
     ksyms = str(daemon.mnt / "ksym" / "kallsyms")
     subprocess.run(["cat", ksyms], stdout=subprocess.DEVNULL, check=True)  # warm up
     time.sleep(LOOKS)  # not a wait for state: looks that give the warm-up back (LOOKS)
@@ -198,7 +198,7 @@ def test_the_read_ahead_of_paused_readers_is_given_back_when_they_close(daemon):
 def test_load_every_builtin_from_64_readers_and_back_to_baseline(daemon):
     files = [str(p) for b in builtins() for p in daemon.mnt.glob(f"*/{b.name}")]
     assert len(files) == len(builtins())
-    pid = daemon.proc.pid
+    pid = daemon.pid
     for f in files:            # warm up: first opens, pins checked, paces learned
         one_cycle(f, random.Random(0))
     base_fds, base_rss = fd_count(pid), rss_kib(pid)
@@ -297,7 +297,7 @@ def test_a_dumper_pinned_and_removed_over_and_over_under_readers(daemon):
     one answered in the microseconds before the pin went, its seq_file not made yet,
     reads it whole too (the daemon made 1.5% of these opens fail with EIO, when it
     closed the cached link at once). Nothing hangs, nothing is left."""
-    pid = daemon.proc.pid
+    pid = daemon.pid
     base = settled_seq_fds(pid)
     state = StateDir(daemon.state)
     f = daemon.mnt / "task" / "churn"
@@ -335,7 +335,7 @@ def test_a_dumper_pinned_and_removed_over_and_over_under_readers(daemon):
 
 
 def test_readers_that_never_read_or_vanish(daemon):
-    pid = daemon.proc.pid
+    pid = daemon.pid
     base = settled_seq_fds(pid)
     f = str(daemon.mnt / "ksym" / "kallsyms")
     script = (f"exec 3<{f}; "               # opens and never reads

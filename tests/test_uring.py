@@ -101,11 +101,11 @@ def test_each_cpus_requests_are_served_by_its_own_queue(ring):
         in d.output(), d.output()
     want = pin.read_bytes()
     for cpu in cpus():
-        before = queue_time(d.proc.pid)
+        before = queue_time(d.pid)
         for _ in range(20):
             p = on_cpu(cpu, "cat", str(f))
             assert (p.returncode, p.stdout) == (0, want), p.stderr
-        after = queue_time(d.proc.pid)
+        after = queue_time(d.pid)
         grew = {q for q in after if after[q] - before.get(q, 0) > 0}
         assert f"fuse-uring-{cpu}" in grew, (cpu, before, after)
 
@@ -155,7 +155,7 @@ def test_streams_on_one_cpu_do_not_stall_its_other_readers(ring):
 
 def test_readers_killed_mid_stream_free_their_seq_files(ring):
     d, pin, f = ring
-    pid = d.proc.pid
+    pid = d.pid
     base = settled_seq_fds(pid)
     ksyms = str(d.mnt / "ksym" / "kallsyms")
     cats = [subprocess.Popen(["taskset", "-c", str(cpus()[i % len(cpus())]), "cat", ksyms],
@@ -184,7 +184,7 @@ def test_the_tree_is_listed_changed_and_described_as_over_dev_fuse(ring):
 
 def test_a_burst_of_streams_leaves_no_memory_behind(ring):
     d, pin, f = ring
-    pid = d.proc.pid
+    pid = d.pid
     ksyms = str(d.mnt / "ksym" / "kallsyms")
     read_all(ksyms, 1 << 20)  # warm up
     base = rss_kib(pid)
@@ -200,7 +200,7 @@ def test_busy_cpus_take_the_queues_out_of_sched_idle_and_readers_are_answered(ri
     tasks wait for a CPU they go back to the normal class, so a reader on a CPU that a
     busy loop also wants is answered as promptly as the loop lets it, not starved."""
     d, pin, f = ring
-    pid = d.proc.pid
+    pid = d.pid
 
     def policies() -> set[int]:
         return {os.sched_getscheduler(tid) for tid in queue_threads(pid).values()}
@@ -235,7 +235,7 @@ def test_without_cap_sys_nice_the_queues_keep_the_normal_class(ring, tmp_path):
         want = pin.read_bytes()
         assert (other.mnt / "ksym" / "stable").read_bytes() == want
         time.sleep(3)  # not a wait for state: longer than a calm that would move them
-        tids = queue_threads(other.proc.pid).values()
+        tids = queue_threads(other.pid).values()
         assert tids and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_OTHER}
     finally:
         other.stop()
