@@ -21,6 +21,7 @@ relay thread.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import errno
 import logging
@@ -178,7 +179,7 @@ class Device:
         self.init_unique = 0          # INIT, until answered
         self.init_replayed = False    # INIT was the kernel's to a previous server
         self.uring_offered = False    # INIT offered FUSE over io_uring (core.py)
-        self.on_init: Callable[[bytes], None] = lambda request: None
+        self.report: Callable[[dict], None] = lambda what: None  # to the keeper
         self.to_pyfuse3: set[int] = set()  # uniques of requests pyfuse3 is yet to answer
         self.opens: set[int] = set()       # ...of those, the OPENs
 
@@ -188,14 +189,15 @@ class Device:
         return f"/dev/fd/{self.theirs.detach()}"
 
     def start(self, fd: int, init: bytes | None = None,
-              on_init: Callable[[bytes], None] | None = None) -> None:
+              report: Callable[[dict], None] | None = None) -> None:
         """Serve the connection FD (/dev/fuse). INIT: the kernel's INIT request, when
         the connection was set up by a server before this one (keeper.py); pyfuse3
         is given it as if it came now, and its reply is kept from the kernel, which has
-        had one. Else ON_INIT is called with the kernel's INIT when it comes."""
+        had one. REPORT tells the keeper the kernel's INIT when it comes, and that FUSE
+        runs over io_uring (keeper.py)."""
         self.fd = fd
-        if on_init:
-            self.on_init = on_init
+        if report:
+            self.report = report
         if init:
             head = InHeader._make(IN_HEADER.unpack_from(init))
             self._saw_init(memoryview(init), head)
@@ -337,7 +339,7 @@ class Device:
         for pyfuse3's INIT reply to ask for it."""
         _, _, _, flags, flags2 = INIT_IN.unpack_from(mv, BODY)
         self.init_unique = head.unique
-        self.on_init(bytes(mv[:head.len]))
+        self.report({"init": base64.b64encode(mv[:head.len]).decode()})
         self.uring_offered = bool(flags & FUSE_INIT_EXT and flags2 & FUSE_OVER_IO_URING)
 
     def _init_reply(self, msg: memoryview) -> bytes | memoryview:
@@ -372,6 +374,7 @@ class Device:
             return
         log.info("serving FUSE requests through io_uring: %d queues (one per CPU)",
                  core.uring_queues())
+        self.report({"uring": True})
         threading.Thread(target=self._watch_pressure, name="cpu-pressure", daemon=True).start()
 
     def _watch_pressure(self) -> None:

@@ -128,7 +128,12 @@ def take_over(mountpoint: str, state_dir: str) -> Connection | None:
             raise DumperError(e.errno or errno.EIO, f"taking {mountpoint} over from its "
                               f"keeper: {e}", "see the log of the daemon serving it") from None
     if not fds:
-        served = json.loads(msg or b"{}").get("state_dir")
+        answer = json.loads(msg or b"{}")
+        if answer.get("uring"):
+            raise DumperError(errno.EBUSY, f"{mountpoint} is served over io_uring, which "
+                              "cannot be handed over", f"stop its daemon first (fusermount3 "
+                              f"-u {mountpoint}), then mount")
+        served = answer.get("state_dir")
         if served and served != state_dir:
             raise DumperError(errno.EBUSY, f"{mountpoint} is already a live FUSE mount, "
                               f"served from {served}", f"unmount it first (fusermount3 -u "
@@ -213,6 +218,10 @@ class Keeper:
         self.link: socket.socket | None = None
         self.was_ready = False
         self.failures = 0               # servers in a row that died before they served
+        # FUSE over io_uring: what a server's rings held is not sent again (its requests
+        # fail ECANCELED), and requests queued for them may wait for good after it: such
+        # a mount is neither handed over nor served on after its server died
+        self.uring = False
         self.leaving: str | None = None   # why the server was told to go: stop, leave, handover
         self.successor: socket.socket | None = None
         self.left_at = 0.0
@@ -322,6 +331,10 @@ class Keeper:
             self.link = None
             return
         d = json.loads(msg)
+        if d.get("uring") and not self.uring:
+            self.uring = True
+            if self.state_fd >= 0:  # a restart of the unit would not serve it either
+                self.notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME}")
         if "init" in d:
             self.conn.init = base64.b64decode(d["init"])
             if self.state_fd >= 0:
@@ -360,6 +373,12 @@ class Keeper:
         if self.leaving == "leave":
             log.info("left %s in the service manager's fd store", self.mountpoint)
             return 0
+        if self.uring and alive and self.leaving != "stop":
+            log.error("the server of %s, which served FUSE over io_uring, died: unmounting "
+                      "(a mount served over io_uring cannot be served on)", self.mountpoint)
+            unmount(self.mountpoint)
+            self._close_listener()
+            return 1
         if self.leaving == "stop" or not alive:
             if alive:
                 unmount(self.mountpoint)
@@ -413,7 +432,12 @@ class Keeper:
             c.settimeout(1.0)
             ask = json.loads(c.recv(MSG_MAX) or b"{}") if _peer_is_root(c) else {}
             ok = ask.get("op") == "takeover" and not self.leaving
-            if ok and ask.get("state_dir") != self.state_dir:
+            if ok and self.uring:
+                log.warning("refused to hand %s over to pid %s: it is served over io_uring",
+                            self.mountpoint, ask.get("pid"))
+                c.send(json.dumps({"uring": True}).encode())
+                ok = False
+            elif ok and ask.get("state_dir") != self.state_dir:
                 log.warning("refused to hand %s over to pid %s: it would serve %s, not %s",
                             self.mountpoint, ask.get("pid"), ask.get("state_dir"),
                             self.state_dir)

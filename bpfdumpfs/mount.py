@@ -9,7 +9,6 @@ clearing the dead FUSE mount left behind.
 from __future__ import annotations
 
 import array
-import base64
 import dataclasses
 import errno
 import faulthandler
@@ -139,8 +138,7 @@ def serve(opts: MountOptions, state: StateDir, report: BuiltinReport, conn: Conn
         raise DumperError(errno.EIO, f"starting FUSE at {opts.mountpoint}: {e}",
                           "is fuse3 (libfuse3) installed?") from None
     try:
-        device.start(conn.fd, conn.init, on_init=lambda request: tell(
-            {"init": base64.b64encode(request).decode()}))
+        device.start(conn.fd, conn.init, tell)
         log.info("serving %s from %s", opts.mountpoint, state.path)
         tell({"ready": True})
         trio.run(_serve, opts, state, ops, device)

@@ -19,6 +19,7 @@ from helpers import (
     Daemon,
     bpf_objects,
     eventually,
+    fstype,
     mount_bpffs,
     need,
     need_kernel,
@@ -240,3 +241,28 @@ def test_without_cap_sys_nice_the_queues_keep_the_normal_class(ring, tmp_path):
     finally:
         other.stop()
     assert other.proc.returncode == 0, other.output()
+
+
+def test_a_mount_over_io_uring_is_not_handed_over_and_ends_with_its_server(ring, tmp_path):
+    """The kernel does not send again what a dead server's rings held, and requests queued
+    for them may wait for good: a takeover is refused with why, and a server's death
+    unmounts (ENOTCONN, not a hang) rather than serve on."""
+    d, pin, f = ring
+    other = Daemon(tmp_path / "mnt", d.state, "--config-dir", str(tmp_path / "none"),
+                   "--no-builtins")
+    other.start()
+    try:
+        assert eventually(lambda: "through io_uring" in other.output(), 10, step=0.05)
+        p = subprocess.run([*other.command()], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1
+        assert p.stderr.strip().endswith(
+            f"{other.mnt} is served over io_uring, which cannot be handed over: Device or "
+            f"resource busy (EBUSY); stop its daemon first (fusermount3 -u {other.mnt}), "
+            "then mount"), p.stderr
+        assert (other.mnt / "ksym" / "stable").read_bytes() == pin.read_bytes()
+        os.kill(other.pid, signal.SIGKILL)
+        assert other.proc.wait(timeout=30) == 1  # a failure: systemd restarts it
+        assert "cannot be served on" in other.output()
+        assert fstype(other.mnt) is None
+    finally:
+        other.stop()
