@@ -117,8 +117,10 @@ def take_over(mountpoint: str, state_dir: str) -> Connection | None:
         except (FileNotFoundError, ConnectionRefusedError):
             return None
         if not _peer_is_root(s):
-            raise DumperError(1, f"the control socket of {mountpoint} is not root's",
-                              f"remove {control_path(mountpoint)}")
+            # planted where others may write (a volume shared with an app): not a keeper
+            log.warning("ignoring %s: the process listening there is not root's",
+                        control_path(mountpoint))
+            return None
         s.settimeout(HANDOVER_WAIT)
         s.send(json.dumps({"op": "takeover", "pid": os.getpid(),
                            "state_dir": state_dir}).encode())

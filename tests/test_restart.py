@@ -352,3 +352,30 @@ def test_sigterm_leaves_the_mount_to_a_restart_of_the_unit_and_unmounts_at_a_sto
         unmount(state)
         eventually(lambda: not (cg / "cgroup.procs").read_text().strip(), 10)
         cg.rmdir()
+
+
+def test_a_control_socket_that_is_not_roots_is_ignored(tmp_path):
+    """A socket planted at the control path (by a user who may write there: a volume
+    shared with an app) neither takes the mount nor stops the daemon from mounting."""
+    from bpfdumpfs.keeper import CONTROL_DIR, control_path
+    state = mount_bpffs(tmp_path / "state")
+    bpftool_pin(bpf_objects("fixed_a")["fixed_a"], state / "task" / "fixed")
+    mnt = tmp_path / "mnt"
+    path = control_path(str(mnt))
+    os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
+    planted = subprocess.Popen([sys.executable, "-c", (
+        "import os, socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        f"s.bind({path!r}); os.chmod({path!r}, 0o666); os.setuid(65534); s.listen()\n"
+        "print('listening', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    d = Daemon(mnt, state, "--no-builtins", "--config-dir", str(tmp_path / "none"))
+    try:
+        assert planted.stdout.readline() == "listening\n"
+        d.start()
+        assert (mnt / "task" / "fixed").read_bytes() == WANT
+        assert f"ignoring {path}: the process listening there is not root's" in d.output()
+    finally:
+        planted.kill()
+        planted.wait()
+        d.stop()
+        unmount(state)
