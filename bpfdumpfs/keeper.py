@@ -114,7 +114,12 @@ def take_over(mountpoint: str, state_dir: str) -> Connection | None:
     with s:
         try:
             s.connect(control_path(mountpoint))
-        except (FileNotFoundError, ConnectionRefusedError):
+        except FileNotFoundError:
+            return None
+        except ConnectionRefusedError:
+            # a killed keeper's (a live one listens before its socket is in place)
+            with contextlib.suppress(OSError):
+                os.unlink(control_path(mountpoint))
             return None
         if not _peer_is_root(s):
             # planted where others may write (a volume shared with an app): not a keeper

@@ -26,6 +26,7 @@ from helpers import (
 
 from bpfdumpfs import targets
 from bpfdumpfs.builtins import builtins
+from bpfdumpfs.keeper import CONTROL_DIR, control_path
 
 
 def test_one_directory_per_kernel_target(tree):
@@ -251,6 +252,8 @@ def test_kill_9_loses_nothing_and_the_dead_mount_is_cleared(private):
     with pytest.raises(OSError):  # the reader's fd is dead with the mount
         reader.read(10)
     reader.close()  # and closes without a word: there is nothing to flush (NOFLUSH)
+    sockets = set(os.listdir(CONTROL_DIR))
+    assert Path(control_path(str(mnt))).name in sockets  # left by the killed keeper
     d2 = Daemon(mnt, state).start()
     try:
         assert "clearing the dead FUSE mount" in d2.output()
@@ -260,6 +263,8 @@ def test_kill_9_loses_nothing_and_the_dead_mount_is_cleared(private):
         assert (mnt / "task" / "tasks").read_bytes().startswith(b"    PID")
     finally:
         d2.stop()
+    # the new keeper's socket took the dead one's place, and went with it
+    assert Path(control_path(str(mnt))).name not in os.listdir(CONTROL_DIR)
 
 
 def test_a_live_mount_of_another_state_dir_is_not_taken_over(private, bare):
