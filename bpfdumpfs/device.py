@@ -40,7 +40,7 @@ import pyfuse3
 
 from . import core, libc, privilege
 from .files import FILE_BLKSIZE, OPEN_FLAGS, Answer, ReadLater
-from .inodes import FH_GENERATION_SHIFT, GENERATIONS
+from .inodes import fh_base
 from .pins import CACHE_TIMEOUT
 from .seek import BACK
 from .stream import KERNEL_BUF, MAX_EAGAIN
@@ -208,7 +208,7 @@ class Device:
                    max_eagain=MAX_EAGAIN, back=BACK, max_read=MAX_READ, bufsize=BUFSIZE,
                    open_flags=OPEN_FLAGS, blksize=FILE_BLKSIZE, attr_valid=int(CACHE_TIMEOUT),
                    read_private_caps=sum(1 << c for c in privilege.READ_PRIVATE_CAPS),
-                   fh_base=self.generation % GENERATIONS << FH_GENERATION_SHIFT)
+                   fh_base=fh_base(self.generation))
         threading.Thread(target=self._relay, name="fuse-relay", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
         for _ in range(REPLIERS):

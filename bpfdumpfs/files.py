@@ -43,7 +43,7 @@ import trio
 from . import core, privilege
 from .dumpers import Dumper
 from .errors import DumperError
-from .inodes import FH_GENERATION_SHIFT, GENERATIONS, Key, file_inode
+from .inodes import FH_GENERATION, Key, fh_base, file_inode
 from .limits import Limits
 from .metrics import Metrics
 from .namespaces import Namespaces, kind_of
@@ -143,7 +143,7 @@ class OpenFiles:
         self.lock = threading.Lock()
         self.handles: dict[int, Handle] = {}
         self.adopting = threading.Lock()  # one adoption at a time (_adopt)
-        self.generation = generation % GENERATIONS
+        self.fh_base = fh_base(generation)
         self.next_fh = 1
         core.set_limits(limits.max_handles, limits.max_handles_per_uid, limits.open_budget,
                         self.read_ahead.ptr, STREAMING_AFTER, READ_AHEAD, MAX_AHEAD)
@@ -258,15 +258,14 @@ class OpenFiles:
     # -- register --------------------------------------------------------------------
     def _new_fh(self) -> int:
         """A fresh fh; the caller holds the lock."""
-        fh = self.generation << FH_GENERATION_SHIFT | self.next_fh
+        fh = self.fh_base | self.next_fh
         self.next_fh += 1
         return fh
 
     def foreign(self, fh: int) -> bool:
         """Whether FH was opened through a server that served the mount before this one,
         and is not made again here yet (see revive)."""
-        return fh >> FH_GENERATION_SHIFT & (GENERATIONS - 1) != self.generation \
-            and fh not in self.handles
+        return fh & FH_GENERATION != self.fh_base and fh not in self.handles
 
     def _register(self, reader: Seekable | Snapshot, label: str, user: User, pid: int,
                   fh: int = 0) -> int:

@@ -31,6 +31,7 @@ PIN_INODE_BASE = 1 << 32
 # previous server made is never taken for one this server made since (core.c's alike)
 FH_GENERATION_SHIFT = 40
 GENERATIONS = 1 << 16
+FH_GENERATION = (GENERATIONS - 1) << FH_GENERATION_SHIFT  # its bits
 LISTING_INODE_SHIFT = 24  # a listing's fh: generation, directory inode, counter
 
 Key = tuple[str, str]  # (target, name) of a dumper file
@@ -41,6 +42,11 @@ class Listing:
     """An open directory: what opendir found, for readdir to page through."""
     inode: int
     entries: list[tuple[bytes, int]]   # (name, inode of a target dir | 0 for a dumper)
+
+
+def fh_base(generation: int) -> int:
+    """The bits every fh a server of GENERATION makes has set (core.c's too)."""
+    return generation % GENERATIONS << FH_GENERATION_SHIFT
 
 
 def file_inode(pin_ino: int) -> int:
@@ -58,7 +64,7 @@ class Inodes:
         self.lookups: dict[int, int] = {}   # the kernel's lookup count of each file inode
         self.listings: dict[int, Listing] = {}
         self.next_listing = 1
-        self.listing_base = generation % GENERATIONS << FH_GENERATION_SHIFT
+        self.listing_base = fh_base(generation)
 
     def is_dir(self, ino: int) -> bool:
         return ino == ROOT or ino in self.ino_target

@@ -66,7 +66,7 @@ class Connection:
     """A mount's FUSE connection and what a server needs to serve it."""
     fd: int
     init: bytes | None = None   # the kernel's INIT request, once a server saw it
-    generation: int = 0         # the server's (inodes.FH_GENERATION_SHIFT)
+    generation: int = 0         # the server's (inodes.fh_base)
 
     def state(self) -> bytes:
         return json.dumps({"init": base64.b64encode(self.init).decode() if self.init
