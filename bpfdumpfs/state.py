@@ -250,27 +250,25 @@ class StateDir:
         return Path(self.pin_str(target, name))
 
     # reading ----------------------------------------------------------------
-    def names(self, target: str) -> list[str]:
-        """Valid dumper names pinned under TARGET (not checked to be iter links)."""
+    def _pins(self, target: str) -> list[os.DirEntry]:
+        """The entries of valid dumper names pinned under TARGET: one readdir, no stat."""
         try:
             with os.scandir(self.path / target) as it:
-                return sorted(e.name for e in it if is_dumper_name(e.name) and
-                              e.is_file(follow_symlinks=False))
+                return [e for e in it if is_dumper_name(e.name) and
+                        e.is_file(follow_symlinks=False)]
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def names(self, target: str) -> list[str]:
+        """Valid dumper names pinned under TARGET (not checked to be iter links)."""
+        return sorted(e.name for e in self._pins(target))
+
     def find(self, targets_: list[str], ino: int) -> tuple[str, str] | None:
-        """(target, name) of the dumper whose pin is inode INO, under one of TARGETS_;
-        one readdir per target, no stat."""
+        """(target, name) of the dumper whose pin is inode INO, under one of TARGETS_."""
         for target in targets_:
-            try:
-                with os.scandir(self.path / target) as it:
-                    for e in it:
-                        if e.inode() == ino and is_dumper_name(e.name) and \
-                                e.is_file(follow_symlinks=False):
-                            return target, e.name
-            except (FileNotFoundError, NotADirectoryError):
-                continue
+            for e in self._pins(target):
+                if e.inode() == ino:
+                    return target, e.name
         return None
 
     def entries(self, target: str | None = None) -> Iterator[Entry]:
