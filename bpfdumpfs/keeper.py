@@ -108,8 +108,9 @@ def _peer_is_root(s: socket.socket) -> bool:
 
 
 def take_over(mountpoint: str, state_dir: str) -> Connection | None:
-    """The connection of MOUNTPOINT from the keeper holding it, which then leaves; None
-    if no keeper holds it. Refused unless it serves STATE_DIR too."""
+    """The connection of MOUNTPOINT from the keeper holding it, which then leaves, with
+    what its server left unanswered sent again; None if no keeper holds it. Refused
+    unless it serves STATE_DIR too."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with s:
         try:
@@ -148,14 +149,16 @@ def take_over(mountpoint: str, state_dir: str) -> Connection | None:
         raise DumperError(errno.EIO, f"the keeper of {mountpoint} did not hand it over",
                           "see the log of the daemon serving it")
     conn = Connection.from_state(fds[0], msg)
+    conn.resend()  # what the server before left unanswered
     log.info("took %s over from its keeper (server generation %d)", mountpoint,
              conn.generation)
     return conn
 
 
 def from_fd_store() -> tuple[Connection, int] | None:
-    """The connection systemd kept in its fd store for this service, and the memfd its
-    state is kept in; None if none was passed (sd_listen_fds)."""
+    """The connection systemd kept in its fd store for this service (what a server had
+    taken sent again), and the memfd its state is kept in; None if none was passed
+    (sd_listen_fds)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
     count = int(os.environ.get("LISTEN_FDS", "0"))
@@ -178,6 +181,7 @@ def from_fd_store() -> tuple[Connection, int] | None:
         os.close(fd)
         os.close(state_fd)
         return None
+    conn.resend()
     log.info("took the connection over from the service manager's fd store (server "
              "generation %d)", conn.generation)
     return conn, state_fd
@@ -262,9 +266,13 @@ class Keeper:
             self.state_fd = os.memfd_create("bpfdumpfs-fuse-state", os.MFD_CLOEXEC)
             self.notify(f"FDSTORE=1\nFDNAME={FD_NAME}", [self.conn.fd])
             self.notify(f"FDSTORE=1\nFDNAME={STATE_NAME}", [self.state_fd])
-        data = self.conn.state()
-        os.ftruncate(self.state_fd, 0)
-        os.pwrite(self.state_fd, data, 0)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        """The connection's state (Connection.state) into the fd store's memfd, if any."""
+        if self.state_fd >= 0:
+            os.ftruncate(self.state_fd, 0)
+            os.pwrite(self.state_fd, self.conn.state(), 0)
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -344,8 +352,7 @@ class Keeper:
                 self.notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME}")
         if "init" in d:
             self.conn.init = base64.b64decode(d["init"])
-            if self.state_fd >= 0:
-                self._store()
+            self._save_state()
         if d.get("ready"):
             self.failures = 0
             if not self.was_ready:
@@ -383,34 +390,31 @@ class Keeper:
         if self.uring and alive and self.leaving != "stop":
             log.error("the server of %s, which served FUSE over io_uring, died: unmounting "
                       "(a mount served over io_uring cannot be served on)", self.mountpoint)
-            unmount(self.mountpoint)
-            self._close_listener()
-            return 1
+            return self._end(1, alive)
         if self.leaving == "stop" or not alive:
-            if alive:
-                unmount(self.mountpoint)
-            log.info("unmounted %s", self.mountpoint)
-            self._close_listener()
-            return 0
+            return self._end(0, alive)
         self.failures += 1
         if self.failures == RESPAWNS:
             log.error("%d servers in a row died before they served: unmounting %s",
                       RESPAWNS, self.mountpoint)
-            unmount(self.mountpoint)
-            self._close_listener()
-            return 1
+            return self._end(1, alive)
         self.conn.resend()
         self.conn.generation += 1
-        if self.state_fd >= 0:
-            self._store()
+        self._save_state()
         self._spawn()
         return None
 
-    def _close_listener(self) -> None:
+    def _end(self, code: int, alive: bool) -> int:
+        """The mount ends (unmounted here if still ALIVE), and so does the keeper, with
+        exit status CODE."""
+        if alive:
+            unmount(self.mountpoint)
+        log.info("unmounted %s", self.mountpoint)
         with contextlib.suppress(OSError):
             if os.stat(control_path(self.mountpoint)).st_ino == self.bound_ino:
                 os.unlink(control_path(self.mountpoint))
         self.listener.close()
+        return code
 
     def _tell_server_to_go(self, why: str) -> None:
         if not self.leaving:

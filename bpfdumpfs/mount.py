@@ -151,11 +151,9 @@ def _connect(opts: MountOptions, state: StateDir) -> tuple[Connection, int]:
     keeper holding it, or a new mount; and the fd-store memfd (-1 if none)."""
     stored = keeper.from_fd_store()
     if stored:
-        stored[0].resend()
         return stored
     conn = keeper.take_over(opts.mountpoint, str(state.path))
     if conn:
-        conn.resend()  # what the server before left unanswered
         return conn, -1
     mounts.clear_dead_mount(opts.mountpoint)
     os.makedirs(opts.mountpoint, exist_ok=True)
