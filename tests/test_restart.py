@@ -98,11 +98,17 @@ class ReaderLoop:
             assert not t.is_alive(), "a reader hung"
 
 
+def fixed_state(tmp_path: Path) -> Path:
+    """A bpffs below TMP_PATH holding task/fixed, which prints WANT."""
+    state = mount_bpffs(tmp_path / "state")
+    bpftool_pin(bpf_objects("fixed_a")["fixed_a"], state / "task" / "fixed")
+    return state
+
+
 @pytest.fixture
 def served(tmp_path):
     """A daemon (no built-ins) serving task/fixed, which prints WANT."""
-    state = mount_bpffs(tmp_path / "state")
-    bpftool_pin(bpf_objects("fixed_a")["fixed_a"], state / "task" / "fixed")
+    state = fixed_state(tmp_path)
     d = Daemon(tmp_path / "mnt", state, "--no-builtins", "--config-dir",
                str(tmp_path / "none"))
     try:
@@ -265,8 +271,7 @@ def fd_store(tmp_path: Path):
 
 
 def test_a_restart_with_the_fd_store_keeps_the_mount(tmp_path):
-    state = mount_bpffs(tmp_path / "state")
-    bpftool_pin(bpf_objects("fixed_a")["fixed_a"], state / "task" / "fixed")
+    state = fixed_state(tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     daemons: list[Daemon] = []
@@ -313,8 +318,7 @@ def test_sigterm_leaves_the_mount_to_a_restart_of_the_unit_and_unmounts_at_a_sto
     jobs = tmp_path / "jobs"
     (bin_dir / "systemctl").write_text(f"#!/bin/sh\ncat {jobs}\n")
     (bin_dir / "systemctl").chmod(0o755)
-    state = mount_bpffs(tmp_path / "state")
-    bpftool_pin(bpf_objects("fixed_a")["fixed_a"], state / "task" / "fixed")
+    state = fixed_state(tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     in_unit = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
@@ -358,8 +362,7 @@ def test_a_control_socket_that_is_not_roots_is_ignored(tmp_path):
     """A socket planted at the control path (by a user who may write there: a volume
     shared with an app) neither takes the mount nor stops the daemon from mounting."""
     from bpfdumpfs.keeper import CONTROL_DIR, control_path
-    state = mount_bpffs(tmp_path / "state")
-    bpftool_pin(bpf_objects("fixed_a")["fixed_a"], state / "task" / "fixed")
+    state = fixed_state(tmp_path)
     mnt = tmp_path / "mnt"
     path = control_path(str(mnt))
     os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
